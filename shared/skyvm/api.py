@@ -1,0 +1,370 @@
+"""The engine-neutral API the adapters use: submit a call or a command as a node, get a handle.
+
+    import skyvm
+    handle = skyvm.submit(train, data, node="train", options={"cpus": 2, "memory": 4})
+    handle.result()      # the return value, or raises NodeFailed / InfrastructureError
+    handle.logs()        # the node's stdout and stderr so far
+    handle.cancel()      # stop it; its cluster goes per `down`
+
+A ``Run`` groups nodes (one flow run, one DAG run): clusters are shared by
+signature within it, and ``Run.close()`` tears down its ``down: true``
+clusters. ``skyvm.submit`` uses one default run per process, closed at exit.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import json
+import logging
+import os
+import sys
+import sysconfig
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from typing import Any, Callable, Mapping, Optional, Union
+
+import cloudpickle
+
+from skyvm import node as node_runtime
+from skyvm.backends.base import Job, JobState
+from skyvm.errors import InfrastructureError, NodeCancelled, NodeFailed, NodeTimeout, PayloadError, SkyVMError
+from skyvm.payloads import open_store
+from skyvm.plan import TaskSpec, plan_node
+from skyvm.settings import NodeSettings, SkyVMConfig, as_config
+
+log = logging.getLogger("skyvm")
+
+# What a node is told about an S3 store: credentials travel as secrets, never on a command line.
+_S3_SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+_S3_ENV_VARS = ("AWS_DEFAULT_REGION", "AWS_REGION")
+_STDLIB_PATHS = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+
+
+def ship_by_value(fn: Callable) -> None:
+    """Make cloudpickle send the function's own module by value when the image cannot import it.
+
+    Modules installed in site-packages (or the stdlib) are pickled by
+    reference and must be in the image (``requirements``); the user's own
+    modules (the flow file, the DAG file, a tests folder) travel with the call.
+    """
+    module_name = getattr(fn, "__module__", None)
+    if not module_name or module_name == "__main__" or module_name.split(".")[0] in ("skyvm", "prefect_skyvm", "airflow_skyvm"):
+        return
+    module = sys.modules.get(module_name)
+    origin = getattr(module, "__file__", None)
+    if module is None or origin is None:
+        return
+    origin = os.path.realpath(origin)
+    if any(origin.startswith(os.path.realpath(p) + os.sep) for p in _STDLIB_PATHS):
+        return
+    try:
+        cloudpickle.register_pickle_by_value(module)
+    except ValueError:
+        pass
+
+
+def resolve_secret(name: str, value: str) -> str:
+    """``env:VAR`` reads the launching process's environment; anything else is the value itself."""
+    if value.startswith("env:"):
+        var = value[4:]
+        if var not in os.environ:
+            raise InfrastructureError(f"secret {name} refers to environment variable {var}, which is not set")
+        return os.environ[var]
+    return value
+
+
+def backend_for(settings: NodeSettings):
+    if settings.backend == "local":
+        from skyvm.backends.local import local_backend
+
+        return local_backend()
+    raise InfrastructureError("backend 'skypilot' is not available yet in this version of skyvm; use backend: local")
+
+
+_image_cache: dict[tuple, str] = {}
+_image_lock = threading.Lock()
+
+
+def node_image(settings: NodeSettings) -> str:
+    """The image a node runs in: ``image`` as given, else skyvm's node image built for its requirements."""
+    if settings.image:
+        return settings.image
+    key = (tuple(settings.requirements), settings.registry)
+    with _image_lock:
+        if key not in _image_cache:
+            from skyvm.images import build_node_image
+
+            _image_cache[key] = build_node_image(requirements=settings.requirements, registry=settings.registry).ref
+        return _image_cache[key]
+
+
+class NodeHandle:
+    """A submitted node: ``result()``, ``logs()``, ``cancel()``, ``done()``."""
+
+    def __init__(self, run: "Run", node: str, settings: NodeSettings, payload: bytes, on_log: Optional[Callable[[str], None]]):
+        self.run = run
+        self.node = node
+        self.settings = settings
+        self.attempt_id = f"{node[:40]}-{uuid.uuid4().hex[:12]}".replace("/", "-")
+        self._payload = payload
+        self._on_log = on_log
+        self._lines: list[str] = []
+        self._future: Future = Future()
+        self._job: Optional[Job] = None
+        self._cancel = threading.Event()
+        self.spec: Optional[TaskSpec] = None
+        self.started_at: Optional[float] = None
+        self.finished_at: Optional[float] = None
+        self.result_meta: dict = {}
+        self._thread = threading.Thread(target=self._drive, daemon=True, name=f"skyvm-{node}")
+        self._thread.start()
+
+    # -- public ------------------------------------------------------------
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        return self._future.result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        return self._future.exception(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        try:
+            self._future.exception(timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def add_done_callback(self, fn: Callable[["NodeHandle"], None]) -> None:
+        self._future.add_done_callback(lambda _f: fn(self))
+
+    def logs(self) -> str:
+        return "\n".join(self._lines)
+
+    @property
+    def cluster(self) -> Optional[str]:
+        return self._job.cluster if self._job else None
+
+    @property
+    def duration_s(self) -> Optional[float]:
+        if self.started_at is None:
+            return None
+        return (self.finished_at or time.time()) - self.started_at
+
+    def cancel(self) -> bool:
+        """Stop the node. Returns False when it had already finished."""
+        if self._future.done():
+            return False
+        self._cancel.set()
+        self._thread.join()
+        return True
+
+    # -- the driver thread -------------------------------------------------
+
+    def _log(self, line: str) -> None:
+        self._lines.append(line)
+        if self._on_log and self.settings.stream_logs:
+            self._on_log(line)
+
+    def _drive(self) -> None:
+        try:
+            self._future.set_result(self._execute())
+        except BaseException as exc:  # noqa: BLE001 - everything is reported through the future
+            self._future.set_exception(exc)
+        finally:
+            self.finished_at = time.time()
+
+    def _execute(self) -> Any:
+        s = self.settings
+        if self._cancel.is_set():
+            raise NodeCancelled(f"node {self.node!r} was cancelled before it started")
+        backend = backend_for(s)
+        store = open_store(s.payload_store, s.payload_store_endpoint)
+        payload_url = store.put_payload(self._payload)
+        result_url = store.url_for(f"results/{self.attempt_id}")
+        envs = {}
+        secrets = {name: resolve_secret(name, value) for name, value in s.secrets.items()}
+        if payload_url.startswith("s3://"):
+            secrets.update({v: os.environ[v] for v in _S3_SECRET_VARS if v in os.environ})
+            envs.update({v: os.environ[v] for v in _S3_ENV_VARS if v in os.environ})
+            endpoint = s.payload_store_endpoint or os.environ.get("SKYVM_S3_ENDPOINT_URL")
+            if endpoint:
+                envs["SKYVM_S3_ENDPOINT_URL"] = endpoint
+        settings = s.model_copy(update={"envs": {**envs, **s.envs}})
+        self.spec = spec = plan_node(
+            settings,
+            node=self.node,
+            run_id=self.run.run_id,
+            attempt_id=self.attempt_id,
+            payload_url=payload_url,
+            result_url=result_url,
+            image=node_image(s),
+            secrets=secrets,
+        )
+        self.started_at = time.time()
+        deadline = None if s.timeout is None else self.started_at + s.timeout
+        self._job = job = backend.launch(spec, self._log)
+        try:
+            while True:
+                status = backend.check(job)
+                if status.state.finished:
+                    break
+                if self._cancel.is_set():
+                    backend.terminate(job)
+                    raise NodeCancelled(f"node {self.node!r} was cancelled")
+                if deadline is not None and time.time() > deadline:
+                    backend.terminate(job)
+                    raise NodeTimeout(f"node {self.node!r} exceeded its timeout of {s.timeout:g}s and was cancelled")
+                time.sleep(0.05)
+        except BaseException:
+            if not backend.check(job).state.finished:
+                backend.terminate(job)
+            raise
+        return self._outcome(store, status)
+
+    def _outcome(self, store, status) -> Any:
+        if status.state is JobState.CANCELLED:
+            raise NodeCancelled(f"node {self.node!r} was cancelled")
+        try:
+            result = cloudpickle.loads(store.get(store.key_of(self.spec.result_url)))
+        except PayloadError as exc:
+            tail = "\n".join(self._lines[-30:])
+            raise InfrastructureError(
+                f"node {self.node!r} on {self._job.cluster} exited with code {status.exit_code} and wrote no result ({exc}).\nLast log lines:\n{tail}"
+            ) from None
+        self.result_meta = {k: v for k, v in result.items() if k not in ("value", "exc")}
+        if result["ok"]:
+            if status.state is not JobState.SUCCEEDED:
+                # Never report success for a job the backend saw fail.
+                raise InfrastructureError(f"node {self.node!r} wrote a result but its job ended {status.state.value} (exit {status.exit_code})")
+            return result.get("value")
+        err = NodeFailed(
+            f"node {self.node!r} failed: {result.get('exc_type')}: {result.get('message')}",
+            remote_traceback=result.get("traceback", ""),
+            exc_type=result.get("exc_type", ""),
+            returncode=result.get("returncode"),
+        )
+        original = None
+        if result.get("exc"):
+            try:
+                original = cloudpickle.loads(result["exc"])
+            except Exception:  # noqa: BLE001 - the exception's class may not exist here
+                original = None
+        err.remote_exception = original
+        raise err
+
+
+class Run:
+    """A group of nodes sharing clusters by signature; ``close()`` ends it."""
+
+    def __init__(self, settings: Union[None, str, os.PathLike, Mapping[str, Any], SkyVMConfig] = None, run_id: Optional[str] = None):
+        self.config = as_config(settings)
+        self.run_id = run_id or f"run-{uuid.uuid4().hex[:12]}"
+        self.handles: list[NodeHandle] = []
+        self._backends: set = set()
+        self._closed = False
+        from skyvm.backends.local import run_lease
+
+        run_lease(self.run_id).write_text(json.dumps({"pid": os.getpid(), "started": time.time()}))
+
+    def resolve(self, node: str, *, profile: Optional[str] = None, options: Optional[Mapping[str, Any]] = None, override: Optional[Mapping[str, Any]] = None) -> NodeSettings:
+        return self.config.resolve(node, profile=profile, code=options, override=override)
+
+    def submit(
+        self,
+        fn: Callable,
+        *args: Any,
+        node: Optional[str] = None,
+        profile: Optional[str] = None,
+        options: Optional[Mapping[str, Any]] = None,
+        override: Optional[Mapping[str, Any]] = None,
+        on_log: Optional[Callable[[str], None]] = None,
+        **kwargs: Any,
+    ) -> NodeHandle:
+        """Run ``fn(*args, **kwargs)`` as a node. Settings are resolved (and checked) before anything starts."""
+        node = node or getattr(fn, "__name__", "node")
+        settings = self.resolve(node, profile=profile, options=options, override=override)
+        ship_by_value(fn)
+        return self._start(node, settings, node_runtime.make_call_payload(fn, args, kwargs), on_log)
+
+    def submit_command(
+        self,
+        command: str,
+        *,
+        node: str,
+        profile: Optional[str] = None,
+        options: Optional[Mapping[str, Any]] = None,
+        override: Optional[Mapping[str, Any]] = None,
+        on_log: Optional[Callable[[str], None]] = None,
+    ) -> NodeHandle:
+        """Run a shell command as a node; its result is the last line it printed."""
+        settings = self.resolve(node, profile=profile, options=options, override=override)
+        return self._start(node, settings, node_runtime.make_command_payload(command), on_log)
+
+    def _start(self, node: str, settings: NodeSettings, payload: bytes, on_log) -> NodeHandle:
+        if self._closed:
+            raise SkyVMError(f"run {self.run_id} is closed")
+        self._backends.add(settings.backend)
+        handle = NodeHandle(self, node, settings, payload, on_log)
+        self.handles.append(handle)
+        return handle
+
+    def close(self, cancel: bool = True) -> None:
+        """End the run: cancel what still runs (or wait for it), then release its clusters."""
+        if self._closed:
+            return
+        self._closed = True
+        for handle in self.handles:
+            if cancel:
+                handle.cancel()
+            else:
+                handle.wait()
+        for name in self._backends:
+            backend_for(NodeSettings(backend=name)).release(self.run_id)
+        from skyvm.backends.local import run_lease
+
+        run_lease(self.run_id).unlink(missing_ok=True)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close(cancel=True)
+
+
+_default_run: Optional[Run] = None
+_default_lock = threading.Lock()
+
+
+def default_run() -> Run:
+    global _default_run
+    with _default_lock:
+        if _default_run is None or _default_run._closed:
+            _default_run = Run()
+            atexit.register(_default_run.close)
+        return _default_run
+
+
+def submit(
+    fn: Callable,
+    *args: Any,
+    node: Optional[str] = None,
+    settings: Union[None, str, os.PathLike, Mapping[str, Any], SkyVMConfig] = None,
+    profile: Optional[str] = None,
+    options: Optional[Mapping[str, Any]] = None,
+    **kwargs: Any,
+) -> NodeHandle:
+    """Run ``fn(*args, **kwargs)`` as a node of the process's default run.
+
+    ``settings`` is the shared settings file (a path, a dict shaped like it,
+    or a SkyVMConfig); ``options`` are this call's settings, above the file's.
+    """
+    run = default_run()
+    if settings is not None:
+        run.config = as_config(settings)
+    return run.submit(fn, *args, node=node, profile=profile, options=options, **kwargs)

@@ -1,0 +1,476 @@
+"""The local backend: a TaskSpec runs on this machine the way SkyPilot runs it on a VM.
+
+A *cluster* is a long-lived container started from the node image with the
+signature's limits (``--cpus``, ``--memory``, GPUs) plus ``docker_run_args``;
+``setup`` runs in it once, and each node's ``run`` is a ``docker exec`` in it,
+as SkyPilot runs jobs inside the container of a docker-image cluster. The
+container's main process is the idle watcher, so autostop happens inside the
+"VM" even when the launching process is gone.
+
+Where no Docker engine is reachable, ``ProcessBackend`` runs the same
+contract as plain processes (no isolation; it says so once).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from skyvm.backends.base import Job, JobState, JobStatus, LogSink
+from skyvm.errors import InfrastructureError, UnsatisfiableRequest
+from skyvm.payloads import DEFAULT_HOME
+from skyvm.plan import TaskSpec
+
+log = logging.getLogger("skyvm.local")
+
+LABEL = "dev.skyvm"
+L_MANAGED = f"{LABEL}.managed"
+L_RUN = f"{LABEL}.run-id"
+L_NODE = f"{LABEL}.node"
+L_SIG = f"{LABEL}.signature"
+L_DOWN = f"{LABEL}.down"
+L_OWNER = f"{LABEL}.owner-pid"
+
+
+def _docker_env() -> dict:
+    # skyvm's own docker config dir: registry logins never touch the user's ~/.docker.
+    env = dict(os.environ)
+    env["DOCKER_CONFIG"] = str(DEFAULT_HOME / "docker")
+    return env
+
+
+def docker(*args: str, input: Optional[str] = None, check: bool = True, timeout: Optional[float] = 600) -> subprocess.CompletedProcess:
+    """Run the docker CLI (as SkyPilot does on a VM); raise InfrastructureError with its output on failure."""
+    cmd = ["docker", *args]
+    try:
+        out = subprocess.run(cmd, input=input, capture_output=True, text=True, env=_docker_env(), timeout=timeout)
+    except FileNotFoundError:
+        raise InfrastructureError("the docker CLI is not installed") from None
+    except subprocess.TimeoutExpired:
+        raise InfrastructureError(f"docker {args[0]} timed out after {timeout}s") from None
+    if check and out.returncode != 0:
+        raise InfrastructureError(f"docker {args[0]} failed (exit {out.returncode}): {(out.stderr or out.stdout).strip()[-2000:]}")
+    return out
+
+
+def docker_available() -> bool:
+    if not shutil.which("docker"):
+        return False
+    try:
+        return docker("version", "--format", "{{.Server.Version}}", check=False, timeout=20).returncode == 0
+    except InfrastructureError:
+        return False
+
+
+def _gib(quantity: Optional[str]) -> Optional[float]:
+    return None if quantity is None else float(quantity.rstrip("+"))
+
+
+def host_gpus() -> list[str]:
+    from skyvm.limits import gpus
+
+    return gpus()
+
+
+def host_memory_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def check_satisfiable(spec: TaskSpec) -> None:
+    """Fail fast, with what this machine has, when a request cannot be met here."""
+    s = spec.settings
+    cpus = _gib(s.cpus)
+    have_cpus = os.cpu_count() or 1
+    if cpus is not None and cpus > have_cpus:
+        raise UnsatisfiableRequest(f"node {spec.node!r} asks for cpus={s.cpus} but this machine has {have_cpus} CPUs (local backend)")
+    mem = _gib(s.memory)
+    have_mem = host_memory_gib()
+    if mem is not None and mem > have_mem:
+        raise UnsatisfiableRequest(f"node {spec.node!r} asks for memory={s.memory} GiB but this machine has {have_mem:.1f} GiB (local backend)")
+    request = s.accelerator_request()
+    if request:
+        name, count = request
+        gpus = host_gpus()
+        matching = [g for g in gpus if name.lower().replace("-", "") in g.lower().replace("-", "").replace(" ", "")]
+        if len(matching) < count:
+            have = ", ".join(gpus) if gpus else "no NVIDIA GPU"
+            raise UnsatisfiableRequest(
+                f"node {spec.node!r} asks for accelerators {name}:{count:g} but this machine has {have} (local backend); "
+                "use backend: skypilot, or drop accelerators"
+            )
+    if s.instance_type:
+        log.info("local backend: instance_type %s is not emulated; cpus/memory limits apply", s.instance_type)
+
+
+@dataclass
+class _Cluster:
+    name: str
+    signature: str
+    down: bool
+    runs: set = field(default_factory=set)
+
+
+class _ClusterLock:
+    """Whether a cluster is busy, across processes: an flock held while a node runs in it."""
+
+    def __init__(self, name: str):
+        d = DEFAULT_HOME / "locks"
+        d.mkdir(parents=True, exist_ok=True)
+        self.path = d / f"{name}.lock"
+        self.fd: Optional[int] = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def run_lease(run_id: str) -> Path:
+    """A run is live while the process that owns it is: gc spares its clusters."""
+    d = DEFAULT_HOME / "runs"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{run_id}.json"
+
+
+def run_is_live(run_id: str) -> bool:
+    try:
+        pid = json.loads(run_lease(run_id).read_text())["pid"]
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+class DockerBackend:
+    """Clusters are containers on this machine's Docker engine."""
+
+    name = "local"
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sems: dict[str, threading.BoundedSemaphore] = {}
+        self._clusters: dict[str, _Cluster] = {}
+
+    # -- clusters ----------------------------------------------------------
+
+    def _login_and_pull(self, spec: TaskSpec) -> None:
+        """Fresh registry login before every cluster start and every exec (tokens expire), then pull."""
+        reg = spec.registry
+        if reg is None or not spec.image.startswith(reg.server.rstrip("/") + "/"):
+            return
+        if reg.username:
+            docker("login", "--username", reg.username, "--password-stdin", reg.server, input=reg.password() or "")
+        docker("pull", "--quiet", spec.image)
+
+    def _live_containers(self, signature: str) -> list[str]:
+        out = docker("ps", "--filter", f"label={L_SIG}={signature}", "--filter", "status=running", "--format", "{{.Names}}")
+        return [n for n in out.stdout.split() if n]
+
+    def _start_cluster(self, spec: TaskSpec, name: str) -> None:
+        s = spec.settings
+        args = ["run", "--detach", "--rm", "--name", name, "--init"]
+        labels = {
+            L_MANAGED: "1",
+            L_RUN: spec.run_id,
+            L_NODE: spec.node,
+            L_SIG: spec.signature,
+            L_DOWN: str(s.down).lower(),
+            L_OWNER: str(os.getpid()),
+            **{f"{LABEL}.user.{k}": v for k, v in s.labels.items()},
+        }
+        for key, value in labels.items():
+            args += ["--label", f"{key}={value}"]
+        user_args = list(spec.docker_run_args)
+        if not any(a == "--network" or a.startswith(("--network=", "--net=")) for a in user_args):
+            # A node reaches loopback services as it would reach them from its VM.
+            args += ["--network", "host"]
+        if s.cpus:
+            args += ["--cpus", str(_gib(s.cpus))]
+        if s.memory:
+            args += ["--memory", f"{int(_gib(s.memory) * 1024)}m"]
+        store = s.payload_store or str(DEFAULT_HOME / "store")
+        if not store.startswith("s3://"):
+            # The VM would reach a directory store through a mount; here the same path is bind-mounted.
+            path = store.removeprefix("file://")
+            Path(path).mkdir(parents=True, exist_ok=True)
+            args += ["--volume", f"{path}:{path}"]
+        minutes = s.idle_minutes_to_autostop
+        watch = ["python3", "-m", "skyvm.node", "idle-watch"] + (["--minutes", str(minutes)] if minutes is not None else [])
+        idle_poll = os.environ.get("SKYVM_IDLE_POLL_S")
+        if idle_poll:
+            args += ["--env", f"SKYVM_IDLE_POLL_S={idle_poll}"]
+        docker(*args, *user_args, spec.image, *watch)
+        setup = docker("exec", name, "sh", "-c", spec.setup, check=False)
+        if setup.returncode != 0:
+            docker("rm", "--force", name, check=False)
+            raise InfrastructureError(f"setup failed on cluster {name} (exit {setup.returncode}): {(setup.stderr or setup.stdout).strip()[-2000:]}")
+
+    def _acquire(self, spec: TaskSpec) -> tuple[str, _ClusterLock]:
+        """A free warm cluster of the spec's signature, else a new one. Blocks at the per-signature limit."""
+        with self._lock:
+            sem = self._sems.setdefault(spec.signature, threading.BoundedSemaphore(spec.settings.max_clusters))
+        sem.acquire()
+        try:
+            with self._lock:
+                live = self._live_containers(spec.signature)
+                for name in live:
+                    lock = _ClusterLock(name)
+                    if lock.try_acquire():
+                        # The container may have just hit autostop; check it is still there.
+                        if docker("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip() == "true":
+                            self._track(spec, name)
+                            return name, lock
+                        lock.release()
+                taken = set(docker("ps", "-a", "--format", "{{.Names}}").stdout.split())
+                slot = 0
+                while spec.cluster_name_for(slot) in taken:
+                    slot += 1
+                name = spec.cluster_name_for(slot)
+                lock = _ClusterLock(name)
+                lock.try_acquire()
+                # Reserve the name before the slow start, so parallel launches pick other slots.
+                self._track(spec, name)
+            try:
+                log.info("starting cluster %s for node %s", name, spec.node)
+                self._start_cluster(spec, name)
+            except BaseException:
+                lock.release()
+                with self._lock:
+                    self._clusters.pop(name, None)
+                raise
+            return name, lock
+        except BaseException:
+            sem.release()
+            raise
+
+    def _track(self, spec: TaskSpec, name: str) -> None:
+        cluster = self._clusters.setdefault(name, _Cluster(name, spec.signature, spec.settings.down))
+        cluster.runs.add(spec.run_id)
+
+    # -- the three methods -------------------------------------------------
+
+    def launch(self, spec: TaskSpec, on_log: LogSink) -> Job:
+        check_satisfiable(spec)
+        self._login_and_pull(spec)
+        name, lock = self._acquire(spec)
+        try:
+            self._login_and_pull(spec)  # exec on a warm cluster re-logs in too (tokens expire)
+            env = {**os.environ, **spec.envs, **spec.secrets}
+            exec_args = ["docker", "exec", "-i"]
+            for key in [*spec.envs, *spec.secrets]:
+                exec_args += ["-e", key]  # names only: values travel in the environment, never on a command line
+            exec_args += [name, "sh", "-c", spec.run]
+            proc = subprocess.Popen(exec_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**_docker_env(), **env}, text=True, bufsize=1)
+        except BaseException:
+            self._free(spec, name, lock)
+            raise
+        job = Job(spec=spec, cluster=name, backend_data={"proc": proc, "lock": lock, "cancelled": False, "freed": False})
+        pump = threading.Thread(target=self._pump, args=(job, on_log), daemon=True, name=f"skyvm-log-{spec.node}")
+        job.backend_data["pump"] = pump
+        pump.start()
+        return job
+
+    def _pump(self, job: Job, on_log: LogSink) -> None:
+        proc = job.backend_data["proc"]
+        for line in proc.stdout:
+            try:
+                on_log(line.rstrip("\n"))
+            except Exception:  # noqa: BLE001 - a broken log sink must not stop the node
+                log.exception("log sink failed")
+        proc.wait()
+        self._free(job.spec, job.cluster, job.backend_data["lock"], job)
+
+    def _free(self, spec: TaskSpec, name: str, lock: _ClusterLock, job: Optional[Job] = None) -> None:
+        if job is not None:
+            with self._lock:
+                if job.backend_data["freed"]:
+                    return
+                job.backend_data["freed"] = True
+        lock.release()
+        self._sems[spec.signature].release()
+
+    def check(self, job: Job) -> JobStatus:
+        proc = job.backend_data["proc"]
+        rc = proc.poll()
+        if rc is None or job.backend_data["pump"].is_alive():
+            return JobStatus(JobState.RUNNING)
+        if job.backend_data["cancelled"]:
+            return JobStatus(JobState.CANCELLED, rc)
+        return JobStatus(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, rc)
+
+    def terminate(self, job: Job) -> None:
+        job.backend_data["cancelled"] = True
+        proc = job.backend_data["proc"]
+        if proc.poll() is None:
+            # Killing the docker CLI would leave the process running in the container: stop it there.
+            docker("exec", job.cluster, "python3", "-m", "skyvm.node", "cancel", "--attempt", job.spec.attempt_id, check=False, timeout=60)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        job.backend_data["pump"].join(timeout=15)
+        if job.spec.settings.down:
+            # A cancelled run does not keep its cluster around.
+            self._remove(job.cluster)
+
+    def release(self, run_id: str) -> None:
+        with self._lock:
+            mine = [c for c in self._clusters.values() if run_id in c.runs]
+        for cluster in mine:
+            cluster.runs.discard(run_id)
+            if cluster.down and not cluster.runs:
+                lock = _ClusterLock(cluster.name)
+                if lock.try_acquire():  # only when no node runs in it
+                    try:
+                        self._remove(cluster.name)
+                    finally:
+                        lock.release()
+        run_lease(run_id).unlink(missing_ok=True)
+
+    def _remove(self, name: str) -> None:
+        docker("rm", "--force", name, check=False)
+        with self._lock:
+            self._clusters.pop(name, None)
+
+
+class ProcessBackend:
+    """No Docker engine: run the node runtime as a plain host process, with the same contract.
+
+    There is no isolation and no resource limit beyond what the OS gives; it
+    warns once.
+    """
+
+    name = "local-process"
+    _warned = False
+
+    def __init__(self):
+        if not ProcessBackend._warned:
+            ProcessBackend._warned = True
+            log.warning("no Docker engine reachable: the local backend runs nodes as plain processes (no container, no limits)")
+
+    def launch(self, spec: TaskSpec, on_log: LogSink) -> Job:
+        import sys
+
+        check_satisfiable(spec)
+        env = {**os.environ, **spec.envs, **spec.secrets, "PYTHONUNBUFFERED": "1", "SKYVM_NODE_STATE": str(DEFAULT_HOME / "node-state")}
+        cmd = shlex.split(spec.run)
+        cmd[0] = sys.executable
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1, start_new_session=True)
+        job = Job(spec=spec, cluster=f"process-{proc.pid}", backend_data={"proc": proc, "cancelled": False})
+
+        def pump():
+            for line in proc.stdout:
+                on_log(line.rstrip("\n"))
+            proc.wait()
+
+        thread = threading.Thread(target=pump, daemon=True)
+        job.backend_data["pump"] = thread
+        thread.start()
+        return job
+
+    def check(self, job: Job) -> JobStatus:
+        rc = job.backend_data["proc"].poll()
+        if rc is None or job.backend_data["pump"].is_alive():
+            return JobStatus(JobState.RUNNING)
+        if job.backend_data["cancelled"]:
+            return JobStatus(JobState.CANCELLED, rc)
+        return JobStatus(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, rc)
+
+    def terminate(self, job: Job) -> None:
+        import signal
+
+        job.backend_data["cancelled"] = True
+        proc = job.backend_data["proc"]
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        job.backend_data["pump"].join(timeout=10)
+
+    def release(self, run_id: str) -> None:
+        run_lease(run_id).unlink(missing_ok=True)
+
+
+def list_managed(all_states: bool = True) -> list[dict]:
+    """Every container skyvm started on this engine, with its labels."""
+    if not docker_available():
+        return []
+    args = ["ps", "--filter", f"label={L_MANAGED}=1", "--format", "{{json .}}", "--no-trunc"]
+    if all_states:
+        args.insert(1, "-a")
+    rows = []
+    for line in docker(*args).stdout.splitlines():
+        row = json.loads(line)
+        labels = dict(item.split("=", 1) for item in row.get("Labels", "").split(",") if "=" in item)
+        rows.append(
+            {
+                "name": row["Names"],
+                "state": row["State"],
+                "status": row["Status"],
+                "run_id": labels.get(L_RUN, ""),
+                "node": labels.get(L_NODE, ""),
+                "signature": labels.get(L_SIG, "")[:12],
+                "down": labels.get(L_DOWN, ""),
+                "image": row["Image"],
+            }
+        )
+    return rows
+
+
+def gc(dry_run: bool = False) -> list[str]:
+    """Remove skyvm containers no live run owns and no node is running in."""
+    removed = []
+    for row in list_managed():
+        if row["state"] == "running" and run_is_live(row["run_id"]):
+            continue
+        lock = _ClusterLock(row["name"])
+        if not lock.try_acquire():
+            continue  # a node is running in it right now
+        try:
+            if not dry_run:
+                docker("rm", "--force", row["name"], check=False)
+            removed.append(row["name"])
+        finally:
+            lock.release()
+    return removed
+
+
+_backend = None
+_backend_lock = threading.Lock()
+
+
+def local_backend():
+    """The process's local backend: Docker when an engine answers, else plain processes."""
+    global _backend
+    with _backend_lock:
+        if _backend is None:
+            if docker_available():
+                _backend = DockerBackend()
+            elif os.environ.get("SKYVM_REQUIRE_DOCKER"):
+                raise InfrastructureError("SKYVM_REQUIRE_DOCKER is set but no Docker engine is reachable")
+            else:
+                _backend = ProcessBackend()
+        return _backend

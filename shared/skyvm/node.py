@@ -1,0 +1,227 @@
+"""The node runtime: what runs inside a node's container.
+
+``python -m skyvm.node run --payload URL --result URL --attempt ID`` fetches
+the payload (a cloudpickled call, or a shell command), runs it, writes the
+result or the exception with its traceback back to the store, and exits
+non-zero on failure. Its stdout and stderr are the node's log.
+
+Other subcommands: ``check`` (the cluster's setup: is the runtime usable),
+``cancel --attempt ID`` (stop a running attempt), and ``idle-watch`` (a
+cluster container's main process: exits after the idle autostop period, as
+SkyPilot's autostop does on a VM).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+import cloudpickle
+
+from skyvm.payloads import store_for_object
+
+STATE_DIR = Path(os.environ.get("SKYVM_NODE_STATE", "/tmp/skyvm-node"))
+ACTIVITY = STATE_DIR / "activity"
+
+EXIT_OK = 0
+EXIT_USER_FAILURE = 1
+EXIT_INFRA = 3
+EXIT_CANCELLED = 143
+
+
+def make_call_payload(fn, args=(), kwargs=None) -> bytes:
+    return cloudpickle.dumps({"kind": "call", "fn": fn, "args": tuple(args), "kwargs": dict(kwargs or {})})
+
+
+def make_command_payload(command: str) -> bytes:
+    return cloudpickle.dumps({"kind": "command", "command": command})
+
+
+class _Cancelled(BaseException):
+    """Raised in the node's main thread on SIGTERM."""
+
+
+def _touch_activity() -> None:
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    ACTIVITY.touch()
+
+
+def _pidfile(attempt: str) -> Path:
+    return STATE_DIR / f"{attempt}.pid"
+
+
+def _run_call(payload: dict) -> Any:
+    value = payload["fn"](*payload["args"], **payload["kwargs"])
+    if inspect.isawaitable(value):
+        value = asyncio.run(_await(value))
+    return value
+
+
+async def _await(awaitable):
+    return await awaitable
+
+
+def _run_command(command: str, child: list) -> tuple[int, str]:
+    """Run a shell command, passing its output through; returns (exit code, last stdout line)."""
+    proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=None, start_new_session=True, text=True, bufsize=1)
+    child.append(proc)
+    last = ""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        if line.strip():
+            last = line.rstrip("\n")
+    return proc.wait(), last
+
+
+def cmd_run(args) -> int:
+    _touch_activity()
+    pidfile = _pidfile(args.attempt)
+    pidfile.write_text(str(os.getpid()))
+    child: list = []
+
+    def on_term(signum, frame):
+        for proc in child:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        raise _Cancelled()
+
+    signal.signal(signal.SIGTERM, on_term)
+    started = time.time()
+    try:
+        try:
+            store, key = store_for_object(args.payload)
+            payload = cloudpickle.loads(store.get(key))
+        except Exception as exc:  # noqa: BLE001 - any fetch/unpickle problem is an infrastructure failure
+            print(f"skyvm.node: cannot load payload {args.payload}: {exc}", file=sys.stderr, flush=True)
+            return EXIT_INFRA
+        result_store, result_key = store_for_object(args.result)
+        result: dict[str, Any] = {"attempt": args.attempt}
+        code = EXIT_OK
+        try:
+            if payload["kind"] == "call":
+                result.update(ok=True, value=_run_call(payload))
+            else:
+                rc, last = _run_command(payload["command"], child)
+                result.update(ok=rc == 0, returncode=rc, value=last)
+                if rc != 0:
+                    result.update(exc_type="CommandFailed", message=f"command exited with code {rc}", traceback="")
+                    code = rc if 0 < rc < 256 else EXIT_USER_FAILURE
+        except _Cancelled:
+            print("skyvm.node: cancelled", file=sys.stderr, flush=True)
+            return EXIT_CANCELLED
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, SystemExit included
+            tb = traceback.format_exc()
+            sys.stderr.write(tb)
+            sys.stderr.flush()
+            try:
+                pickled = cloudpickle.dumps(exc)
+            except Exception:  # noqa: BLE001 - an exception that cannot travel still reports its text
+                pickled = None
+            result.update(ok=False, exc=pickled, exc_type=type(exc).__qualname__, message=str(exc), traceback=tb)
+            code = EXIT_USER_FAILURE
+        result["duration_s"] = round(time.time() - started, 3)
+        try:
+            blob = cloudpickle.dumps(result)
+        except Exception as exc:  # noqa: BLE001
+            blob = cloudpickle.dumps(
+                {"attempt": args.attempt, "ok": False, "exc": None, "exc_type": "UnpicklableResult", "message": f"the node's return value cannot be pickled: {exc}", "traceback": ""}
+            )
+            code = EXIT_USER_FAILURE
+        result_store.put(result_key, blob)
+        return code
+    finally:
+        pidfile.unlink(missing_ok=True)
+        _touch_activity()
+
+
+def cmd_cancel(args) -> int:
+    pidfile = _pidfile(args.attempt)
+    try:
+        pid = int(pidfile.read_text())
+    except (OSError, ValueError):
+        return 0  # not running (never started or already done)
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return 0
+    deadline = time.time() + args.grace
+    while time.time() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return 0
+        time.sleep(0.1)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return 0
+
+
+def _busy() -> bool:
+    for pidfile in STATE_DIR.glob("*.pid"):
+        try:
+            os.kill(int(pidfile.read_text()), 0)
+            return True
+        except (OSError, ValueError):
+            continue
+    return False
+
+
+def cmd_idle_watch(args) -> int:
+    """A cluster's main process. Ends (and with it the container) once idle long enough."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _touch_activity()
+    poll = float(os.environ.get("SKYVM_IDLE_POLL_S", "5"))
+    while True:
+        time.sleep(poll)
+        if args.minutes is None or args.minutes < 0:
+            continue
+        if _busy():
+            _touch_activity()
+            continue
+        idle = time.time() - ACTIVITY.stat().st_mtime
+        if idle >= args.minutes * 60:
+            print(f"skyvm.node: idle for {idle:.0f}s, autostop after {args.minutes} min", flush=True)
+            return 0
+
+
+def cmd_check(args) -> int:
+    import skyvm
+
+    print(f"skyvm {skyvm.__version__} node runtime ready (python {sys.version.split()[0]})", flush=True)
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m skyvm.node", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    run = sub.add_parser("run", help="run one node attempt")
+    run.add_argument("--payload", required=True)
+    run.add_argument("--result", required=True)
+    run.add_argument("--attempt", required=True)
+    cancel = sub.add_parser("cancel", help="stop a running attempt")
+    cancel.add_argument("--attempt", required=True)
+    cancel.add_argument("--grace", type=float, default=5.0)
+    idle = sub.add_parser("idle-watch", help="a cluster's main process; exits when idle for --minutes")
+    idle.add_argument("--minutes", type=float, default=None)
+    sub.add_parser("check", help="print the runtime's version (a cluster's setup)")
+    args = parser.parse_args(argv)
+    return {"run": cmd_run, "cancel": cmd_cancel, "idle-watch": cmd_idle_watch, "check": cmd_check}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

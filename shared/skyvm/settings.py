@@ -1,0 +1,459 @@
+"""A node's settings, and the shared settings YAML that both engines read.
+
+The fields and their accepted forms follow ZenML's SkyPilot VM orchestrator
+(the seed), with the mistakes it makes fixed: unknown keys are errors, and
+per-cloud limits are checked when settings are validated, not when a VM is
+already being asked for.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal, Mapping, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+
+from skyvm.errors import SettingsError
+
+CLOUDS = ("aws", "gcp", "azure", "lambda", "kubernetes")
+# infra prefixes SkyPilot accepts, mapped to the cloud they mean.
+_INFRA_CLOUDS = {"aws": "aws", "gcp": "gcp", "azure": "azure", "lambda": "lambda", "kubernetes": "kubernetes", "k8s": "kubernetes"}
+DISK_TIERS = ("low", "medium", "high", "ultra", "best")
+RECOVERY_STRATEGIES = ("FAILOVER", "EAGER_NEXT_REGION", "NONE")
+BACKENDS = ("local", "skypilot")
+
+# Lambda Cloud has no spot market, no custom images, no zones, fixed disks and
+# no autostop: SkyPilot would refuse these only at launch time.
+LAMBDA_UNSUPPORTED = ("use_spot", "job_recovery", "image_id", "zone", "disk_size", "disk_tier", "idle_minutes_to_autostop")
+
+_QUANTITY = re.compile(r"^\d+(\.\d+)?\+?$")
+_ACCEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(:\d+(\.\d+)?)?$")
+_CLUSTER_NAME = re.compile(r"^[a-z]([-a-z0-9]{0,61}[a-z0-9])?$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _quantity(value: Any, what: str) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{what} must be a number or a string like '2' or '2+', not a boolean")
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ValueError(f"{what} must be positive, got {value}")
+        return f"{value:g}"
+    if isinstance(value, str) and _QUANTITY.match(value.strip()):
+        text = value.strip()
+        if float(text.rstrip("+")) <= 0:
+            raise ValueError(f"{what} must be positive, got {value!r}")
+        return text
+    raise ValueError(f"{what} accepts a positive number or a string like '2' or '2+' (meaning at least 2); got {value!r}")
+
+
+class RegistrySettings(BaseModel):
+    """A container registry and the credentials to reach it, by reference.
+
+    The password itself never sits in settings: ``password_env`` names a
+    variable of the launching process, ``password_file`` a file.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    server: str
+    username: Optional[str] = None
+    password_env: Optional[str] = None
+    password_file: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _one_password_source(self) -> "RegistrySettings":
+        if self.password_env and self.password_file:
+            raise ValueError("give either password_env or password_file, not both")
+        if (self.password_env or self.password_file) and not self.username:
+            raise ValueError("a registry password needs a username")
+        return self
+
+    def password(self) -> Optional[str]:
+        if self.password_env:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise SettingsError([("registry.password_env", f"environment variable {self.password_env} is not set")])
+            return value
+        if self.password_file:
+            return Path(self.password_file).expanduser().read_text().strip()
+        return None
+
+
+class NodeSettings(BaseModel):
+    """Everything that decides where and how one node runs."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    # Where: the backend, then the cloud placement SkyPilot chooses within.
+    backend: Literal["local", "skypilot"] = "local"
+    cloud: Optional[Literal["aws", "gcp", "azure", "lambda", "kubernetes"]] = None
+    infra: Optional[str] = None
+    region: Optional[str] = None
+    zone: Optional[str] = None
+
+    # What the VM has.
+    instance_type: Optional[str] = None
+    cpus: Optional[str] = None
+    memory: Optional[str] = None
+    accelerators: Optional[Union[str, dict[str, float]]] = None
+    accelerator_args: Optional[dict[str, Any]] = None
+    use_spot: Optional[bool] = None
+    job_recovery: Optional[Union[str, dict[str, Any]]] = None
+    image_id: Optional[Union[str, dict[str, str]]] = None
+    disk_size: Optional[int] = Field(default=None, gt=0)
+    disk_tier: Optional[Literal["low", "medium", "high", "ultra", "best"]] = None
+    ports: Optional[list[Union[int, str]]] = None
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    # The cluster's life.
+    cluster_name: Optional[str] = None
+    retry_until_up: bool = False
+    idle_minutes_to_autostop: Optional[int] = Field(default=30, ge=0)
+    down: bool = True
+    max_clusters: int = Field(default=4, ge=1, description="clusters of one signature running at once; more nodes queue")
+
+    # The container the node runs in.
+    image: Optional[str] = None
+    requirements: list[str] = Field(default_factory=list)
+    registry: Optional[RegistrySettings] = None
+    docker_run_args: list[str] = Field(default_factory=list)
+
+    # The node's run.
+    envs: dict[str, str] = Field(default_factory=dict)
+    secrets: dict[str, str] = Field(default_factory=dict, repr=False)
+    stream_logs: bool = True
+    timeout: Optional[float] = Field(default=None, gt=0)
+
+    # Where payloads and results travel: a directory (file:// or a path) or s3://bucket/prefix.
+    payload_store: Optional[str] = None
+    payload_store_endpoint: Optional[str] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _deprecated_alias(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "spot_recovery" in data:
+            data = dict(data)
+            if "job_recovery" in data:
+                raise ValueError("give job_recovery only; spot_recovery is its deprecated alias")
+            data["job_recovery"] = data.pop("spot_recovery")
+        return data
+
+    @field_validator("cpus", "memory", mode="before")
+    @classmethod
+    def _check_quantity(cls, value: Any, info) -> Optional[str]:
+        return _quantity(value, info.field_name)
+
+    @field_validator("accelerators", mode="before")
+    @classmethod
+    def _check_accelerators(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, str):
+            if not _ACCEL.match(value.strip()):
+                raise ValueError(f"accelerators accepts 'NAME', 'NAME:COUNT' or {{NAME: COUNT}} (e.g. 'V100', 'V100:2'); got {value!r}")
+            name, _, count = value.strip().partition(":")
+            if count and float(count) <= 0:
+                raise ValueError(f"accelerator count must be positive; got {value!r}")
+            return value.strip()
+        if isinstance(value, Mapping):
+            if len(value) != 1:
+                raise ValueError(f"accelerators as a mapping takes exactly one NAME: COUNT entry; got {dict(value)!r}")
+            ((name, count),) = value.items()
+            if isinstance(count, bool) or not isinstance(count, (int, float)) or count <= 0:
+                raise ValueError(f"accelerator count must be a positive number; got {count!r} for {name!r}")
+            return {str(name): count}
+        raise ValueError(f"accelerators accepts 'NAME', 'NAME:COUNT' or {{NAME: COUNT}}; got {value!r}")
+
+    @field_validator("job_recovery", mode="before")
+    @classmethod
+    def _check_recovery(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        allowed = ", ".join(RECOVERY_STRATEGIES)
+        if isinstance(value, str):
+            if value.upper() not in RECOVERY_STRATEGIES:
+                raise ValueError(f"job_recovery strategy must be one of {allowed} (any case); got {value!r}")
+            return value
+        if isinstance(value, Mapping):
+            extra = set(value) - {"strategy", "max_restarts_on_errors", "recover_on_exit_codes"}
+            if extra:
+                raise ValueError(f"job_recovery accepts keys strategy, max_restarts_on_errors, recover_on_exit_codes; unknown: {sorted(extra)}")
+            strategy = value.get("strategy")
+            if strategy is not None and str(strategy).upper() not in RECOVERY_STRATEGIES:
+                raise ValueError(f"job_recovery.strategy must be one of {allowed}; got {strategy!r}")
+            restarts = value.get("max_restarts_on_errors")
+            if restarts is not None and (not isinstance(restarts, int) or restarts < 0):
+                raise ValueError(f"job_recovery.max_restarts_on_errors must be a non-negative integer; got {restarts!r}")
+            return dict(value)
+        raise ValueError(f"job_recovery accepts a strategy name ({allowed}) or a mapping; got {value!r}")
+
+    @field_validator("infra")
+    @classmethod
+    def _check_infra(cls, value: Optional[str]) -> Optional[str]:
+        if value is None:
+            return None
+        parts = value.split("/")
+        if parts[0].lower() not in _INFRA_CLOUDS or any(not p for p in parts) or len(parts) > 3:
+            raise ValueError(
+                "infra accepts CLOUD[/REGION[/ZONE]] (e.g. 'aws/us-east-1') or 'k8s/CONTEXT', "
+                f"with CLOUD one of {', '.join(sorted(_INFRA_CLOUDS))}; got {value!r}"
+            )
+        return value
+
+    @field_validator("cluster_name")
+    @classmethod
+    def _check_cluster_name(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and not _CLUSTER_NAME.match(value):
+            raise ValueError(
+                "cluster_name must be 1-63 characters of lowercase letters, digits and '-', "
+                f"starting with a letter and not ending with '-' (valid on every cloud); got {value!r}"
+            )
+        return value
+
+    @field_validator("ports", mode="before")
+    @classmethod
+    def _check_ports(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        items = value if isinstance(value, list) else [value]
+        out: list[Union[int, str]] = []
+        for item in items:
+            text = str(item)
+            lo, _, hi = text.partition("-")
+            if not lo.isdigit() or (hi and not hi.isdigit()) or not (0 < int(lo) < 65536) or (hi and not int(lo) <= int(hi) < 65536):
+                raise ValueError(f"ports accepts port numbers (1-65535) or ranges like '8000-8010'; got {item!r}")
+            out.append(int(text) if not hi else text)
+        return out
+
+    @field_validator("envs", "secrets")
+    @classmethod
+    def _check_env_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name (letters, digits, '_', not starting with a digit)")
+        return value
+
+    @field_validator("envs", "secrets", "labels", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return {str(k): ("" if v is None else str(v)) for k, v in value.items()}
+        return value
+
+    @field_validator("payload_store")
+    @classmethod
+    def _check_store(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and "://" in value and not value.startswith(("file://", "s3://")):
+            raise ValueError(f"payload_store accepts a directory path, file://PATH or s3://BUCKET[/PREFIX]; got {value!r}")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self, info: ValidationInfo) -> "NodeSettings":
+        if info.context and info.context.get("partial"):
+            return self  # one layer alone; the merged settings are checked whole
+        if self.infra and (self.region or self.zone):
+            raise ValueError("infra conflicts with region/zone: give infra='CLOUD/REGION/ZONE' or cloud + region + zone, not both")
+        infra_cloud = _INFRA_CLOUDS[self.infra.split("/")[0].lower()] if self.infra else None
+        if infra_cloud and self.cloud and infra_cloud != self.cloud:
+            raise ValueError(f"cloud={self.cloud!r} conflicts with infra={self.infra!r}")
+        if self.effective_cloud == "lambda":
+            bad = [f for f in LAMBDA_UNSUPPORTED if f in self.model_fields_set and getattr(self, f) not in (None, False)]
+            if bad:
+                raise ValueError(
+                    f"Lambda Cloud does not support {', '.join(bad)}; "
+                    f"drop {'it' if len(bad) == 1 else 'them'} or choose another cloud ({', '.join(c for c in CLOUDS if c != 'lambda')})"
+                )
+        return self
+
+    @property
+    def effective_cloud(self) -> Optional[str]:
+        if self.cloud:
+            return self.cloud
+        if self.infra:
+            return _INFRA_CLOUDS[self.infra.split("/")[0].lower()]
+        return None
+
+    def accelerator_request(self) -> Optional[tuple[str, float]]:
+        """(name, count) of the accelerators asked for, or None."""
+        if self.accelerators is None:
+            return None
+        if isinstance(self.accelerators, dict):
+            ((name, count),) = self.accelerators.items()
+            return name, count
+        name, _, count = self.accelerators.partition(":")
+        return name, float(count) if count else 1
+
+    def public_dump(self) -> dict[str, Any]:
+        """The settings as a dict, secret values masked (for printing and logs)."""
+        data = self.model_dump(mode="json", exclude_none=True)
+        if data.get("secrets"):
+            data["secrets"] = {k: "***" for k in data["secrets"]}
+        return data
+
+
+FIELD_NAMES = tuple(NodeSettings.model_fields) + ("spot_recovery",)
+# Fields whose values are mappings merged key by key across layers, so a node
+# can add one env var without repeating the defaults' others.
+_MERGED_MAPPINGS = ("envs", "secrets", "labels")
+_TOP_LEVEL = ("defaults", "profiles", "nodes")
+
+
+def _suggest(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _problems(exc: ValidationError, prefix: str) -> list[tuple[str, str]]:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        path = ".".join([prefix] + loc if prefix else loc)
+        if err["type"] == "extra_forbidden":
+            name = loc[-1]
+            accepted = FIELD_NAMES if len(loc) == 1 else RegistrySettings.model_fields
+            msg = f"unknown field {name!r}{_suggest(name, accepted)}; accepted fields: {', '.join(sorted(accepted))}"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"].startswith(("string_type", "int_", "float_", "bool_", "dict_", "list_")):
+                msg += f" (got {err.get('input')!r})"
+        out.append((path, msg))
+    return out
+
+
+def _validated_layer(layer: Any, path: str, source: Optional[str]) -> dict[str, Any]:
+    """Check one partial layer (defaults, a profile, a node entry, code arguments)."""
+    if layer is None:
+        return {}
+    if not isinstance(layer, Mapping):
+        raise SettingsError([(path, f"expected a mapping of settings, got {type(layer).__name__}")], source)
+    try:
+        model = NodeSettings.model_validate(dict(layer), context={"partial": True})
+    except ValidationError as exc:
+        raise SettingsError(_problems(exc, path), source) from None
+    return model.model_dump(exclude_unset=True)
+
+
+def merge_layers(*layers: Mapping[str, Any]) -> dict[str, Any]:
+    """Later layers win; envs/secrets/labels merge key by key."""
+    merged: dict[str, Any] = {}
+    for layer in layers:
+        for key, value in layer.items():
+            if key in _MERGED_MAPPINGS and isinstance(merged.get(key), dict) and isinstance(value, Mapping):
+                merged[key] = {**merged[key], **value}
+            else:
+                merged[key] = value
+    return merged
+
+
+class SkyVMConfig:
+    """The shared settings file: ``defaults``, named ``profiles`` and per-node ``nodes``.
+
+    Precedence, lowest first: built-in defaults, ``defaults``, the node's
+    profile, ``nodes[name]``, arguments in code, a per-call override.
+    """
+
+    def __init__(self, data: Optional[Mapping[str, Any]] = None, source: Optional[str] = None):
+        self.source = source
+        data = {} if data is None else data
+        if not isinstance(data, Mapping):
+            raise SettingsError([("", f"the file must hold a mapping with keys {', '.join(_TOP_LEVEL)}; got {type(data).__name__}")], source)
+        unknown = [k for k in data if k not in _TOP_LEVEL]
+        if unknown:
+            raise SettingsError(
+                [(str(k), f"unknown top-level key{_suggest(str(k), _TOP_LEVEL)}; accepted: {', '.join(_TOP_LEVEL)}") for k in unknown], source
+            )
+        self.defaults = _validated_layer(data.get("defaults"), "defaults", source)
+        self.profiles: dict[str, dict[str, Any]] = {}
+        for name, layer in self._section(data, "profiles").items():
+            self.profiles[name] = _validated_layer(layer, f"profiles.{name}", source)
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.node_profiles: dict[str, str] = {}
+        for name, layer in self._section(data, "nodes").items():
+            layer = dict(layer) if isinstance(layer, Mapping) else layer
+            if isinstance(layer, dict) and "profile" in layer:
+                self.node_profiles[name] = self._check_profile(layer.pop("profile"), f"nodes.{name}.profile")
+            self.nodes[name] = _validated_layer(layer, f"nodes.{name}", source)
+        # Resolve everything once so cross-field mistakes (infra vs region,
+        # Lambda limits) in any profile or node surface now, not at launch.
+        for name in self.profiles:
+            self._resolve_layers([self.defaults, self.profiles[name]], f"profiles.{name}")
+        for name in self.nodes:
+            self.resolve(name)
+
+    def _section(self, data: Mapping[str, Any], key: str) -> dict[str, Any]:
+        section = data.get(key) or {}
+        if not isinstance(section, Mapping):
+            raise SettingsError([(key, f"expected a mapping of NAME: settings, got {type(section).__name__}")], self.source)
+        return {str(k): v for k, v in section.items()}
+
+    def _check_profile(self, profile: Any, path: str) -> str:
+        if profile not in self.profiles:
+            known = ", ".join(sorted(self.profiles)) or "none defined"
+            raise SettingsError([(path, f"unknown profile {profile!r}{_suggest(str(profile), self.profiles)}; profiles in this file: {known}")], self.source)
+        return profile
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike, None] = None) -> "SkyVMConfig":
+        """Load the explicit path, else ``$SKYVM_CONFIG``, else ``./skyvm.yaml``, else built-in defaults."""
+        if path is None:
+            path = os.environ.get("SKYVM_CONFIG") or None
+            if path is None and Path("skyvm.yaml").is_file():
+                path = "skyvm.yaml"
+        if path is None:
+            return cls({}, source=None)
+        file = Path(path)
+        if not file.is_file():
+            raise SettingsError([("", "settings file not found")], str(file))
+        try:
+            data = yaml.safe_load(file.read_text())
+        except yaml.YAMLError as exc:
+            raise SettingsError([("", f"not valid YAML: {exc}")], str(file)) from None
+        return cls(data, source=str(file))
+
+    def _resolve_layers(self, layers: list[Mapping[str, Any]], path: str) -> NodeSettings:
+        try:
+            return NodeSettings.model_validate(merge_layers(*layers))
+        except ValidationError as exc:
+            raise SettingsError(_problems(exc, path), self.source) from None
+
+    def resolve(
+        self,
+        node: str,
+        *,
+        profile: Optional[str] = None,
+        code: Optional[Mapping[str, Any]] = None,
+        override: Optional[Mapping[str, Any]] = None,
+    ) -> NodeSettings:
+        """The settings of one node, all layers applied."""
+        code = dict(code or {})
+        override = dict(override or {})
+        # A profile named in code or in the per-call override beats the node entry's.
+        for layer in (code, override):
+            if "profile" in layer:
+                profile = layer.pop("profile") or profile
+        chosen = profile or self.node_profiles.get(node)
+        profile_layer = self.profiles[self._check_profile(chosen, "profile")] if chosen else {}
+        layers = [
+            self.defaults,
+            profile_layer,
+            self.nodes.get(node, {}),
+            _validated_layer(code, "arguments", "code"),
+            _validated_layer(override, "override", "code"),
+        ]
+        return self._resolve_layers(layers, f"nodes.{node}")
+
+
+def as_config(settings: Union[None, str, os.PathLike, Mapping[str, Any], SkyVMConfig]) -> SkyVMConfig:
+    """Accept what users pass as ``settings=``: a path, a dict shaped like the file, a config, or None."""
+    if isinstance(settings, SkyVMConfig):
+        return settings
+    if isinstance(settings, Mapping):
+        return SkyVMConfig(settings, source="<settings dict>")
+    return SkyVMConfig.load(settings)
