@@ -14,12 +14,10 @@ clusters. ``skyvm.submit`` uses one default run per process, closed at exit.
 from __future__ import annotations
 
 import atexit
-import importlib.util
 import json
 import logging
 import os
 import sys
-import sysconfig
 import threading
 import time
 import uuid
@@ -40,30 +38,6 @@ log = logging.getLogger("skyvm")
 # What a node is told about an S3 store: credentials travel as secrets, never on a command line.
 _S3_SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 _S3_ENV_VARS = ("AWS_DEFAULT_REGION", "AWS_REGION")
-_STDLIB_PATHS = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-
-
-def ship_by_value(fn: Callable) -> None:
-    """Make cloudpickle send the function's own module by value when the image cannot import it.
-
-    Modules installed in site-packages (or the stdlib) are pickled by
-    reference and must be in the image (``requirements``); the user's own
-    modules (the flow file, the DAG file, a tests folder) travel with the call.
-    """
-    module_name = getattr(fn, "__module__", None)
-    if not module_name or module_name == "__main__" or module_name.split(".")[0] in ("skyvm", "prefect_skyvm", "airflow_skyvm"):
-        return
-    module = sys.modules.get(module_name)
-    origin = getattr(module, "__file__", None)
-    if module is None or origin is None:
-        return
-    origin = os.path.realpath(origin)
-    if any(origin.startswith(os.path.realpath(p) + os.sep) for p in _STDLIB_PATHS):
-        return
-    try:
-        cloudpickle.register_pickle_by_value(module)
-    except ValueError:
-        pass
 
 
 def resolve_secret(name: str, value: str) -> str:
@@ -289,7 +263,6 @@ class Run:
         """Run ``fn(*args, **kwargs)`` as a node. Settings are resolved (and checked) before anything starts."""
         node = node or getattr(fn, "__name__", "node")
         settings = self.resolve(node, profile=profile, options=options, override=override)
-        ship_by_value(fn)
         return self._start(node, settings, node_runtime.make_call_payload(fn, args, kwargs), on_log)
 
     def submit_command(

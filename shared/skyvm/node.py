@@ -20,10 +20,11 @@ import os
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import cloudpickle
 
@@ -31,6 +32,7 @@ from skyvm.payloads import store_for_object
 
 STATE_DIR = Path(os.environ.get("SKYVM_NODE_STATE", "/tmp/skyvm-node"))
 ACTIVITY = STATE_DIR / "activity"
+_INSTALLED_PATHS = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
 
 EXIT_OK = 0
 EXIT_USER_FAILURE = 1
@@ -38,7 +40,31 @@ EXIT_INFRA = 3
 EXIT_CANCELLED = 143
 
 
+def ship_by_value(fn: Callable) -> None:
+    """Make cloudpickle send the function's own module by value when the image cannot import it.
+
+    Modules installed in site-packages (or the stdlib) are pickled by
+    reference and must be in the image (``requirements``); the user's own
+    modules (the flow file, the DAG file, a tests folder) travel with the call.
+    """
+    module_name = getattr(fn, "__module__", None)
+    if not module_name or module_name == "__main__" or module_name.split(".")[0] in ("skyvm", "prefect_skyvm", "airflow_skyvm"):
+        return
+    module = sys.modules.get(module_name)
+    origin = getattr(module, "__file__", None)
+    if module is None or origin is None:
+        return
+    origin = os.path.realpath(origin)
+    if any(origin.startswith(os.path.realpath(p) + os.sep) for p in _INSTALLED_PATHS):
+        return
+    try:
+        cloudpickle.register_pickle_by_value(module)
+    except ValueError:
+        pass
+
+
 def make_call_payload(fn, args=(), kwargs=None) -> bytes:
+    ship_by_value(fn)
     return cloudpickle.dumps({"kind": "call", "fn": fn, "args": tuple(args), "kwargs": dict(kwargs or {})})
 
 

@@ -1,0 +1,3 @@
+from skyvm.cli import main
+import sys
+sys.exit(main())

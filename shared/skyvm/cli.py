@@ -1,0 +1,102 @@
+"""The ``skyvm`` command: validate and inspect settings, list and clean up what skyvm started."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional
+
+import yaml
+
+from skyvm.errors import SettingsError, SkyVMError
+from skyvm.settings import SkyVMConfig
+
+
+def cmd_validate(args) -> int:
+    config = SkyVMConfig.load(args.file)
+    print(f"{args.file}: OK ({len(config.profiles)} profiles, {len(config.nodes)} nodes)")
+    return 0
+
+
+def cmd_settings(args) -> int:
+    config = SkyVMConfig.load(args.file)
+    settings = config.resolve(args.node, profile=args.profile)
+    data = settings.public_dump()
+    if args.json:
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(yaml.safe_dump(data, sort_keys=True), end="")
+    return 0
+
+
+def _table(rows: list[dict], columns: list[str]) -> str:
+    if not rows:
+        return ""
+    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
+    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
+    return "\n".join(lines)
+
+
+def cmd_status(args) -> int:
+    from skyvm.backends.local import docker_available, list_managed
+
+    rows = list_managed()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not docker_available():
+        print("no Docker engine reachable: nothing to list for the local backend")
+        return 0
+    if not rows:
+        print("nothing running: skyvm has no clusters on this machine")
+        return 0
+    print(_table(rows, ["name", "state", "run_id", "node", "signature", "down", "status"]))
+    return 0
+
+
+def cmd_gc(args) -> int:
+    from skyvm.backends.local import gc
+
+    removed = gc(dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(removed)} cluster(s)" + (": " + ", ".join(removed) if removed else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="skyvm", description="Run Prefect and Airflow nodes in containers on SkyPilot VMs.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("validate", help="check a shared settings file")
+    p.add_argument("file")
+    p.set_defaults(fn=cmd_validate)
+    p = sub.add_parser("settings", help="print the resolved settings of one node")
+    p.add_argument("file")
+    p.add_argument("--node", required=True, help="the Prefect task name or Airflow task_id")
+    p.add_argument("--profile", help="a profile to apply, as code would")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_settings)
+    p = sub.add_parser("status", help="list the clusters skyvm started")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_status)
+    p = sub.add_parser("gc", help="remove clusters that no live run owns")
+    p.add_argument("--dry-run", action="store_true")
+    p.set_defaults(fn=cmd_gc)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except SettingsError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    except SkyVMError as exc:
+        print(f"skyvm: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

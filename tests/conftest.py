@@ -1,0 +1,129 @@
+"""Shared fixtures: real parts started by the test run itself.
+
+- the Docker engine (./dev starts it; with CI=true its absence fails the run)
+- a Docker registry with htpasswd auth (Debian's docker-registry), on loopback
+- an S3-protocol server over HTTP (moto's standalone server), on loopback
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+# Every skyvm state file of the test run goes to one place, set before skyvm is imported.
+os.environ.setdefault("SKYVM_HOME", tempfile.mkdtemp(prefix="skyvm-test-home-"))
+os.environ.setdefault("SKYVM_IDLE_POLL_S", "1")
+
+from skyvm.backends.local import docker_available, list_managed  # noqa: E402
+from skyvm.settings import RegistrySettings  # noqa: E402
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 30, ok=(200, 401)) -> None:
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status in ok:
+                    return
+        except urllib.error.HTTPError as exc:
+            if exc.code in ok:
+                return
+            last = exc
+        except OSError as exc:
+            last = exc
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer within {timeout}s: {last}")
+
+
+@pytest.fixture(scope="session")
+def docker_engine():
+    if not docker_available():
+        if IN_CI or os.environ.get("SKYVM_REQUIRE_DOCKER"):
+            pytest.fail("no Docker engine reachable, and this run requires one (CI=true / SKYVM_REQUIRE_DOCKER): run ./dev test")
+        pytest.skip("no Docker engine reachable")
+    yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_running():
+    """After the whole run, nothing skyvm started may still exist (`skyvm status` is empty)."""
+    yield
+    if docker_available():
+        leftover = list_managed()
+        if leftover:
+            subprocess.run(["docker", "rm", "-f", *[r["name"] for r in leftover]], capture_output=True)
+            pytest.fail(f"containers left behind by the tests: {[r['name'] for r in leftover]}")
+
+
+@pytest.fixture(scope="session")
+def registry(docker_engine, tmp_path_factory):
+    """A real registry on loopback with htpasswd auth; the password is in $SKYVM_TEST_REGISTRY_PASSWORD."""
+    import bcrypt
+
+    exe = shutil.which("docker-registry")
+    if not exe:
+        pytest.fail("docker-registry is not installed (./dev installs Debian's docker-registry package)")
+    d = tmp_path_factory.mktemp("registry")
+    password = "s3cret-" + os.urandom(4).hex()
+    (d / "htpasswd").write_text("skyvm:" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode() + "\n")
+    port = free_port()
+    (d / "config.yml").write_text(
+        f"""version: 0.1
+log: {{level: error}}
+storage: {{filesystem: {{rootdirectory: {d / 'data'}}}, delete: {{enabled: true}}}}
+http: {{addr: 127.0.0.1:{port}, secret: skyvm-test}}
+auth: {{htpasswd: {{realm: skyvm, path: {d / 'htpasswd'}}}}}
+"""
+    )
+    proc = subprocess.Popen([exe, "serve", str(d / "config.yml")], stdout=open(d / "log", "w"), stderr=subprocess.STDOUT)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/v2/")
+        os.environ["SKYVM_TEST_REGISTRY_PASSWORD"] = password
+        yield RegistrySettings(server=f"127.0.0.1:{port}", username="skyvm", password_env="SKYVM_TEST_REGISTRY_PASSWORD")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto's standalone S3 server over HTTP on loopback, with a bucket; credentials in the environment."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(endpoint + "/moto-api/", ok=(200,))
+        os.environ.update({"AWS_ACCESS_KEY_ID": "skyvm-test-key", "AWS_SECRET_ACCESS_KEY": "skyvm-test-secret", "AWS_DEFAULT_REGION": "us-east-1"})
+        import boto3
+
+        boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="skyvm-test")
+        yield endpoint
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[1]

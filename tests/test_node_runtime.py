@@ -1,0 +1,121 @@
+"""The node runtime (`python -m skyvm.node`), run as a real process against a real store."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import cloudpickle
+import pytest
+
+from skyvm.node import EXIT_CANCELLED, EXIT_INFRA, make_call_payload, make_command_payload
+from skyvm.payloads import LocalStore
+
+
+class Boom(Exception):
+    pass
+
+
+def add(a, b):
+    print(f"adding {a} and {b}")
+    return a + b
+
+
+def explode():
+    raise Boom("kaboom from the node")
+
+
+async def async_double(x):
+    return 2 * x
+
+
+def run_node(store, payload: bytes, attempt="a1", env=None, wait=True):
+    url = store.put_payload(payload)
+    cmd = [sys.executable, "-m", "skyvm.node", "run", "--payload", url, "--result", store.url_for(f"results/{attempt}"), "--attempt", attempt]
+    env = {**os.environ, "SKYVM_NODE_STATE": str(store.root / "state"), **(env or {})}
+    if not wait:
+        return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+
+
+def result_of(store, attempt="a1"):
+    return cloudpickle.loads(store.get(f"results/{attempt}"))
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalStore(tmp_path / "store")
+
+
+def test_call_success(store):
+    out = run_node(store, make_call_payload(add, (2, 3)))
+    assert out.returncode == 0, out.stderr
+    assert "adding 2 and 3" in out.stdout
+    res = result_of(store)
+    assert res["ok"] and res["value"] == 5
+
+
+def test_async_call(store):
+    out = run_node(store, make_call_payload(async_double, (21,)))
+    assert out.returncode == 0 and result_of(store)["value"] == 42
+
+
+def test_call_failure_carries_the_traceback(store):
+    out = run_node(store, make_call_payload(explode))
+    assert out.returncode == 1
+    assert "Boom: kaboom from the node" in out.stderr  # the node's log
+    res = result_of(store)
+    assert not res["ok"] and res["exc_type"] == "Boom"
+    assert "in explode" in res["traceback"]
+    assert isinstance(cloudpickle.loads(res["exc"]), Boom)
+
+
+def test_command_result_is_the_last_line(store):
+    out = run_node(store, make_command_payload("echo first; echo; echo last line"))
+    assert out.returncode == 0
+    res = result_of(store)
+    assert res["value"] == "last line" and res["returncode"] == 0
+
+
+def test_failing_command_exits_with_its_code(store):
+    out = run_node(store, make_command_payload("echo doing; exit 7"))
+    assert out.returncode == 7
+    res = result_of(store)
+    assert not res["ok"] and res["returncode"] == 7 and "exited with code 7" in res["message"]
+
+
+def test_missing_payload_is_an_infrastructure_exit(store):
+    cmd = [sys.executable, "-m", "skyvm.node", "run", "--payload", store.url_for("payloads/" + "0" * 64), "--result", store.url_for("results/x"), "--attempt", "x"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "SKYVM_NODE_STATE": str(store.root / "state")})
+    assert out.returncode == EXIT_INFRA
+    assert "does not exist" in out.stderr
+    assert not store.exists("results/x")
+
+
+def test_cancel_stops_a_running_attempt_and_its_children(store):
+    proc = run_node(store, make_command_payload("echo started; sleep 60; echo never"), attempt="slow", wait=False)
+    assert proc.stdout.readline().strip() == "started"
+    state = str(store.root / "state")
+    t0 = time.time()
+    subprocess.run([sys.executable, "-m", "skyvm.node", "cancel", "--attempt", "slow"], env={**os.environ, "SKYVM_NODE_STATE": state}, check=True)
+    assert proc.wait(timeout=10) == EXIT_CANCELLED
+    assert time.time() - t0 < 8
+    assert "never" not in proc.stdout.read()
+    assert not store.exists("results/slow")
+    out = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True)
+    assert out.stdout.strip() == ""
+
+
+def test_idle_watch_exits_after_idle(tmp_path):
+    env = {**os.environ, "SKYVM_NODE_STATE": str(tmp_path), "SKYVM_IDLE_POLL_S": "0.2"}
+    proc = subprocess.Popen([sys.executable, "-m", "skyvm.node", "idle-watch", "--minutes", "0"], env=env, stdout=subprocess.PIPE, text=True)
+    assert proc.wait(timeout=10) == 0
+    assert "autostop" in proc.stdout.read()
+    forever = subprocess.Popen([sys.executable, "-m", "skyvm.node", "idle-watch"], env=env)
+    time.sleep(1)
+    assert forever.poll() is None  # no autostop: stays up
+    forever.send_signal(signal.SIGTERM)
+    assert forever.wait(timeout=5) == 0
