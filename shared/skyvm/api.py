@@ -177,7 +177,8 @@ class NodeHandle:
             attempt_id=self.attempt_id,
             payload_url=payload_url,
             result_url=result_url,
-            image=node_image(s),
+            # Plain processes run the host's own Python: no image to build.
+            image=node_image(s) if getattr(backend, "needs_image", True) else "host-python",
             secrets=secrets,
         )
         self.started_at = time.time()

@@ -75,4 +75,6 @@ def container_limits() -> dict:
         "shm_gib": None if shm_size() is None else round(shm_size() / 2**30, 3),
         "gpus": gpus(),
         "hostname": os.uname().nodename,
+        # Set by the backend on the cluster's container: which cluster this is.
+        "cluster": os.environ.get("SKYVM_CLUSTER"),
     }

@@ -153,6 +153,25 @@ def run_lease(run_id: str) -> Path:
     return d / f"{run_id}.json"
 
 
+def _users_file(cluster: str) -> Path:
+    d = DEFAULT_HOME / "clusters"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{cluster}.runs"
+
+
+def add_cluster_user(cluster: str, run_id: str) -> None:
+    """Remember which runs used a cluster: a warm cluster reused by a live run is that run's too."""
+    with open(_users_file(cluster), "a") as fh:
+        fh.write(run_id + "\n")
+
+
+def cluster_users(cluster: str) -> set[str]:
+    try:
+        return set(_users_file(cluster).read_text().split())
+    except OSError:
+        return set()
+
+
 def run_is_live(run_id: str) -> bool:
     try:
         pid = json.loads(run_lease(run_id).read_text())["pid"]
@@ -189,7 +208,7 @@ class DockerBackend:
 
     def _start_cluster(self, spec: TaskSpec, name: str) -> None:
         s = spec.settings
-        args = ["run", "--detach", "--rm", "--name", name, "--init"]
+        args = ["run", "--detach", "--rm", "--name", name, "--init", "--env", f"SKYVM_CLUSTER={name}"]
         labels = {
             L_MANAGED: "1",
             L_RUN: spec.run_id,
@@ -208,7 +227,9 @@ class DockerBackend:
         if s.cpus:
             args += ["--cpus", str(_gib(s.cpus))]
         if s.memory:
-            args += ["--memory", f"{int(_gib(s.memory) * 1024)}m"]
+            mem = f"{int(_gib(s.memory) * 1024)}m"
+            # No swap beyond the limit: a node sees the memory a VM of that size has.
+            args += ["--memory", mem, "--memory-swap", mem]
         store = s.payload_store or str(DEFAULT_HOME / "store")
         if not store.startswith("s3://"):
             # The VM would reach a directory store through a mount; here the same path is bind-mounted.
@@ -242,7 +263,8 @@ class DockerBackend:
                             self._track(spec, name)
                             return name, lock
                         lock.release()
-                taken = set(docker("ps", "-a", "--format", "{{.Names}}").stdout.split())
+                # Names being started by this process count as taken too.
+                taken = set(docker("ps", "-a", "--format", "{{.Names}}").stdout.split()) | set(self._clusters)
                 slot = 0
                 while spec.cluster_name_for(slot) in taken:
                     slot += 1
@@ -267,6 +289,7 @@ class DockerBackend:
     def _track(self, spec: TaskSpec, name: str) -> None:
         cluster = self._clusters.setdefault(name, _Cluster(name, spec.signature, spec.settings.down))
         cluster.runs.add(spec.run_id)
+        add_cluster_user(name, spec.run_id)
 
     # -- the three methods -------------------------------------------------
 
@@ -350,6 +373,7 @@ class DockerBackend:
 
     def _remove(self, name: str) -> None:
         docker("rm", "--force", name, check=False)
+        _users_file(name).unlink(missing_ok=True)
         with self._lock:
             self._clusters.pop(name, None)
 
@@ -362,6 +386,7 @@ class ProcessBackend:
     """
 
     name = "local-process"
+    needs_image = False
     _warned = False
 
     def __init__(self):
@@ -444,7 +469,8 @@ def gc(dry_run: bool = False) -> list[str]:
     """Remove skyvm containers no live run owns and no node is running in."""
     removed = []
     for row in list_managed():
-        if row["state"] == "running" and run_is_live(row["run_id"]):
+        owners = {row["run_id"]} | cluster_users(row["name"])
+        if row["state"] == "running" and any(run_is_live(r) for r in owners):
             continue
         lock = _ClusterLock(row["name"])
         if not lock.try_acquire():
@@ -452,6 +478,7 @@ def gc(dry_run: bool = False) -> list[str]:
         try:
             if not dry_run:
                 docker("rm", "--force", row["name"], check=False)
+                _users_file(row["name"]).unlink(missing_ok=True)
             removed.append(row["name"])
         finally:
             lock.release()

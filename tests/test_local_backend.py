@@ -1,0 +1,271 @@
+"""The local backend on a real Docker engine: limits seen from inside, cluster reuse, teardown, cancel."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from skyvm import InfrastructureError, NodeCancelled, NodeFailed, NodeTimeout, Run, UnsatisfiableRequest
+from skyvm.backends.local import gc, list_managed
+from skyvm.limits import container_limits
+
+pytestmark = pytest.mark.usefixtures("docker_engine")
+
+
+def limits():
+    return container_limits()
+
+
+def env_of(*names):
+    return {n: os.environ.get(n) for n in names}
+
+
+def nap(seconds):
+    start = time.time()
+    time.sleep(seconds)
+    return {"start": start, "end": time.time(), "host": os.uname().nodename}
+
+
+def fail_loudly(x):
+    print("about to fail", flush=True)
+    raise ValueError(f"bad value {x}")
+
+
+def allocate(mib):
+    blocks = [bytearray(1024 * 1024) for _ in range(mib)]
+    return len(blocks)
+
+
+def containers_of(run_id):
+    return [r for r in list_managed() if r["run_id"] == run_id]
+
+
+def wait_until(predicate, timeout=30, step=0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_per_node_limits_are_seen_inside_the_container():
+    config = {
+        "nodes": {
+            "small": {"cpus": 1, "memory": 0.5},
+            "bigger": {"cpus": "2", "memory": "1+", "docker_run_args": ["--shm-size=256m"]},
+        }
+    }
+    with Run(config) as run:
+        small, bigger = run.submit(limits, node="small"), run.submit(limits, node="bigger")
+        seen_small, seen_bigger = small.result(300), bigger.result(300)
+        assert small.cluster != bigger.cluster  # different signatures, different clusters
+    assert (seen_small["cluster"], seen_bigger["cluster"]) == (small.cluster, bigger.cluster)
+    assert (seen_small["cpus"], seen_small["memory_gib"]) == (1.0, 0.5)
+    assert (seen_bigger["cpus"], seen_bigger["memory_gib"], seen_bigger["shm_gib"]) == (2.0, 1.0, 0.25)
+    assert containers_of(run.run_id) == []  # down: true (the default) tears them down with the run
+
+
+def test_memory_limit_is_enforced():
+    with Run({"defaults": {"memory": 0.25, "cpus": 1}}) as run:
+        ok = run.submit(allocate, 50, node="fits")
+        assert ok.result(120) == 50
+        too_much = run.submit(allocate, 600, node="too-much")
+        with pytest.raises(InfrastructureError, match="exited with code 137"):
+            too_much.result(120)
+
+
+def test_failure_carries_the_remote_traceback_and_log():
+    with Run() as run:
+        handle = run.submit(fail_loudly, 7, node="fails")
+        with pytest.raises(NodeFailed) as err:
+            handle.result(120)
+    assert "ValueError: bad value 7" in str(err.value)
+    assert "in fail_loudly" in err.value.remote_traceback
+    assert isinstance(err.value.remote_exception, ValueError)
+    assert "about to fail" in handle.logs() and "Traceback" in handle.logs()
+
+
+def test_shell_command_node_and_its_exit_code():
+    with Run() as run:
+        assert run.submit_command("echo working; echo answer-42", node="cmd").result(120) == "answer-42"
+        bad = run.submit_command("echo trying; exit 5", node="cmd-bad")
+        with pytest.raises(NodeFailed) as err:
+            bad.result(120)
+        assert err.value.returncode == 5
+
+
+def test_logs_stream_line_by_line_while_the_node_runs():
+    seen = []
+    with Run() as run:
+        handle = run.submit_command("for i in 1 2 3; do echo tick-$i; sleep 1; done; echo done", node="ticker", on_log=lambda l: seen.append((time.time(), l)))
+        handle.result(120)
+    ticks = [t for t, line in seen if line.startswith("tick-")]
+    assert [line for _, line in seen if line.startswith("tick-")] == ["tick-1", "tick-2", "tick-3"]
+    assert ticks[-1] - ticks[0] > 1.5  # delivered as printed, not all at the end
+
+
+def test_envs_reach_the_node_and_secrets_stay_off_command_lines():
+    secret = "tok-" + os.urandom(6).hex()
+    os.environ["SKYVM_TEST_SOURCE"] = secret
+    config = {"defaults": {"envs": {"MODE": "fast"}, "secrets": {"API_TOKEN": "env:SKYVM_TEST_SOURCE"}}}
+    with Run(config) as run:
+        slow = run.submit_command("sleep 3; echo $API_TOKEN-$MODE", node="secretive")
+        assert wait_until(lambda: slow.cluster is not None and "sleep 3" in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout, 60)
+        host_cmdlines = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        inspect = subprocess.run(["docker", "inspect", slow.cluster], capture_output=True, text=True).stdout
+        assert slow.result(120) == f"{secret}-fast"
+        values = run.submit(env_of, "MODE", "API_TOKEN", node="secretive").result(120)
+    assert secret not in host_cmdlines
+    assert secret not in inspect
+    assert values == {"MODE": "fast", "API_TOKEN": secret}
+
+
+def test_same_signature_nodes_reuse_a_warm_cluster_in_turn():
+    with Run({"defaults": {"cpus": 1}}) as run:
+        first = run.submit(limits, node="first")
+        first.result(120)
+        second = run.submit(limits, node="second")
+        second.result(120)
+        assert first.cluster == second.cluster
+        assert len(containers_of(run.run_id)) == 1
+
+
+def test_parallel_nodes_get_separate_clusters_up_to_the_limit_then_queue():
+    with Run({"defaults": {"cpus": 0.5, "max_clusters": 2}}) as run:
+        handles = [run.submit(nap, 3, node=f"nap-{i}") for i in range(3)]
+        spans = [h.result(300) for h in handles]
+        clusters = {h.cluster for h in handles}
+    assert len(clusters) == 2
+    spans.sort(key=lambda s: s["start"])
+    # The third started only once one of the first two had finished.
+    assert spans[2]["start"] >= min(spans[0]["end"], spans[1]["end"]) - 0.5
+    assert containers_of(run.run_id) == []
+
+
+def test_down_false_keeps_the_cluster_warm_for_the_next_run_then_gc_removes_it():
+    config = {"defaults": {"down": False, "idle_minutes_to_autostop": 30, "labels": {"purpose": "warm-test"}}}
+    with Run(config) as run1:
+        h1 = run1.submit(limits, node="a")
+        h1.result(120)
+    assert [r["name"] for r in list_managed() if r["name"] == h1.cluster], "down: false keeps the cluster after the run"
+    status = subprocess.run([sys.executable, "-m", "skyvm", "status"], capture_output=True, text=True)
+    assert h1.cluster in status.stdout and run1.run_id in status.stdout
+    with Run(config) as run2:
+        h2 = run2.submit(limits, node="b")
+        h2.result(120)
+        assert h2.cluster == h1.cluster  # reused across runs
+        # The run that started it is over, but a live run uses it now: gc spares it.
+        assert h1.cluster not in gc(dry_run=True)
+    removed = gc()
+    assert h1.cluster in removed
+    assert not [r for r in list_managed() if r["name"] == h1.cluster]
+
+
+def test_autostop_removes_an_idle_cluster():
+    with Run({"defaults": {"down": False, "idle_minutes_to_autostop": 0, "cpus": 1.5}}) as run:
+        h = run.submit(limits, node="short-lived")
+        h.result(120)
+        name = h.cluster
+    assert wait_until(lambda: not [r for r in list_managed() if r["name"] == name], timeout=30)
+
+
+def test_cancel_stops_the_node_and_leaves_nothing_behind():
+    run = Run()
+    handle = run.submit_command("echo started; sleep 120; echo finished", node="long")
+    assert wait_until(lambda: "started" in handle.logs(), 120)
+    t0 = time.time()
+    assert handle.cancel()
+    assert time.time() - t0 < 20
+    with pytest.raises(NodeCancelled):
+        handle.result(1)
+    assert "finished" not in handle.logs()
+    run.close()
+    assert containers_of(run.run_id) == []
+
+
+def test_timeout_cancels_the_node():
+    with Run({"defaults": {"timeout": 2}}) as run:
+        handle = run.submit_command("sleep 60", node="slowpoke")
+        t0 = time.time()
+        with pytest.raises(NodeTimeout, match="exceeded its timeout of 2s"):
+            handle.result(120)
+        assert time.time() - t0 < 60
+    assert containers_of(run.run_id) == []
+
+
+@pytest.mark.parametrize(
+    "options,fragment",
+    [({"cpus": 4096}, "this machine has"), ({"memory": 100000}, "GiB"), ({"accelerators": "H100:8"}, "accelerators H100:8")],
+)
+def test_unsatisfiable_requests_fail_fast(options, fragment):
+    with Run() as run:
+        t0 = time.time()
+        handle = run.submit(limits, node="greedy", options=options)
+        with pytest.raises(UnsatisfiableRequest, match=fragment):
+            handle.result(60)
+        assert time.time() - t0 < 30
+        assert containers_of(run.run_id) == []
+
+
+def test_s3_payload_store_end_to_end(s3_server):
+    import boto3
+
+    config = {"defaults": {"payload_store": "s3://skyvm-test/e2e", "payload_store_endpoint": s3_server}}
+    with Run(config) as run:
+        handle = run.submit(sum, [1, 2, 3], node="s3-node")
+        assert handle.result(120) == 6
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="skyvm-test", Prefix="e2e/")["Contents"]]
+    assert f"e2e/results/{handle.attempt_id}" in keys
+    assert any(k.startswith("e2e/payloads/") for k in keys)
+
+
+def test_private_registry_login_and_pull(registry):
+    config = {"defaults": {"registry": registry.model_dump(), "cpus": 1.25}}
+    with Run(config) as run:
+        first = run.submit(limits, node="from-registry")
+        first.result(300)
+        image = first.spec.image
+        assert image.startswith(registry.server + "/skyvm-node:")
+        # Drop the pushed tag: the next cluster must log in and pull it from the registry.
+        subprocess.run(["docker", "rm", "-f", first.cluster], check=True, capture_output=True)
+        subprocess.run(["docker", "rmi", image], check=True, capture_output=True)
+        second = run.submit(limits, node="pulled-again")
+        assert second.result(300)["cpus"] == 1.25
+        assert subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
+
+
+def test_wrong_registry_password_is_a_clear_error(registry, monkeypatch):
+    monkeypatch.setenv("SKYVM_WRONG_PASSWORD", "not-it")
+    bad = registry.model_copy(update={"password_env": "SKYVM_WRONG_PASSWORD"})
+    with Run({"defaults": {"registry": bad.model_dump(), "image": f"{registry.server}/skyvm-node:missing"}}) as run:
+        with pytest.raises(InfrastructureError, match="docker login failed"):
+            run.submit(limits, node="denied").result(120)
+    assert "not-it" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+def test_without_docker_it_falls_back_to_processes_and_says_so(tmp_path):
+    script = tmp_path / "fallback.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import logging, os, skyvm
+            PARENT = os.getpid()
+            logging.basicConfig(level=logging.WARNING)
+            def where():
+                return os.environ.get("SKYVM_CLUSTER"), os.getpid() != PARENT
+            print("RESULT", skyvm.submit(where, node="plain").result(120))
+            """
+        )
+    )
+    env = {k: v for k, v in os.environ.items() if k != "SKYVM_REQUIRE_DOCKER"}
+    env.update(DOCKER_HOST="unix:///nonexistent/docker.sock", SKYVM_HOME=str(tmp_path / "home"))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "RESULT (None, True)" in out.stdout  # no cluster container, but its own process
+    assert out.stderr.count("no Docker engine reachable") == 1
