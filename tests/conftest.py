@@ -65,6 +65,12 @@ def docker_engine():
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_running():
     """After the whole run, nothing skyvm started may still exist (`skyvm status` is empty)."""
+    if docker_available():
+        from skyvm.backends.local import gc
+
+        stale = gc()  # clusters of earlier, dead runs (e.g. warm ones a demo left): not this run's doing
+        if stale:
+            print(f"removed {len(stale)} stale skyvm cluster(s) of earlier runs: {stale}")
     yield
     if docker_available():
         leftover = list_managed()
