@@ -14,7 +14,6 @@ from skyvm.errors import (
     SkyVMError,
     UnsatisfiableRequest,
 )
-from skyvm.settings import NodeSettings, SkyVMConfig
 
 __version__ = "0.1.0"
 
@@ -36,10 +35,14 @@ __all__ = [
 
 
 def __getattr__(name):
-    # The submit API pulls in the backends; import it only when used so that
-    # the in-container runtime stays light.
+    # Settings (pydantic) and the submit API (backends) load only when used,
+    # so the in-container runtime starts fast.
     if name in ("submit", "Run", "NodeHandle"):
         from skyvm import api
 
         return getattr(api, name)
-    raise AttributeError(name)
+    if name in ("NodeSettings", "SkyVMConfig"):
+        from skyvm import settings
+
+        return getattr(settings, name)
+    raise AttributeError(f"module 'skyvm' has no attribute {name!r}")

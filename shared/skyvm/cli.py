@@ -57,11 +57,14 @@ def cmd_status(args) -> int:
 
 
 def cmd_gc(args) -> int:
-    from skyvm.backends.local import gc
+    from skyvm.backends.local import gc, gc_images
 
     removed = gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(removed)} cluster(s)" + (": " + ", ".join(removed) if removed else ""))
+    if args.images is not None:
+        images = gc_images(keep=args.images, dry_run=args.dry_run)
+        print(f"{verb} {len(images)} old node image tag(s)")
     return 0
 
 
@@ -82,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("gc", help="remove clusters that no live run owns")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--images", type=int, metavar="KEEP", help="also remove node images but the newest KEEP")
     p.set_defaults(fn=cmd_gc)
     return parser
 

@@ -14,7 +14,6 @@ SkyPilot's autostop does on a VM).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import inspect
 import os
 import signal
@@ -88,6 +87,8 @@ def _pidfile(attempt: str) -> Path:
 def _run_call(payload: dict) -> Any:
     value = payload["fn"](*payload["args"], **payload["kwargs"])
     if inspect.isawaitable(value):
+        import asyncio  # only async nodes pay for it
+
         value = asyncio.run(_await(value))
     return value
 

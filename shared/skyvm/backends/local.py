@@ -485,6 +485,26 @@ def gc(dry_run: bool = False) -> list[str]:
     return removed
 
 
+def gc_images(keep: int = 2, dry_run: bool = False) -> list[str]:
+    """Remove old node images (every source or requirements change makes one), keeping the newest ``keep``."""
+    if not docker_available():
+        return []
+    out = docker("images", "--filter", "label=dev.skyvm.image=node", "--format", "{{.ID}} {{.Repository}}:{{.Tag}} {{.CreatedAt}}")
+    by_id: dict[str, list] = {}
+    for line in out.stdout.splitlines():
+        image_id, ref, created = line.split(" ", 2)
+        by_id.setdefault(image_id, [created, []])[1].append(ref)
+    in_use = set(docker("ps", "-a", "--format", "{{.Image}}").stdout.split())
+    removed = []
+    for image_id, (created, refs) in sorted(by_id.items(), key=lambda kv: kv[1][0], reverse=True)[keep:]:
+        if in_use & set(refs):
+            continue
+        if not dry_run:
+            docker("rmi", "--force", *refs, check=False)
+        removed += refs
+    return removed
+
+
 _backend = None
 _backend_lock = threading.Lock()
 
