@@ -264,7 +264,7 @@ class Run:
         """Run ``fn(*args, **kwargs)`` as a node. Settings are resolved (and checked) before anything starts."""
         node = node or getattr(fn, "__name__", "node")
         settings = self.resolve(node, profile=profile, options=options, override=override)
-        return self._start(node, settings, node_runtime.make_call_payload(fn, args, kwargs), on_log)
+        return self.start_call(node, settings, fn, args, kwargs, on_log=on_log)
 
     def submit_command(
         self,
@@ -278,6 +278,13 @@ class Run:
     ) -> NodeHandle:
         """Run a shell command as a node; its result is the last line it printed."""
         settings = self.resolve(node, profile=profile, options=options, override=override)
+        return self.start_command(node, settings, command, on_log=on_log)
+
+    # Adapters resolve settings themselves (to fail at submit time), then start with these.
+    def start_call(self, node: str, settings: NodeSettings, fn: Callable, args=(), kwargs=None, *, on_log=None) -> NodeHandle:
+        return self._start(node, settings, node_runtime.make_call_payload(fn, args, kwargs), on_log)
+
+    def start_command(self, node: str, settings: NodeSettings, command: str, *, on_log=None) -> NodeHandle:
         return self._start(node, settings, node_runtime.make_command_payload(command), on_log)
 
     def _start(self, node: str, settings: NodeSettings, payload: bytes, on_log) -> NodeHandle:
@@ -339,6 +346,7 @@ def submit(
     or a SkyVMConfig); ``options`` are this call's settings, above the file's.
     """
     run = default_run()
-    if settings is not None:
-        run.config = as_config(settings)
-    return run.submit(fn, *args, node=node, profile=profile, options=options, **kwargs)
+    node = node or getattr(fn, "__name__", "node")
+    config = run.config if settings is None else as_config(settings)
+    resolved = config.resolve(node, profile=profile, code=options)
+    return run.start_call(node, resolved, fn, args, kwargs)

@@ -1,0 +1,243 @@
+"""``SkyVMTaskRunner``: every task of a Prefect flow runs in its own container on a VM.
+
+The Prefect task engine stays in the flow process: states, retries, timeouts,
+caching, result persistence and events are Prefect's own, and the node needs
+no route to the Prefect API. Only the task's function body runs on the node,
+through skyvm's core (``skyvm.Run``), one fresh remote run per attempt.
+
+    from prefect import flow, task
+    from prefect_skyvm import SkyVMTaskRunner, skyvm_options
+
+    @flow(task_runner=SkyVMTaskRunner("skyvm.yaml"))
+    def pipeline():
+        with skyvm_options(cpus=4):
+            heavy.submit()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+import uuid
+from contextvars import copy_context
+from typing import Any, Iterable, Mapping, Optional, Union
+
+from prefect.futures import PrefectConcurrentFuture, PrefectFuture
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from prefect_skyvm.context import current_options, profile_from_tags
+from skyvm.api import NodeHandle, Run
+from skyvm.errors import InfrastructureError, NodeFailed
+from skyvm.settings import NodeSettings, SkyVMConfig, as_config
+
+SettingsArg = Union[None, str, os.PathLike, Mapping[str, Any], SkyVMConfig]
+
+
+class NodeCrashed(BaseException):
+    """The node could not run (image, registry, container, VM). A BaseException, so
+    Prefect's task engine records the run as Crashed, not Failed, and does not
+    spend the task's retries on it."""
+
+    def __init__(self, error: InfrastructureError):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _crashed_state(exc: BaseException):
+    """The state a crashed attempt's future resolves to: futures must return states, not raise."""
+    from prefect.states import Crashed
+
+    error = exc.error if isinstance(exc, NodeCrashed) else exc
+    return Crashed(message=f"skyvm node crashed: {error}", data=error if isinstance(error, Exception) else InfrastructureError(str(error)))
+
+
+def _outcome(handle: NodeHandle) -> Any:
+    """The node's return value, or the exception Prefect should see."""
+    try:
+        return handle.result()
+    except NodeFailed as exc:
+        original = getattr(exc, "remote_exception", None)
+        if isinstance(original, BaseException):
+            # The user's own exception type (retry_condition_fn sees it), with the remote traceback chained.
+            raise original from exc
+        raise
+    except InfrastructureError as exc:
+        raise NodeCrashed(exc) from exc
+
+
+class SkyVMTaskRunner(ThreadPoolTaskRunner):
+    """Runs each task's function body on a skyvm node, with per-task resources.
+
+    Args:
+        settings: the shared settings file (path), a dict shaped like it, or a
+            SkyVMConfig; default ``$SKYVM_CONFIG`` / ``./skyvm.yaml`` / built-ins.
+        profile: a profile of that file for every task (tags and
+            ``skyvm_options(profile=...)`` override it per task).
+        max_workers: threads waiting on nodes at once (default: unbounded, as
+            nodes run elsewhere; ``max_clusters`` limits what runs per signature).
+        **overrides: node settings for every task, above the file's (e.g. ``cpus=2``).
+
+    Per-task settings, lowest first: the file's ``defaults``, the task's profile,
+    ``nodes[task name]``, the runner's ``overrides``, then ``skyvm_options(...)``
+    around ``.submit()`` / ``.map()``. A ``skyvm:profile=NAME`` tag picks the profile.
+    """
+
+    def __init__(self, settings: SettingsArg = None, profile: Optional[str] = None, max_workers: Optional[int] = None, **overrides: Any):
+        super().__init__(max_workers=max_workers)
+        self.settings = settings
+        self.profile = profile
+        self.overrides = overrides
+        # Validate now: a bad file, profile or override fails when the flow is defined, not mid-run.
+        self._config = as_config(settings)
+        self._config.resolve("<any task>", profile=profile, code=overrides)
+        self._run: Optional[Run] = None
+        self._handles_lock = threading.Lock()
+
+    # -- Prefect's TaskRunner protocol ----------------------------------------
+
+    def duplicate(self) -> "SkyVMTaskRunner":
+        return type(self)(settings=self.settings, profile=self.profile, max_workers=self._max_workers, **self.overrides)
+
+    def __eq__(self, other: object) -> bool:
+        return (
+            isinstance(other, SkyVMTaskRunner)
+            and (self.settings, self.profile, self.overrides, self._max_workers) == (other.settings, other.profile, other.overrides, other._max_workers)
+        )
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A pickled runner carries its arguments only: no run, no threads, no locks.
+        state = super().__getstate__()
+        for key in ("_run", "_executor", "_handles_lock", "_config", "_cancel_events"):
+            state.pop(key, None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._run = None
+        self._executor = None
+        self._cancel_events = {}
+        self._handles_lock = threading.Lock()
+        self._config = as_config(self.settings)
+
+    def __enter__(self) -> "SkyVMTaskRunner":
+        super().__enter__()
+        from prefect.context import FlowRunContext
+
+        ctx = FlowRunContext.get()
+        flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else uuid.uuid4()
+        # Entering provisions nothing: clusters start with the first node that needs one.
+        self._run = Run(self._config, run_id=f"prefect-{flow_run_id}")
+        return self
+
+    def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
+        # Nodes still running when the flow is left are cancelled, and their clusters released per `down`.
+        run, self._run = self._run, None
+        try:
+            if run is not None:
+                run.close(cancel=True)
+        finally:
+            super().__exit__(exc_type, exc_value, traceback)
+
+    def submit(
+        self,
+        task,
+        parameters: dict[str, Any],
+        wait_for: Optional[Iterable[PrefectFuture[Any]]] = None,
+        dependencies: Optional[dict[str, set]] = None,
+    ) -> PrefectConcurrentFuture:
+        if not self._started or self._executor is None or self._run is None:
+            raise RuntimeError("Task runner is not started")
+        from prefect._internal.uuid7 import uuid7
+        from prefect.task_engine import run_task_async, run_task_sync
+
+        # Settings are resolved here, in the submitting thread: a mistake raises from .submit() and nothing starts.
+        settings = self.settings_for(task)
+        remote = self._remote_task(task, settings)
+        task_run_id = uuid7()
+        cancel_event = threading.Event()
+        self._cancel_events[task_run_id] = cancel_event
+        kwargs = dict(
+            task=remote,
+            task_run_id=task_run_id,
+            parameters=parameters,
+            wait_for=wait_for,
+            return_type="state",
+            dependencies=dependencies,
+            context=dict(cancel_event=cancel_event),
+        )
+
+        def run_to_state():
+            # A crash must come back as a Crashed state: a Prefect future's wait() re-raises what its work raised.
+            try:
+                if remote.isasync:
+                    return asyncio.run(run_task_async(**kwargs))
+                return run_task_sync(**kwargs)
+            except NodeCrashed as exc:
+                return _crashed_state(exc)
+
+        future = self._executor.submit(copy_context().run, run_to_state)
+        return PrefectConcurrentFuture(task_run_id=task_run_id, wrapped_future=future)
+
+    # -- skyvm ----------------------------------------------------------------
+
+    def settings_for(self, task) -> NodeSettings:
+        """The resolved settings of one task, all layers applied."""
+        from prefect.context import TagsContext
+
+        options = current_options()
+        tags = set(task.tags or ()) | set(TagsContext.get().current_tags or ())
+        profile = options.pop("profile", None) or profile_from_tags(tags) or self.profile
+        return self._config.resolve(task.name, profile=profile, code=self.overrides, override=options)
+
+    def _remote_task(self, task, settings: NodeSettings):
+        """A copy of the task whose function ships the call to a node and returns its result."""
+        fn = task.fn
+        node = task.name
+        run = self._run
+
+        def launch(args, kwargs) -> NodeHandle:
+            from prefect.logging import get_run_logger
+
+            logger = get_run_logger()
+            logger.info("skyvm: running %s on a %s node (%s)", node, settings.backend, _describe(settings))
+            handle = run.start_call(node, settings, fn, args, kwargs, on_log=lambda line: logger.info(line))
+            return handle
+
+        if task.isasync:
+
+            @functools.wraps(fn)
+            async def remote(*args, **kwargs):
+                handle = launch(args, kwargs)
+                try:
+                    while not handle.done():
+                        await asyncio.sleep(0.05)
+                except BaseException:
+                    # Prefect's timeout (or a cancel) interrupted the wait: stop the node too.
+                    await asyncio.to_thread(handle.cancel)
+                    raise
+                return _outcome(handle)
+
+        else:
+
+            @functools.wraps(fn)
+            def remote(*args, **kwargs):
+                handle = launch(args, kwargs)
+                try:
+                    # Short waits: Prefect's sync timeout arrives as an exception between them.
+                    while not handle.wait(0.1):
+                        pass
+                except BaseException:
+                    handle.cancel()
+                    raise
+                return _outcome(handle)
+
+        copy = task.with_options()
+        copy.fn = remote
+        return copy
+
+
+def _describe(settings: NodeSettings) -> str:
+    parts = [f"{k}={getattr(settings, k)}" for k in ("cpus", "memory", "accelerators", "use_spot", "cloud", "infra") if getattr(settings, k) not in (None, False)]
+    return ", ".join(parts) or "default resources"
