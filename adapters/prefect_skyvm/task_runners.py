@@ -202,6 +202,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
 
             logger = get_run_logger()
             logger.info("skyvm: running %s on a %s node (%s)", node, settings.backend, _describe(settings))
+            args, kwargs = _plain(tuple(args)), _plain(dict(kwargs))
             handle = run.start_call(node, settings, fn, args, kwargs, on_log=lambda line: logger.info(line))
             return handle
 
@@ -236,6 +237,20 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         copy = task.with_options()
         copy.fn = remote
         return copy
+
+
+def _plain(value: Any) -> Any:
+    """Prefect keeps a mapped result's container type (PrefectFutureList) after resolving it;
+    the node has no Prefect, so send plain lists (recursively through lists, tuples and dicts)."""
+    from prefect.futures import PrefectFutureList
+
+    if isinstance(value, PrefectFutureList):
+        return [_plain(v) for v in value]
+    if type(value) in (list, tuple):
+        return type(value)(_plain(v) for v in value)
+    if type(value) is dict:
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def _describe(settings: NodeSettings) -> str:

@@ -237,6 +237,24 @@ def test_infrastructure_failure_is_crashed_and_wait_does_not_raise():
     assert error_type == "InfrastructureError"
 
 
+@task
+def total(values):
+    return type(values).__name__, sum(v["n"] for v in values)
+
+
+@task
+def boxed(n):
+    return {"n": n}
+
+
+def test_mapped_results_passed_downstream_arrive_as_plain_lists(runner):
+    @flow(task_runner=runner)
+    def f():
+        return total.submit(boxed.map([1, 2, 3])).result()
+
+    assert f() == ("list", 6)
+
+
 def test_map_with_skyvm_options_context(runner):
     @task
     def cpus_seen(i):
