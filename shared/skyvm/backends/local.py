@@ -112,6 +112,16 @@ def check_satisfiable(spec: TaskSpec) -> None:
         log.info("local backend: instance_type %s is not emulated; cpus/memory limits apply", s.instance_type)
 
 
+def _process_status(job: Job) -> JobStatus:
+    """A job driven by a local process (docker exec, or the runtime itself): done once it exited and its log is drained."""
+    rc = job.backend_data["proc"].poll()
+    if rc is None or job.backend_data["pump"].is_alive():
+        return JobStatus(JobState.RUNNING)
+    if job.backend_data["cancelled"]:
+        return JobStatus(JobState.CANCELLED, rc)
+    return JobStatus(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, rc)
+
+
 @dataclass
 class _Cluster:
     name: str
@@ -334,13 +344,7 @@ class DockerBackend:
         self._sems[spec.signature].release()
 
     def check(self, job: Job) -> JobStatus:
-        proc = job.backend_data["proc"]
-        rc = proc.poll()
-        if rc is None or job.backend_data["pump"].is_alive():
-            return JobStatus(JobState.RUNNING)
-        if job.backend_data["cancelled"]:
-            return JobStatus(JobState.CANCELLED, rc)
-        return JobStatus(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, rc)
+        return _process_status(job)
 
     def terminate(self, job: Job) -> None:
         job.backend_data["cancelled"] = True
@@ -415,12 +419,7 @@ class ProcessBackend:
         return job
 
     def check(self, job: Job) -> JobStatus:
-        rc = job.backend_data["proc"].poll()
-        if rc is None or job.backend_data["pump"].is_alive():
-            return JobStatus(JobState.RUNNING)
-        if job.backend_data["cancelled"]:
-            return JobStatus(JobState.CANCELLED, rc)
-        return JobStatus(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, rc)
+        return _process_status(job)
 
     def terminate(self, job: Job) -> None:
         import signal
