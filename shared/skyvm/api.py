@@ -75,6 +75,13 @@ def node_image(settings: NodeSettings) -> str:
         return _image_cache[key]
 
 
+def new_attempt_id(node: str) -> str:
+    """Unique per attempt; safe in file names and object keys."""
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", node[:40]) + "-" + uuid.uuid4().hex[:12]
+
+
 class NodeHandle:
     """A submitted node: ``result()``, ``logs()``, ``cancel()``, ``done()``."""
 
@@ -82,7 +89,7 @@ class NodeHandle:
         self.run = run
         self.node = node
         self.settings = settings
-        self.attempt_id = f"{node[:40]}-{uuid.uuid4().hex[:12]}".replace("/", "-")
+        self.attempt_id = new_attempt_id(node)
         self._payload = payload
         self._on_log = on_log
         self._lines: list[str] = []
@@ -158,29 +165,8 @@ class NodeHandle:
         if self._cancel.is_set():
             raise NodeCancelled(f"node {self.node!r} was cancelled before it started")
         backend = backend_for(s)
-        store = open_store(s.payload_store, s.payload_store_endpoint)
-        payload_url = store.put_payload(self._payload)
-        result_url = store.url_for(f"results/{self.attempt_id}")
-        envs = {}
-        secrets = {name: resolve_secret(name, value) for name, value in s.secrets.items()}
-        if payload_url.startswith("s3://"):
-            secrets.update({v: os.environ[v] for v in _S3_SECRET_VARS if v in os.environ})
-            envs.update({v: os.environ[v] for v in _S3_ENV_VARS if v in os.environ})
-            endpoint = s.payload_store_endpoint or os.environ.get("SKYVM_S3_ENDPOINT_URL")
-            if endpoint:
-                envs["SKYVM_S3_ENDPOINT_URL"] = endpoint
-        settings = s.model_copy(update={"envs": {**envs, **s.envs}})
-        self.spec = spec = plan_node(
-            settings,
-            node=self.node,
-            run_id=self.run.run_id,
-            attempt_id=self.attempt_id,
-            payload_url=payload_url,
-            result_url=result_url,
-            # Plain processes run the host's own Python: no image to build.
-            image=node_image(s) if getattr(backend, "needs_image", True) else "host-python",
-            secrets=secrets,
-        )
+        store, spec = prepare(self.run.run_id, self.node, self.attempt_id, s, self._payload, backend)
+        self.spec = spec
         self.started_at = time.time()
         deadline = None if s.timeout is None else self.started_at + s.timeout
         self._job = job = backend.launch(spec, self._log)
@@ -200,19 +186,50 @@ class NodeHandle:
             if not backend.check(job).state.finished:
                 backend.terminate(job)
             raise
-        return self._outcome(store, status)
+        outcome = read_outcome(store, spec.result_url, status, self.node, job.cluster, self._lines[-30:])
+        self.result_meta = outcome.meta
+        return outcome.value()
 
-    def _outcome(self, store, status) -> Any:
-        if status.state is JobState.CANCELLED:
-            raise NodeCancelled(f"node {self.node!r} was cancelled")
-        try:
-            result = cloudpickle.loads(store.get(store.key_of(self.spec.result_url)))
-        except PayloadError as exc:
-            tail = "\n".join(self._lines[-30:])
-            raise InfrastructureError(
-                f"node {self.node!r} on {self._job.cluster} exited with code {status.exit_code} and wrote no result ({exc}).\nLast log lines:\n{tail}"
-            ) from None
-        self.result_meta = {k: v for k, v in result.items() if k not in ("value", "exc")}
+
+def prepare(run_id: str, node: str, attempt_id: str, s: NodeSettings, payload: bytes, backend) -> tuple:
+    """Store the payload and plan the node: (store, TaskSpec). Secrets are resolved here, on the launching host."""
+    store = open_store(s.payload_store, s.payload_store_endpoint)
+    payload_url = store.put_payload(payload)
+    result_url = store.url_for(f"results/{attempt_id}")
+    envs = {}
+    secrets = {name: resolve_secret(name, value) for name, value in s.secrets.items()}
+    if payload_url.startswith("s3://"):
+        secrets.update({v: os.environ[v] for v in _S3_SECRET_VARS if v in os.environ})
+        envs.update({v: os.environ[v] for v in _S3_ENV_VARS if v in os.environ})
+        endpoint = s.payload_store_endpoint or os.environ.get("SKYVM_S3_ENDPOINT_URL")
+        if endpoint:
+            envs["SKYVM_S3_ENDPOINT_URL"] = endpoint
+    settings = s.model_copy(update={"envs": {**envs, **s.envs}})
+    spec = plan_node(
+        settings,
+        node=node,
+        run_id=run_id,
+        attempt_id=attempt_id,
+        payload_url=payload_url,
+        result_url=result_url,
+        # Plain processes run the host's own Python: no image to build.
+        image=node_image(s) if getattr(backend, "needs_image", True) else "host-python",
+        secrets=secrets,
+    )
+    return store, spec
+
+
+class Outcome:
+    """What a finished node left in the store, read against what the backend saw."""
+
+    def __init__(self, node: str, result: dict, status):
+        self.node = node
+        self.result = result
+        self.status = status
+        self.meta = {k: v for k, v in result.items() if k not in ("value", "exc")}
+
+    def value(self) -> Any:
+        result, status = self.result, self.status
         if result["ok"]:
             if status.state is not JobState.SUCCEEDED:
                 # Never report success for a job the backend saw fail.
@@ -232,6 +249,66 @@ class NodeHandle:
                 original = None
         err.remote_exception = original
         raise err
+
+
+def read_outcome(store, result_url: str, status, node: str, cluster: str, log_tail: list[str]) -> Outcome:
+    if status.state is JobState.CANCELLED:
+        raise NodeCancelled(f"node {node!r} was cancelled")
+    try:
+        result = cloudpickle.loads(store.get(store.key_of(result_url)))
+    except PayloadError as exc:
+        tail = "\n".join(log_tail)
+        raise InfrastructureError(
+            f"node {node!r} on {cluster} exited with code {status.exit_code} and wrote no result ({exc}).\nLast log lines:\n{tail}"
+        ) from None
+    return Outcome(node, result, status)
+
+
+class DetachedNode:
+    """A node launched without a process waiting on it (Airflow's deferrable mode).
+
+    Everything needed to find it again is in ``to_dict()`` (JSON), so a
+    trigger in another process can poll it, read its log, fetch its result,
+    cancel it and release its cluster.
+    """
+
+    def __init__(self, ref: dict):
+        self.ref = dict(ref)
+        self.settings = NodeSettings.model_validate(ref["settings"])
+        self.node = ref["node"]
+
+    def to_dict(self) -> dict:
+        return dict(self.ref)
+
+    @classmethod
+    def from_dict(cls, ref: dict) -> "DetachedNode":
+        return cls(ref)
+
+    @property
+    def cluster(self) -> str:
+        return self.ref["cluster"]
+
+    def _backend(self):
+        return backend_for(self.settings)
+
+    def status(self):
+        return self._backend().detached_status(self.ref["cluster"], self.ref["attempt_id"])
+
+    def read_log(self, offset: int = 0) -> tuple[str, int]:
+        return self._backend().detached_log(self.ref["cluster"], self.ref["attempt_id"], offset)
+
+    def outcome(self, status=None) -> Outcome:
+        status = status or self.status()
+        store = open_store(self.settings.payload_store, self.settings.payload_store_endpoint)
+        text, _ = self.read_log(0)
+        return read_outcome(store, self.ref["result_url"], status, self.node, self.cluster, text.splitlines()[-30:])
+
+    def cancel(self) -> None:
+        self._backend().detached_cancel(self.ref["cluster"], self.ref["attempt_id"])
+
+    def release(self) -> None:
+        """The node is done with (or abandoned): tear its cluster down if ``down`` says so."""
+        self._backend().detached_release(self.ref["cluster"], self.ref["run_id"], self.settings.down)
 
 
 class Run:
@@ -286,6 +363,24 @@ class Run:
 
     def start_command(self, node: str, settings: NodeSettings, command: str, *, on_log=None) -> NodeHandle:
         return self._start(node, settings, node_runtime.make_command_payload(command), on_log)
+
+    def launch_detached(self, node: str, settings: NodeSettings, payload: bytes) -> DetachedNode:
+        """Start a node that runs on without this process; returns what finds it again."""
+        backend = backend_for(settings)
+        attempt_id = new_attempt_id(node)
+        _store, spec = prepare(self.run_id, node, attempt_id, settings, payload, backend)
+        cluster = backend.launch_detached(spec)
+        return DetachedNode(
+            {
+                "node": node,
+                "run_id": self.run_id,
+                "attempt_id": attempt_id,
+                "cluster": cluster,
+                "result_url": spec.result_url,
+                # Secrets stay out: this dict is stored by the engine (Airflow keeps triggers in its DB).
+                "settings": settings.model_dump(mode="json", exclude={"secrets"}),
+            }
+        )
 
     def _start(self, node: str, settings: NodeSettings, payload: bytes, on_log) -> NodeHandle:
         if self._closed:

@@ -115,6 +115,28 @@ def cmd_run(args) -> int:
     _touch_activity()
     pidfile = _pidfile(args.attempt)
     pidfile.write_text(str(os.getpid()))
+    if args.detached:
+        # No process waits on a detached attempt: keep its log and exit code beside the pidfile.
+        fd = os.open(STATE_DIR / f"{args.attempt}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.close(fd)
+        try:
+            code = _run_attempt(args, pidfile)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            # The exit code is written before the pidfile goes: a poller never sees neither.
+            (STATE_DIR / f"{args.attempt}.rc").write_text(str(code))
+            return code
+        finally:
+            pidfile.unlink(missing_ok=True)
+    try:
+        return _run_attempt(args, pidfile)
+    finally:
+        pidfile.unlink(missing_ok=True)
+
+
+def _run_attempt(args, pidfile: Path) -> int:
     child: list = []
 
     def on_term(signum, frame):
@@ -170,7 +192,6 @@ def cmd_run(args) -> int:
         result_store.put(result_key, blob)
         return code
     finally:
-        pidfile.unlink(missing_ok=True)
         _touch_activity()
 
 
@@ -196,6 +217,38 @@ def cmd_cancel(args) -> int:
     except ProcessLookupError:
         pass
     return 0
+
+
+def cmd_status(args) -> int:
+    """JSON: is the attempt running, and its exit code once done."""
+    import json
+
+    rc_file = STATE_DIR / f"{args.attempt}.rc"
+    rc = int(rc_file.read_text()) if rc_file.is_file() else None
+    running = False
+    try:
+        os.kill(int(_pidfile(args.attempt).read_text()), 0)
+        running = True
+    except (OSError, ValueError):
+        pass
+    print(json.dumps({"running": running and rc is None, "rc": rc, "known": running or rc is not None}))
+    return 0
+
+
+def cmd_log(args) -> int:
+    """The attempt's log from byte ``--offset`` on."""
+    try:
+        with open(STATE_DIR / f"{args.attempt}.log", "rb") as fh:
+            fh.seek(args.offset)
+            sys.stdout.buffer.write(fh.read())
+    except FileNotFoundError:
+        pass
+    return 0
+
+
+def cmd_busy(args) -> int:
+    """Exit 0 when some attempt runs here (a detached one holds no host-side lock)."""
+    return 0 if _busy() else 1
 
 
 def _busy() -> bool:
@@ -240,6 +293,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     run.add_argument("--payload", required=True)
     run.add_argument("--result", required=True)
     run.add_argument("--attempt", required=True)
+    run.add_argument("--detached", action="store_true", help="write the log and exit code to files; nobody waits on the process")
+    st = sub.add_parser("status", help="JSON state of a detached attempt")
+    st.add_argument("--attempt", required=True)
+    lg = sub.add_parser("log", help="a detached attempt's log from an offset")
+    lg.add_argument("--attempt", required=True)
+    lg.add_argument("--offset", type=int, default=0)
+    sub.add_parser("busy", help="exit 0 when an attempt runs here")
     cancel = sub.add_parser("cancel", help="stop a running attempt")
     cancel.add_argument("--attempt", required=True)
     cancel.add_argument("--grace", type=float, default=5.0)
@@ -247,7 +307,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     idle.add_argument("--minutes", type=float, default=None)
     sub.add_parser("check", help="print the runtime's version (a cluster's setup)")
     args = parser.parse_args(argv)
-    return {"run": cmd_run, "cancel": cmd_cancel, "idle-watch": cmd_idle_watch, "check": cmd_check}[args.cmd](args)
+    commands = {"run": cmd_run, "cancel": cmd_cancel, "idle-watch": cmd_idle_watch, "check": cmd_check, "status": cmd_status, "log": cmd_log, "busy": cmd_busy}
+    return commands[args.cmd](args)
 
 
 if __name__ == "__main__":

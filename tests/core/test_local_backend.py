@@ -269,3 +269,45 @@ def test_without_docker_it_falls_back_to_processes_and_says_so(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "RESULT (None, True)" in out.stdout  # no cluster container, but its own process
     assert out.stderr.count("no Docker engine reachable") == 1
+
+
+def test_detached_node_survives_without_a_waiting_process_and_is_found_again():
+    from skyvm.api import DetachedNode
+    from skyvm.backends.base import JobState
+    from skyvm.node import make_command_payload
+
+    with Run({"defaults": {"cpus": 1}}) as run:
+        settings = run.resolve("detached")
+        ref = run.launch_detached("detached", settings, make_command_payload("echo first; sleep 2; echo answer-7")).to_dict()
+        import json
+
+        node = DetachedNode.from_dict(json.loads(json.dumps(ref)))  # what a trigger in another process gets
+        assert "secrets" not in ref["settings"]
+        # A node submitted meanwhile must not share the busy cluster.
+        other = run.submit(limits, node="meanwhile")
+        assert other.result(120)["cluster"] != node.cluster
+        assert wait_until(lambda: node.status().state.finished, 60)
+        status = node.status()
+        assert status.state is JobState.SUCCEEDED
+        text, offset = node.read_log(0)
+        assert text.splitlines() == ["first", "answer-7"] and offset == len(text.encode())
+        assert node.read_log(offset)[0] == ""
+        assert node.outcome(status).value() == "answer-7"
+        node.release()
+        assert not [r for r in list_managed() if r["name"] == node.cluster]
+
+
+def test_detached_node_can_be_cancelled():
+    from skyvm.api import DetachedNode
+    from skyvm.backends.base import JobState
+    from skyvm.node import make_command_payload
+
+    with Run() as run:
+        node = run.launch_detached("detached-cancel", run.resolve("detached-cancel"), make_command_payload("sleep 120"))
+        assert node.status().state is JobState.RUNNING
+        node.cancel()
+        assert wait_until(lambda: node.status().state is JobState.CANCELLED, 30)
+        with pytest.raises(NodeCancelled):
+            node.outcome()
+        DetachedNode.from_dict(node.to_dict()).release()
+        assert not [r for r in list_managed() if r["name"] == node.cluster]

@@ -182,6 +182,23 @@ def cluster_users(cluster: str) -> set[str]:
         return set()
 
 
+def _detached_marker(cluster: str) -> Path:
+    d = DEFAULT_HOME / "clusters"
+    d.mkdir(parents=True, exist_ok=True)
+    return d / f"{cluster}.detached"
+
+
+def _detached_busy(cluster: str) -> bool:
+    """Whether a detached attempt still runs in the cluster. Asks inside only when one was ever started there."""
+    marker = _detached_marker(cluster)
+    if not marker.exists():
+        return False
+    busy = docker("exec", cluster, "python3", "-m", "skyvm.node", "busy", check=False, timeout=60).returncode == 0
+    if not busy:
+        marker.unlink(missing_ok=True)
+    return busy
+
+
 def run_is_live(run_id: str) -> bool:
     try:
         pid = json.loads(run_lease(run_id).read_text())["pid"]
@@ -268,8 +285,8 @@ class DockerBackend:
                 for name in live:
                     lock = _ClusterLock(name)
                     if lock.try_acquire():
-                        # The container may have just hit autostop; check it is still there.
-                        if docker("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip() == "true":
+                        # The container may have just hit autostop, or run a detached attempt nobody holds a lock for.
+                        if docker("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip() == "true" and not _detached_busy(name):
                             self._track(spec, name)
                             return name, lock
                         lock.release()
@@ -323,6 +340,74 @@ class DockerBackend:
         job.backend_data["pump"] = pump
         pump.start()
         return job
+
+    # -- detached attempts (nobody waits on the process: Airflow's deferrable mode) --
+
+    def launch_detached(self, spec: TaskSpec) -> str:
+        """Start the run with ``docker exec --detach``; its log and exit code stay in the container. Returns the cluster."""
+        check_satisfiable(spec)
+        self._login_and_pull(spec)
+        name, lock = self._acquire(spec)
+        try:
+            self._login_and_pull(spec)
+            _detached_marker(name).write_text(spec.attempt_id)
+            exec_args = ["exec", "--detach"]
+            for key in [*spec.envs, *spec.secrets]:
+                exec_args += ["-e", key]
+            subprocess.run(
+                ["docker", *exec_args, name, "sh", "-c", spec.run + " --detached"],
+                env={**_docker_env(), **spec.envs, **spec.secrets},
+                check=True,
+                capture_output=True,
+            )
+            # Hold the cluster's lock until the attempt shows up inside, so no other node takes the cluster meanwhile.
+            deadline = time.time() + 30
+            while time.time() < deadline and not self.detached_status(name, spec.attempt_id).detail.startswith("known"):
+                time.sleep(0.1)
+        except subprocess.CalledProcessError as exc:
+            raise InfrastructureError(f"docker exec failed on {name}: {exc.stderr.decode(errors='replace')[-2000:]}") from None
+        finally:
+            self._free(spec, name, lock)
+        return name
+
+    def detached_status(self, cluster: str, attempt_id: str) -> JobStatus:
+        out = docker("exec", cluster, "python3", "-m", "skyvm.node", "status", "--attempt", attempt_id, check=False, timeout=60)
+        if out.returncode != 0:
+            return JobStatus(JobState.FAILED, None, f"cluster {cluster} is gone or unreachable: {(out.stderr or out.stdout).strip()[-500:]}")
+        state = json.loads(out.stdout)
+        if state["running"]:
+            return JobStatus(JobState.RUNNING, None, "known")
+        if state["rc"] is None:
+            return JobStatus(JobState.PENDING, None, "known" if state["known"] else "not started")
+        rc = state["rc"]
+        if rc == 143:
+            return JobStatus(JobState.CANCELLED, rc, "known")
+        return JobStatus(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, rc, "known")
+
+    def detached_log(self, cluster: str, attempt_id: str, offset: int = 0) -> tuple[str, int]:
+        out = subprocess.run(
+            ["docker", "exec", cluster, "python3", "-m", "skyvm.node", "log", "--attempt", attempt_id, "--offset", str(offset)],
+            capture_output=True,
+            env=_docker_env(),
+        )
+        data = out.stdout if out.returncode == 0 else b""
+        return data.decode(errors="replace"), offset + len(data)
+
+    def detached_cancel(self, cluster: str, attempt_id: str) -> None:
+        docker("exec", cluster, "python3", "-m", "skyvm.node", "cancel", "--attempt", attempt_id, check=False, timeout=60)
+
+    def detached_release(self, cluster: str, run_id: str, down: bool) -> None:
+        """The attempt is over: a ``down`` cluster goes unless another node runs in it."""
+        if not down:
+            return
+        lock = _ClusterLock(cluster)
+        if lock.try_acquire():
+            try:
+                if not _detached_busy(cluster):
+                    self._remove(cluster)
+            finally:
+                lock.release()
+        run_lease(run_id).unlink(missing_ok=True)
 
     def _pump(self, job: Job, on_log: LogSink) -> None:
         proc = job.backend_data["proc"]
@@ -378,6 +463,7 @@ class DockerBackend:
     def _remove(self, name: str) -> None:
         docker("rm", "--force", name, check=False)
         _users_file(name).unlink(missing_ok=True)
+        _detached_marker(name).unlink(missing_ok=True)
         with self._lock:
             self._clusters.pop(name, None)
 
@@ -437,6 +523,9 @@ class ProcessBackend:
     def release(self, run_id: str) -> None:
         run_lease(run_id).unlink(missing_ok=True)
 
+    def launch_detached(self, spec: TaskSpec) -> str:
+        raise InfrastructureError("detached nodes (Airflow's deferrable mode) need a Docker engine; none is reachable")
+
 
 def list_managed(all_states: bool = True) -> list[dict]:
     """Every container skyvm started on this engine, with its labels."""
@@ -474,6 +563,9 @@ def gc(dry_run: bool = False) -> list[str]:
         lock = _ClusterLock(row["name"])
         if not lock.try_acquire():
             continue  # a node is running in it right now
+        if row["state"] == "running" and _detached_busy(row["name"]):
+            lock.release()
+            continue  # a detached node (a deferred Airflow task) is running in it
         try:
             if not dry_run:
                 docker("rm", "--force", row["name"], check=False)
