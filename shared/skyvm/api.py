@@ -382,6 +382,10 @@ class Run:
             }
         )
 
+    def start_raw(self, node: str, settings: NodeSettings, payload: bytes, *, on_log=None) -> NodeHandle:
+        """Start a node from a payload made with skyvm.node.make_call_payload / make_command_payload."""
+        return self._start(node, settings, payload, on_log)
+
     def _start(self, node: str, settings: NodeSettings, payload: bytes, on_log) -> NodeHandle:
         if self._closed:
             raise SkyVMError(f"run {self.run_id} is closed")
@@ -411,6 +415,24 @@ class Run:
 
     def __exit__(self, *exc) -> None:
         self.close(cancel=True)
+
+
+def teardown(node: Union["NodeHandle", "DetachedNode", "Run", None]) -> None:
+    """One teardown for every path (success, failure, kill, a deferred wait's end):
+    stop the node if it still runs, then release its cluster per ``down``. Safe to call twice."""
+    if node is None:
+        return
+    if isinstance(node, DetachedNode):
+        if not node.status().state.finished:
+            node.cancel()
+        node.release()
+    elif isinstance(node, NodeHandle):
+        node.cancel()
+        node.run.close(cancel=True)
+    elif isinstance(node, Run):
+        node.close(cancel=True)
+    else:
+        raise TypeError(f"cannot tear down {type(node).__name__}")
 
 
 _default_run: Optional[Run] = None

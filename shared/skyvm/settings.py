@@ -340,6 +340,11 @@ def _validated_layer(layer: Any, path: str, source: Optional[str]) -> dict[str, 
     return model.model_dump(exclude_unset=True)
 
 
+def validate_layer(layer: Any, path: str, source: Optional[str] = None) -> dict[str, Any]:
+    """Check a partial set of settings on its own (unknown keys, forms); returns the fields it sets."""
+    return _validated_layer(layer, path, source)
+
+
 def merge_layers(*layers: Mapping[str, Any]) -> dict[str, Any]:
     """Later layers win; envs/secrets/labels merge key by key."""
     merged: dict[str, Any] = {}

@@ -1,0 +1,161 @@
+"""``SkyVMOperator``: run a Python callable or a shell command on a skyvm node.
+
+    SkyVMOperator(
+        task_id="train",
+        python_callable=train, op_kwargs={"epochs": 3},
+        sky_settings={"cpus": 4, "memory": 16, "accelerators": "T4"},
+    )
+
+Settings come from the shared settings YAML (``settings_file``, else the
+``skyvm`` connection, else ``$SKYVM_CONFIG`` / ``./skyvm.yaml``), keyed by
+task_id, with ``profile`` and ``sky_settings`` above it. The argument is not
+called ``resources``: that is BaseOperator's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any, Optional
+
+from airflow_skyvm.hooks.skyvm import SkyVMHook
+from skyvm.api import DetachedNode, Run, teardown
+from skyvm.node import make_call_payload, make_command_payload
+from skyvm.settings import NodeSettings, validate_layer
+
+try:  # Airflow 3
+    from airflow.sdk import BaseOperator
+except ImportError:  # pragma: no cover
+    from airflow.models import BaseOperator
+
+
+def _has_template(value: Any) -> bool:
+    if isinstance(value, str):
+        return "{{" in value or "{%" in value
+    if isinstance(value, Mapping):
+        return any(_has_template(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return any(_has_template(v) for v in value)
+    return False
+
+
+class SkyVMOperator(BaseOperator):
+    """Run ``python_callable(*op_args, **op_kwargs)`` or ``bash_command`` in its own container on a VM.
+
+    :param python_callable: the function to run on the node (its return value is the XCom ``return_value``)
+    :param op_args: positional arguments for it (templated)
+    :param op_kwargs: keyword arguments for it (templated)
+    :param bash_command: a shell command instead; the last line it prints is the XCom (templated)
+    :param image: the image to run in (must contain skyvm); default: skyvm's node image (templated)
+    :param sky_settings: node settings for this task, above the settings file's (templated)
+    :param profile: a profile of the settings file
+    :param settings_file: the shared settings YAML; default: the connection's, then $SKYVM_CONFIG / ./skyvm.yaml
+    :param skyvm_conn_id: a ``skyvm`` connection holding the settings and registry credentials
+    :param deferrable: launch, then wait in the triggerer, holding no worker slot
+    :param poll_interval: seconds between checks while deferred
+    """
+
+    template_fields: Sequence[str] = ("bash_command", "op_args", "op_kwargs", "image", "sky_settings")
+    template_fields_renderers = {"bash_command": "bash", "op_args": "py", "op_kwargs": "py", "sky_settings": "json"}
+    ui_color = "#cfe8fc"
+
+    def __init__(
+        self,
+        *,
+        python_callable: Optional[Callable] = None,
+        op_args: Optional[Collection[Any]] = None,
+        op_kwargs: Optional[Mapping[str, Any]] = None,
+        bash_command: Optional[str] = None,
+        image: Optional[str] = None,
+        sky_settings: Optional[Mapping[str, Any]] = None,
+        profile: Optional[str] = None,
+        settings_file: Optional[str] = None,
+        skyvm_conn_id: Optional[str] = SkyVMHook.default_conn_name,
+        deferrable: bool = False,
+        poll_interval: float = 2.0,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if (python_callable is None) == (bash_command is None):
+            raise ValueError(f"SkyVMOperator {self.task_id!r}: give exactly one of python_callable or bash_command")
+        if python_callable is not None and not callable(python_callable):
+            raise TypeError(f"SkyVMOperator {self.task_id!r}: python_callable must be callable, got {type(python_callable).__name__}")
+        self.python_callable = python_callable
+        self.op_args = list(op_args or [])
+        self.op_kwargs = dict(op_kwargs or {})
+        self.bash_command = bash_command
+        self.image = image
+        self.sky_settings = dict(sky_settings or {})
+        self.profile = profile
+        self.settings_file = settings_file
+        self.skyvm_conn_id = skyvm_conn_id
+        self.deferrable = deferrable
+        self.poll_interval = poll_interval
+        if not _has_template(self.sky_settings):
+            # A typo fails when the DAG file is parsed, not when the task runs.
+            validate_layer(self.sky_settings, "sky_settings", f"task {self.task_id!r}")
+        self._node: Any = None
+
+    # -- settings ------------------------------------------------------------
+
+    def node_settings(self) -> tuple[Any, NodeSettings]:
+        config = SkyVMHook(self.skyvm_conn_id, self.settings_file).get_config()
+        code = dict(self.sky_settings)
+        if self.image:
+            code["image"] = self.image
+        return config, config.resolve(self.task_id, profile=self.profile, code=code)
+
+    def _run_id(self, context) -> str:
+        ti = context["ti"]
+        suffix = f"-{ti.map_index}" if getattr(ti, "map_index", -1) not in (-1, None) else ""
+        return f"af-{ti.dag_id}-{ti.run_id}-{ti.task_id}{suffix}"
+
+    def _payload(self) -> bytes:
+        if self.bash_command is not None:
+            return make_command_payload(self.bash_command)
+        return make_call_payload(self.python_callable, self.op_args, self.op_kwargs)
+
+    # -- the two paths -----------------------------------------------------------
+
+    def execute(self, context) -> Any:
+        config, settings = self.node_settings()
+        run = Run(config, run_id=self._run_id(context))
+        self.log.info("skyvm: %s on a %s node: %s", self.task_id, settings.backend, settings.public_dump())
+        if self.deferrable:
+            from airflow_skyvm.triggers.skyvm import SkyVMTrigger
+
+            node = run.launch_detached(self.task_id, settings, self._payload())
+            self.log.info("skyvm: launched on %s; deferring", node.cluster)
+            self.defer(
+                trigger=SkyVMTrigger(node=node.to_dict(), poll_interval=self.poll_interval),
+                method_name="execute_complete",
+                timeout=self.execution_timeout,
+            )
+        self._node = run  # until the node starts, on_kill tears down the run
+        try:
+            handle = run.start_raw(self.task_id, settings, self._payload(), on_log=self.log.info)
+            self._node = handle
+            value = handle.result()
+            self.log.info("skyvm: %s finished on %s in %.1fs", self.task_id, handle.cluster, handle.duration_s or 0)
+            return value
+        finally:
+            teardown(self._node or run)
+            teardown(run)
+            self._node = None
+
+    def execute_complete(self, context, event: dict) -> Any:
+        """Back from the trigger: log the rest of the node's output, fetch the result, release the cluster."""
+        node = DetachedNode.from_dict(event["node"])
+        try:
+            text, _ = node.read_log(0)
+            for line in text.splitlines():
+                self.log.info(line)
+            return node.outcome().value()
+        finally:
+            teardown(node)
+
+    def on_kill(self) -> None:
+        """Killed, marked failed or timed out: stop the node and release its cluster (the same teardown as success)."""
+        if self._node is not None:
+            self.log.info("skyvm: stopping node of %s", self.task_id)
+            teardown(self._node)
+            self._node = None

@@ -1,0 +1,72 @@
+"""DAGs the Airflow suite runs with dag.test(). Settings: dags/skyvm.yaml via $SKYVM_CONFIG."""
+
+from __future__ import annotations
+
+import datetime
+import os
+from pathlib import Path
+
+from airflow.sdk import DAG, task
+
+from airflow_skyvm.operators.skyvm import SkyVMOperator
+from skyvm.limits import container_limits
+
+START = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)
+COUNTER_DIR = "/tmp/skyvm-airflow-test-counter"
+
+
+def double(x):
+    return 2 * int(x)
+
+
+def limits():
+    return container_limits()
+
+
+def count_and_fail(marker_dir):
+    marker = Path(marker_dir) / "attempts"
+    with open(marker, "a") as fh:
+        fh.write(os.environ["SKYVM_ATTEMPT_ID"] + "\n")
+    n = len(marker.read_text().split())
+    raise ValueError(f"remote failure number {n}")
+
+
+with DAG("skyvm_xcom", schedule=None, start_date=START, render_template_as_native_obj=True, params={"base": 21}) as xcom_dag:
+    first = SkyVMOperator(task_id="first", python_callable=double, op_args=["{{ params.base }}"])
+    second = SkyVMOperator(task_id="second", python_callable=double, op_args=["{{ ti.xcom_pull(task_ids='first') }}"])
+    shout = SkyVMOperator(task_id="shout", bash_command="echo working; echo 'run {{ dag.dag_id }} got {{ ti.xcom_pull(task_ids=\"second\") }}'")
+    first >> second >> shout
+
+with DAG("skyvm_limits", schedule=None, start_date=START) as limits_dag:
+    SkyVMOperator(task_id="from_yaml", python_callable=limits)
+    SkyVMOperator(task_id="profiled", python_callable=limits, profile="bigger")
+    SkyVMOperator(task_id="inline", python_callable=limits, sky_settings={"cpus": 1.25, "memory": 0.5})
+
+with DAG("skyvm_fails", schedule=None, start_date=START) as fails_dag:
+    SkyVMOperator(
+        task_id="flaky",
+        python_callable=count_and_fail,
+        op_args=["/counter"],
+        sky_settings={"docker_run_args": ["--volume", f"{COUNTER_DIR}:/counter"]},
+        retries=1,
+        retry_delay=datetime.timedelta(seconds=0),
+    )
+
+with DAG("skyvm_deferred", schedule=None, start_date=START) as deferred_dag:
+    SkyVMOperator(task_id="deferred", bash_command="echo deferred start; sleep 2; echo 99", deferrable=True, poll_interval=0.5)
+    SkyVMOperator(task_id="deferred_py", python_callable=double, op_args=[5], deferrable=True, poll_interval=0.5)
+
+with DAG("skyvm_killed", schedule=None, start_date=START) as killed_dag:
+    SkyVMOperator(task_id="sleeper", bash_command="echo started; sleep 300", execution_timeout=datetime.timedelta(seconds=4))
+
+with DAG("skyvm_decorated", schedule=None, start_date=START) as decorated_dag:
+
+    @task.skyvm(cpus=1.25)
+    def add(a, b):
+        return {"sum": a + b, "cpus": container_limits()["cpus"]}
+
+    @task.skyvm(profile="bigger")
+    def report(result):
+        return f"{result['sum']} on {container_limits()['cpus']:g} CPUs"
+
+    report(add(2, 3))

@@ -1,0 +1,115 @@
+"""SkyVMOperator, @task.skyvm and the deferrable trigger, run with dag.test() against a real metadata DB."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from airflow_skyvm import get_provider_info
+from airflow_skyvm.operators.skyvm import SkyVMOperator
+from skyvm.backends.local import list_managed
+from skyvm.errors import SettingsError
+
+def run_dag(dag):
+    dr = dag.test()
+    states = {ti.task_id: ti.state for ti in dr.get_task_instances()}
+    return dr, states
+
+
+def xcom(dr, task_id):
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    query = dict(run_id=dr.run_id, dag_ids=dr.dag_id, task_ids=task_id, key="return_value")
+    with create_session() as session:
+        try:  # Airflow 3.3: a Select to run
+            rows = session.scalars(XComModel.get_many(**query)).all()
+        except TypeError:  # Airflow 3.1: a Query bound to a session
+            rows = XComModel.get_many(**query, session=session).all()
+        assert rows, f"no XCom from {task_id}"
+        return XComModel.deserialize_value(rows[0])
+
+
+def af_containers(dag_id):
+    return [r for r in list_managed() if r["run_id"].startswith(f"af-{dag_id}")]
+
+
+def double(x):
+    return 2 * int(x)
+
+
+def test_provider_info_lists_everything():
+    info = get_provider_info()
+    assert info["connection-types"][0]["connection-type"] == "skyvm"
+    assert info["task-decorators"] == [{"name": "skyvm", "class-name": "airflow_skyvm.decorators.skyvm.skyvm_task"}]
+    from airflow.providers_manager import ProvidersManager
+
+    assert "skyvm" in ProvidersManager().providers
+
+
+def test_xcom_between_two_tasks_and_templates(dags):
+    dag = dags.xcom_dag
+    dr, states = run_dag(dag)
+    assert states == {"first": "success", "second": "success", "shout": "success"}
+    assert xcom(dr, "first") == 42 and xcom(dr, "second") == 84
+    assert xcom(dr, "shout") == f"run {dag.dag_id} got 84"  # a command's XCom is its last line
+    assert af_containers(dag.dag_id) == []
+
+
+def test_per_task_limits_seen_inside(dags):
+    dr, states = run_dag(dags.limits_dag)
+    assert set(states.values()) == {"success"}
+    seen = {t: xcom(dr, t) for t in ("from_yaml", "profiled", "inline")}
+    assert (seen["from_yaml"]["cpus"], seen["from_yaml"]["memory_gib"]) == (0.75, 0.25)
+    assert (seen["profiled"]["cpus"], seen["profiled"]["memory_gib"]) == (1.5, 0.75)
+    assert (seen["inline"]["cpus"], seen["inline"]["memory_gib"]) == (1.25, 0.5)
+    assert all(s["cluster"] for s in seen.values())
+
+
+def test_failure_fails_the_task_with_the_remote_traceback_and_honours_retries(dags, capfd, caplog):
+    import shutil
+
+    counter = Path(dags.COUNTER_DIR)
+    shutil.rmtree(counter, ignore_errors=True)
+    counter.mkdir()
+    dr, states = run_dag(dags.fails_dag)
+    assert states == {"flaky": "failed"}
+    attempts = (counter / "attempts").read_text().split()
+    assert len(attempts) == 2 and len(set(attempts)) == 2  # the first try and one retry, each a fresh node
+    out = capfd.readouterr()
+    text = out.out + out.err + caplog.text
+    assert "ValueError: remote failure number 2" in text
+    assert "in count_and_fail" in text  # the remote traceback reached the task log
+    assert af_containers(dags.fails_dag.dag_id) == []
+
+
+def test_deferrable_mode_completes(dags):
+    dr, states = run_dag(dags.deferred_dag)
+    assert states == {"deferred": "success", "deferred_py": "success"}
+    # (the metadata DB keeps XComs as JSON text: a digit string reads back as a number here)
+    assert str(xcom(dr, "deferred")) == "99" and xcom(dr, "deferred_py") == 10
+    assert af_containers(dags.deferred_dag.dag_id) == []
+
+
+def test_execution_timeout_kills_the_node_and_leaves_no_container(dags):
+    t0 = time.time()
+    dr, states = run_dag(dags.killed_dag)
+    assert time.time() - t0 < 120
+    assert states == {"sleeper": "failed"}
+    assert af_containers(dags.killed_dag.dag_id) == []
+
+
+def test_task_skyvm_decorator(dags):
+    dr, states = run_dag(dags.decorated_dag)
+    assert set(states.values()) == {"success"}
+    assert xcom(dr, "add") == {"sum": 5, "cpus": 1.25}
+    assert xcom(dr, "report") == "5 on 1.5 CPUs"
+
+
+def test_bad_settings_fail_at_parse_time():
+    with pytest.raises(SettingsError, match="sky_settings.cpu: unknown field 'cpu'"):
+        SkyVMOperator(task_id="typo", python_callable=double, sky_settings={"cpu": 2})
+    with pytest.raises(ValueError, match="exactly one of python_callable or bash_command"):
+        SkyVMOperator(task_id="neither")
