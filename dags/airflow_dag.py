@@ -48,7 +48,7 @@ with DAG(
         bash_command=(
             "echo words={{ ti.xcom_pull(task_ids='count_words')['words'] }} "
             "sum={{ ti.xcom_pull(task_ids='crunch')['sum_of_squares'] }} "
-            "cpu_quota_us=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d. . -f1 /sys/fs/cgroup/cpu.max)"
+            "cpu_quota_us=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max)"
         ),
         sky_settings={"cpus": 0.5, "memory": 0.25},
         settings_file=SETTINGS,
