@@ -73,7 +73,9 @@ def nothing_left_running():
             print(f"removed {len(stale)} stale skyvm cluster(s) of earlier runs: {stale}")
     yield
     if docker_available():
-        leftover = list_managed()
+        from skyvm.backends.local import home_id
+
+        leftover = [r for r in list_managed() if r["home"] == home_id()]
         if leftover:
             subprocess.run(["docker", "rm", "-f", *[r["name"] for r in leftover]], capture_output=True)
             pytest.fail(f"containers left behind by the tests: {[r['name'] for r in leftover]}")

@@ -40,6 +40,15 @@ L_NODE = f"{LABEL}.node"
 L_SIG = f"{LABEL}.signature"
 L_DOWN = f"{LABEL}.down"
 L_OWNER = f"{LABEL}.owner-pid"
+# Which skyvm home (state directory: locks, run leases) started a container: gc only
+# judges containers whose locks and leases it can see.
+L_HOME = f"{LABEL}.home"
+
+
+def home_id() -> str:
+    import hashlib
+
+    return hashlib.sha256(str(DEFAULT_HOME.resolve()).encode()).hexdigest()[:12]
 
 
 def _docker_env() -> dict:
@@ -243,6 +252,7 @@ class DockerBackend:
             L_SIG: spec.signature,
             L_DOWN: str(s.down).lower(),
             L_OWNER: str(os.getpid()),
+            L_HOME: home_id(),
             **{f"{LABEL}.user.{k}": v for k, v in s.labels.items()},
         }
         for key, value in labels.items():
@@ -547,6 +557,7 @@ def list_managed(all_states: bool = True) -> list[dict]:
                 "node": labels.get(L_NODE, ""),
                 "signature": labels.get(L_SIG, "")[:12],
                 "down": labels.get(L_DOWN, ""),
+                "home": labels.get(L_HOME, ""),
                 "image": row["Image"],
             }
         )
@@ -554,9 +565,12 @@ def list_managed(all_states: bool = True) -> list[dict]:
 
 
 def gc(dry_run: bool = False) -> list[str]:
-    """Remove skyvm containers no live run owns and no node is running in."""
+    """Remove skyvm containers (of this skyvm home) that no live run owns and no node is running in."""
     removed = []
+    mine = home_id()
     for row in list_managed():
+        if row["home"] != mine:
+            continue  # another skyvm home's: its locks and leases are not ours to read
         owners = {row["run_id"]} | cluster_users(row["name"])
         if row["state"] == "running" and any(run_is_live(r) for r in owners):
             continue
