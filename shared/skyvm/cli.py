@@ -68,6 +68,33 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from skyvm.skypilot.planning import entries_of_config, entries_of_dag_file, format_table, plan
+
+    if args.source.endswith(".py"):
+        config = SkyVMConfig.load(args.settings) if args.settings else None
+        entries = entries_of_dag_file(args.source, config)
+    else:
+        entries = entries_of_config(SkyVMConfig.load(args.source))
+    if not entries:
+        print(f"{args.source}: no skyvm nodes or profiles found")
+        return 1
+    rows = plan(entries, catalog_dir=args.catalog_dir)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+    return 0
+
+
+def cmd_skypilot_install(args) -> int:
+    from skyvm.skypilot.install import install
+
+    python = install(version=args.version)
+    print(f"SkyPilot environment ready: {python}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="skyvm", description="Run Prefect and Airflow nodes in containers on SkyPilot VMs.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -80,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", help="a profile to apply, as code would")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_settings)
+    p = sub.add_parser("plan", help="cost plan: SkyPilot's choice and hourly price per node, offline")
+    p.add_argument("source", help="the shared settings YAML (every profile and node) or an Airflow DAG file (its SkyVM tasks)")
+    p.add_argument("--catalog-dir", help="SkyPilot v8 catalogs (<dir>/<cloud>/vms.csv); default: SkyPilot's own cache")
+    p.add_argument("--settings", help="for a DAG file: the settings YAML, when its tasks name none")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("skypilot", help="SkyPilot's own environment (SkyPilot cannot share one with Airflow >= 3.1.3)")
+    skysub = p.add_subparsers(dest="skypilot_cmd", required=True)
+    q = skysub.add_parser("install", help="make $SKYVM_HOME/skypilot-venv with SkyPilot and skyvm")
+    q.add_argument("--version", default="0.14.1")
+    q.set_defaults(fn=cmd_skypilot_install)
     p = sub.add_parser("status", help="list the clusters skyvm started")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_status)

@@ -168,7 +168,7 @@ class NodeSettings(BaseModel):
             ((name, count),) = value.items()
             if isinstance(count, bool) or not isinstance(count, (int, float)) or count <= 0:
                 raise ValueError(f"accelerator count must be a positive number; got {count!r} for {name!r}")
-            return {str(name): count}
+            return {str(name): int(count) if float(count).is_integer() else count}
         raise ValueError(f"accelerators accepts 'NAME', 'NAME:COUNT' or {{NAME: COUNT}}; got {value!r}")
 
     @field_validator("job_recovery", mode="before")

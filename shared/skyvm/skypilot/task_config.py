@@ -1,0 +1,102 @@
+"""A TaskSpec as SkyPilot's task YAML (a plain dict): what ``sky.Task.from_yaml_config`` takes.
+
+Pure and JSON-serialisable, so it crosses the bridge to SkyPilot's own
+environment unchanged. No ``sky`` import here.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+from skyvm.errors import SettingsError
+from skyvm.plan import TaskSpec
+
+# SkyPilot's name for each cloud in `infra`.
+_INFRA = {"aws": "aws", "gcp": "gcp", "azure": "azure", "lambda": "lambda", "kubernetes": "k8s"}
+# Resource fields passed through unchanged.
+_PASS_THROUGH = ("instance_type", "cpus", "memory", "accelerators", "accelerator_args", "use_spot", "job_recovery", "disk_size", "disk_tier", "ports")
+
+
+def _label_value(text: str) -> str:
+    # Valid as a label value on every cloud: lowercase, digits, '-', '_', at most 63.
+    return re.sub(r"[^a-z0-9_-]", "-", text.lower())[:63].strip("-_") or "none"
+
+
+def infra_of(resources: dict[str, Any]) -> Optional[str]:
+    """``cloud`` + ``region`` + ``zone`` as one SkyPilot ``infra`` string (``infra`` as given wins)."""
+    if resources.get("infra"):
+        return resources["infra"]
+    cloud = resources.get("cloud")
+    if not cloud:
+        if resources.get("region") or resources.get("zone"):
+            raise SettingsError([("region", "region/zone without a cloud: give cloud (or infra='CLOUD/REGION[/ZONE]')")])
+        return None
+    parts = [_INFRA[cloud]] + [p for p in (resources.get("region"), resources.get("zone")) if p]
+    if resources.get("zone") and not resources.get("region"):
+        raise SettingsError([("zone", "a zone needs its region: give region too (or infra='CLOUD/REGION/ZONE')")])
+    return "/".join(parts)
+
+
+def resources_config(res: dict[str, Any]) -> dict[str, Any]:
+    """SkyPilot's ``resources:`` block for a node's resource fields (as in TaskSpec.resources)."""
+    resources: dict[str, Any] = {k: res[k] for k in _PASS_THROUGH if res.get(k) is not None}
+    infra = infra_of(res)
+    if infra:
+        resources["infra"] = infra
+    if res.get("image_id") is not None:
+        resources["image_id"] = res["image_id"]
+    if res.get("labels"):
+        resources["labels"] = dict(res["labels"])
+    return resources
+
+
+def task_config(spec: TaskSpec, *, registry_password: Optional[str] = None) -> dict[str, Any]:
+    """The SkyPilot task for one node attempt.
+
+    The node's container image becomes ``image_id: docker:<image>``, so SkyPilot
+    runs ``setup`` and ``run`` inside that container, with ``docker_run_args``
+    as its docker run options. If the settings name a VM image (``image_id``),
+    the VM keeps it and the commands start the container themselves.
+    """
+    res = spec.resources
+    resources = resources_config(res)
+    resources["labels"] = {
+        **res.get("labels", {}),
+        "skyvm-run-id": _label_value(spec.run_id),
+        "skyvm-node": _label_value(spec.node),
+        "skyvm-signature": spec.signature[:12],
+    }
+    envs = dict(spec.envs)
+    secrets = dict(spec.secrets)
+    config: dict[str, Any] = {"name": re.sub(r"[^A-Za-z0-9_.-]", "-", spec.node)[:60] or "node", "envs": envs, "secrets": secrets, "num_nodes": 1}
+
+    vm_image = res.get("image_id")
+    if vm_image is None:
+        resources["image_id"] = f"docker:{spec.image}"
+        config["setup"] = spec.setup
+        config["run"] = spec.run
+        if spec.docker_run_args:
+            config["config"] = {"docker": {"run_options": list(spec.docker_run_args)}}
+        if spec.registry and spec.registry.username:
+            # SkyPilot logs in with these on the VM; as secrets they stay out of logs and the dashboard.
+            secrets.update(
+                SKYPILOT_DOCKER_USERNAME=spec.registry.username,
+                SKYPILOT_DOCKER_PASSWORD=registry_password or "",
+                SKYPILOT_DOCKER_SERVER=spec.registry.server,
+            )
+    else:
+        # A custom VM image: run the node's container ourselves, as ZenML's orchestrator does,
+        # with env *names* on the command line and values in the job's environment.
+        resources["image_id"] = vm_image
+        names = " ".join(f"-e {k}" for k in [*envs, *secrets])
+        run_args = " ".join(spec.docker_run_args)
+        login = ""
+        if spec.registry and spec.registry.username:
+            secrets["SKYVM_REGISTRY_PASSWORD"] = registry_password or ""
+            login = f'printf "%s" "$SKYVM_REGISTRY_PASSWORD" | sudo docker login --username {spec.registry.username} --password-stdin {spec.registry.server} && '
+        # Login and pull in run, not only setup: `sky exec` on a warm cluster skips setup, and tokens expire.
+        config["setup"] = f"{login}sudo docker pull {spec.image}"
+        config["run"] = f"{login}sudo --preserve-env docker run --rm --network host {run_args} {names} {spec.image} sh -c '{spec.setup} && {spec.run}'"
+    config["resources"] = resources
+    return config
