@@ -55,7 +55,9 @@ def backend_for(settings: NodeSettings):
         from skyvm.backends.local import local_backend
 
         return local_backend()
-    raise InfrastructureError("backend 'skypilot' is not available yet in this version of skyvm; use backend: local")
+    from skyvm.backends.skypilot import skypilot_backend
+
+    return skypilot_backend()
 
 
 _image_cache: dict[tuple, str] = {}

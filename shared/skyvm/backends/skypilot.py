@@ -1,0 +1,217 @@
+"""The SkyPilot backend: each node's TaskSpec goes to a VM that SkyPilot picks and provisions.
+
+The same cluster policy as the local backend: a free warm cluster of the
+node's signature is reused (``exec``), else a new one is launched (``launch``
+with autostop/down/retry_until_up); nodes running at once get separate
+clusters up to ``max_clusters`` per signature; clusters of a run with ``down:
+true`` are torn down when the run ends. Spot nodes with ``job_recovery`` run
+as managed jobs, so SkyPilot recovers preemptions and they never reach the
+engine's retries. A node is done only when its job is: the exit code of
+``tail_logs`` is checked, never ignored. Every call to SkyPilot goes through
+the bridge (``skyvm.skypilot.bridge``).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+from skyvm.backends.base import Job, JobState, JobStatus, LogSink
+from skyvm.errors import InfrastructureError
+from skyvm.plan import TaskSpec
+from skyvm.skypilot.bridge import FAILED_JOB_EXIT, SkyBridge, get_bridge
+from skyvm.skypilot.task_config import task_config
+
+log = logging.getLogger("skyvm.skypilot")
+
+_DONE_OK = {"SUCCEEDED"}
+_DONE_BAD = {"FAILED", "FAILED_SETUP", "FAILED_DRIVER", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE", "FAILED_CONTROLLER", "CANCELLED", "CANCELLING"}
+
+
+def is_managed(spec: TaskSpec) -> bool:
+    """Spot with a recovery strategy: a SkyPilot managed job, so preemptions are SkyPilot's to recover."""
+    s = spec.settings
+    return bool(s.use_spot) and s.job_recovery is not None and str(s.job_recovery).upper() != "NONE"
+
+
+@dataclass
+class _Cluster:
+    name: str
+    signature: str
+    down: bool
+    busy: bool = False
+    runs: set = field(default_factory=set)
+
+
+class SkyPilotBackend:
+    name = "skypilot"
+    needs_image = True
+
+    def __init__(self, bridge: Optional[SkyBridge] = None):
+        self._bridge = bridge
+        self._lock = threading.Lock()
+        self._clusters: dict[str, _Cluster] = {}
+        self._sems: dict[str, threading.BoundedSemaphore] = {}
+
+    @property
+    def bridge(self) -> SkyBridge:
+        if self._bridge is None:
+            self._bridge = get_bridge()
+        return self._bridge
+
+    # -- launch --------------------------------------------------------------
+
+    def _task(self, spec: TaskSpec) -> dict:
+        if not spec.payload_url.startswith("s3://"):
+            raise InfrastructureError(
+                f"node {spec.node!r}: backend 'skypilot' needs a payload store the VM can reach; "
+                f"set payload_store: s3://BUCKET[/PREFIX] (got {spec.payload_url.split('/payloads/')[0]})"
+            )
+        if spec.registry is None and spec.image.startswith("skyvm-node:"):
+            raise InfrastructureError(
+                f"node {spec.node!r}: a VM cannot pull the locally built image {spec.image}; "
+                "set registry: {server, username, password_env} to push it, or image: to one the VM can pull"
+            )
+        # Read the registry password now: fresh for every launch and exec (tokens expire).
+        password = spec.registry.password() if spec.registry and spec.registry.username else None
+        return task_config(spec, registry_password=password)
+
+    def launch(self, spec: TaskSpec, on_log: LogSink) -> Job:
+        task = self._task(spec)
+        if is_managed(spec):
+            job_id = self.bridge.jobs_launch(task, spec.cluster_name)["job_id"]
+            log.info("node %s: managed job %s", spec.node, job_id)
+            job = Job(spec=spec, cluster=f"managed-job-{job_id}", backend_data={"managed": True, "job_id": job_id, "cancelled": False})
+            self._follow(job, lambda: self.bridge.jobs_logs(job_id, on_log=on_log))
+            return job
+        cluster, fresh = self._acquire(spec)
+        try:
+            if fresh:
+                s = spec.settings
+                answer = self.bridge.launch(task, cluster.name, idle_minutes_to_autostop=s.idle_minutes_to_autostop, down=s.down, retry_until_up=s.retry_until_up)
+            else:
+                answer = self.bridge.exec(task, cluster.name)
+        except BaseException as exc:
+            self._release_cluster(cluster)
+            if fresh:
+                # Half-made: never leave a VM behind a failed launch.
+                self._down(cluster.name)
+            if isinstance(exc, InfrastructureError):
+                raise
+            raise InfrastructureError(f"node {spec.node!r}: SkyPilot could not run it on {cluster.name}: {exc}") from exc
+        job = Job(spec=spec, cluster=cluster.name, backend_data={"managed": False, "job_id": answer["job_id"], "cancelled": False, "cluster_state": cluster})
+        self._follow(job, lambda: self.bridge.tail_logs(cluster.name, answer["job_id"], on_log=on_log))
+        return job
+
+    def _follow(self, job: Job, tail) -> None:
+        def run():
+            try:
+                job.backend_data["exit_code"] = tail()
+            except Exception as exc:  # noqa: BLE001 - reported through check()
+                job.backend_data["error"] = str(exc)
+            finally:
+                cluster = job.backend_data.get("cluster_state")
+                if cluster is not None:
+                    self._release_cluster(cluster)
+
+        thread = threading.Thread(target=run, daemon=True, name=f"skyvm-sky-{job.spec.node}")
+        job.backend_data["follower"] = thread
+        thread.start()
+
+    def _acquire(self, spec: TaskSpec) -> tuple[_Cluster, bool]:
+        with self._lock:
+            sem = self._sems.setdefault(spec.signature, threading.BoundedSemaphore(spec.settings.max_clusters))
+        sem.acquire()
+        with self._lock:
+            for cluster in self._clusters.values():
+                if cluster.signature == spec.signature and not cluster.busy:
+                    cluster.busy = True
+                    cluster.runs.add(spec.run_id)
+                    return cluster, False
+            slot = 0
+            while spec.cluster_name_for(slot) in self._clusters:
+                slot += 1
+            cluster = _Cluster(spec.cluster_name_for(slot), spec.signature, spec.settings.down, busy=True, runs={spec.run_id})
+            self._clusters[cluster.name] = cluster
+            return cluster, True
+
+    def _release_cluster(self, cluster: _Cluster) -> None:
+        with self._lock:
+            if not cluster.busy:
+                return
+            cluster.busy = False
+        self._sems[cluster.signature].release()
+
+    # -- check / terminate / release -------------------------------------------
+
+    def check(self, job: Job) -> JobStatus:
+        data = job.backend_data
+        if data["follower"].is_alive():
+            return JobStatus(JobState.RUNNING)
+        if data["cancelled"]:
+            return JobStatus(JobState.CANCELLED, data.get("exit_code"))
+        if "error" in data:
+            return JobStatus(JobState.FAILED, None, f"following the job failed: {data['error']}")
+        code = data.get("exit_code")
+        # tail_logs' exit code alone decides nothing: confirm with the job's own status.
+        if data["managed"]:
+            status = self.bridge.jobs_status(data["job_id"]).get("status")
+        else:
+            status = self.bridge.job_status(job.cluster, data["job_id"])
+        if code == 0 and status in _DONE_OK:
+            return JobStatus(JobState.SUCCEEDED, 0, status)
+        return JobStatus(JobState.FAILED, code if code not in (None, 0) else FAILED_JOB_EXIT, f"job status {status}")
+
+    def terminate(self, job: Job) -> None:
+        data = job.backend_data
+        data["cancelled"] = True
+        if data["managed"]:
+            self.bridge.jobs_cancel(data["job_id"])
+        else:
+            self.bridge.cancel(job.cluster, data["job_id"])
+        data["follower"].join(timeout=60)
+        cluster = data.get("cluster_state")
+        if cluster is not None:
+            self._release_cluster(cluster)
+            if cluster.down:
+                # A cancelled node's VM goes too when down says so.
+                self._forget_and_down(cluster)
+
+    def release(self, run_id: str) -> None:
+        """The run is over: tear down its ``down`` clusters, in parallel."""
+        with self._lock:
+            mine = [c for c in self._clusters.values() if run_id in c.runs]
+        threads = []
+        for cluster in mine:
+            cluster.runs.discard(run_id)
+            if cluster.down and not cluster.runs and not cluster.busy:
+                t = threading.Thread(target=self._forget_and_down, args=(cluster,), daemon=True)
+                t.start()
+                threads.append(t)
+        for t in threads:
+            t.join()
+
+    def _forget_and_down(self, cluster: _Cluster) -> None:
+        with self._lock:
+            self._clusters.pop(cluster.name, None)
+        self._down(cluster.name)
+
+    def _down(self, name: str) -> None:
+        try:
+            self.bridge.down(name)
+        except Exception as exc:  # noqa: BLE001 - report, do not hide the original error
+            log.error("could not tear down cluster %s: %s (run `sky down %s`)", name, exc, name)
+
+
+_backend: Optional[SkyPilotBackend] = None
+_backend_lock = threading.Lock()
+
+
+def skypilot_backend() -> SkyPilotBackend:
+    global _backend
+    with _backend_lock:
+        if _backend is None:
+            _backend = SkyPilotBackend()
+        return _backend
