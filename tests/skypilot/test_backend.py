@@ -1,0 +1,272 @@
+"""The SkyPilot backend's control flow against a recording stand-in for the bridge (the one seam
+where a cloud would be provisioned). The stand-in checks every task it is given with SkyPilot's
+own parser, records every call, and "runs" a job by executing its run command here, so the node
+runtime really fetches its payload from S3 (moto) and writes its result back."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+sky = pytest.importorskip("sky")
+
+from skyvm import InfrastructureError, NodeCancelled, NodeFailed, Run  # noqa: E402
+from skyvm.backends import skypilot as skypilot_backend_module  # noqa: E402
+from skyvm.backends.skypilot import SkyPilotBackend  # noqa: E402
+
+
+class StandInBridge:
+    """Records calls; provisions nothing; runs each job's `run` as a local process."""
+
+    def __init__(self, fail_launch_for=None, preempt_managed_once=False):
+        self.calls: list[tuple] = []
+        self.lock = threading.Lock()
+        self.clusters: dict[str, str] = {}  # name -> UP
+        self.jobs: dict[tuple, dict] = {}
+        self.next_id = 1
+        self.fail_launch_for = fail_launch_for
+        self.preempt_managed_once = preempt_managed_once
+        self.launch_times: list[tuple[float, float]] = []
+
+    def _record(self, *call):
+        with self.lock:
+            self.calls.append(call)
+
+    def names(self, kind):
+        return [c for c in self.calls if c[0] == kind]
+
+    def _check(self, task):
+        sky.Task.from_yaml_config(dict(task))  # what SkyPilot would accept, or it raises here
+
+    def _start(self, task, key):
+        env = {**os.environ, **task["envs"], **task["secrets"], "SKYVM_NODE_STATE": "/tmp/skyvm-standin-state"}
+        cmd = shlex.split(task["run"])
+        cmd[0] = sys.executable  # the node runtime, as it would start inside the container
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        with self.lock:
+            self.jobs[key] = {"proc": proc, "status": "RUNNING"}
+        return proc
+
+    def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False):
+        t0 = time.time()
+        self._record("launch", cluster_name, task, {"idle_minutes_to_autostop": idle_minutes_to_autostop, "down": down, "retry_until_up": retry_until_up})
+        self._check(task)
+        time.sleep(0.5)  # provisioning takes a while: parallel launches overlap
+        if self.fail_launch_for and self.fail_launch_for in cluster_name:
+            with self.lock:
+                self.clusters[cluster_name] = "INIT"  # half-made
+            raise RuntimeError("ResourcesUnavailableError: no capacity in us-east-1")
+        with self.lock:
+            self.clusters[cluster_name] = "UP"
+            job_id = self.next_id
+            self.next_id += 1
+        self._start(task, (cluster_name, job_id))
+        self.launch_times.append((t0, time.time()))
+        return {"job_id": job_id, "cluster": cluster_name}
+
+    def exec(self, task, cluster_name):
+        self._record("exec", cluster_name, task)
+        self._check(task)
+        assert self.clusters.get(cluster_name) == "UP", f"exec on a cluster that is not up: {cluster_name}"
+        with self.lock:
+            job_id = self.next_id
+            self.next_id += 1
+        self._start(task, (cluster_name, job_id))
+        return {"job_id": job_id, "cluster": cluster_name}
+
+    def tail_logs(self, cluster_name, job_id, on_log=None):
+        self._record("tail_logs", cluster_name, job_id)
+        job = self.jobs[(cluster_name, job_id)]
+        for line in job["proc"].stdout:
+            if on_log:
+                on_log(line.rstrip("\n"))
+        rc = job["proc"].wait()
+        job["status"] = "SUCCEEDED" if rc == 0 else ("CANCELLED" if job.get("cancelled") else "FAILED")
+        return 0 if rc == 0 else 100  # SkyPilot's codes: 100 = failed job
+
+    def job_status(self, cluster_name, job_id):
+        self._record("job_status", cluster_name, job_id)
+        return self.jobs[(cluster_name, job_id)]["status"]
+
+    def cancel(self, cluster_name, job_id):
+        self._record("cancel", cluster_name, job_id)
+        job = self.jobs[(cluster_name, job_id)]
+        job["cancelled"] = True
+        if job["proc"].poll() is None:
+            os.killpg(job["proc"].pid, 15)
+
+    def down(self, cluster_name):
+        self._record("down", cluster_name)
+        with self.lock:
+            self.clusters.pop(cluster_name, None)
+
+    def autostop(self, cluster_name, idle_minutes, down):
+        self._record("autostop", cluster_name, idle_minutes, down)
+
+    def status(self, cluster_names=None):
+        return [{"name": n, "status": s} for n, s in self.clusters.items()]
+
+    def jobs_launch(self, task, name):
+        self._record("jobs_launch", name, task)
+        self._check(task)
+        with self.lock:
+            job_id = self.next_id
+            self.next_id += 1
+        self._start(task, ("managed", job_id))
+        self.jobs[("managed", job_id)]["recovery_count"] = 0
+        return {"job_id": job_id}
+
+    def jobs_logs(self, job_id, on_log=None):
+        self._record("jobs_logs", job_id)
+        job = self.jobs[("managed", job_id)]
+        if self.preempt_managed_once:
+            # The spot VM is preempted mid-run: SkyPilot's controller recovers it on another VM.
+            job["recovery_count"] += 1
+            if on_log:
+                on_log("(skypilot) spot preemption detected; recovering on a new instance")
+        for line in job["proc"].stdout:
+            if on_log:
+                on_log(line.rstrip("\n"))
+        rc = job["proc"].wait()
+        job["status"] = "SUCCEEDED" if rc == 0 else "FAILED"
+        return 0 if rc == 0 else 100
+
+    def jobs_status(self, job_id):
+        self._record("jobs_status", job_id)
+        job = self.jobs[("managed", job_id)]
+        return {"status": job["status"], "recovery_count": job["recovery_count"]}
+
+    def jobs_cancel(self, job_id):
+        self._record("jobs_cancel", job_id)
+        os.killpg(self.jobs[("managed", job_id)]["proc"].pid, 15)
+
+    def optimize(self, tasks, clouds=None):
+        raise AssertionError("not used by the backend")
+
+
+@pytest.fixture
+def bridge(monkeypatch):
+    stand_in = StandInBridge()
+    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
+    return stand_in
+
+
+@pytest.fixture
+def cloud_settings(s3_server, registry, monkeypatch):
+    monkeypatch.setenv("SKYVM_S3_ENDPOINT_URL", s3_server)
+    return {
+        "defaults": {
+            "backend": "skypilot",
+            "cloud": "aws",
+            "cpus": "2+",
+            "payload_store": "s3://skyvm-test/sky",
+            "payload_store_endpoint": s3_server,
+            "registry": registry.model_dump(),
+            "idle_minutes_to_autostop": 15,
+        }
+    }
+
+
+def add(a, b):
+    print(f"adding {a} and {b} on the node", flush=True)
+    return a + b
+
+
+def nap(seconds):
+    time.sleep(seconds)
+    return seconds
+
+
+def broken():
+    raise ValueError("the node's code failed")
+
+
+def test_parallel_nodes_launch_in_parallel_then_a_warm_cluster_is_reused_with_fresh_credentials(bridge, cloud_settings, registry, monkeypatch):
+    with Run(cloud_settings) as run:
+        a, b = run.submit(nap, 1, node="a"), run.submit(nap, 1, node="b")
+        assert (a.result(120), b.result(120)) == (1, 1)
+        launches = bridge.names("launch")
+        assert len(launches) == 2 and launches[0][1] != launches[1][1]  # separate clusters for nodes running at once
+        (s0, e0), (s1, e1) = bridge.launch_times
+        assert s1 < e0 and s0 < e1  # the two launches overlapped: never one after another
+        for _, _, task, opts in launches:
+            assert task["resources"]["image_id"].startswith(f"docker:{registry.server}/skyvm-node:")
+            assert opts == {"idle_minutes_to_autostop": 15, "down": True, "retry_until_up": False}
+        # The registry token changes; the next node reuses a warm cluster and logs in with the new one.
+        monkeypatch.setenv(registry.password_env, os.environ[registry.password_env] + "-rotated")
+        c = run.submit(add, 2, 3, node="c")
+        assert c.result(120) == 5
+        (_, cluster, task) = bridge.names("exec")[0]
+        assert cluster in {launches[0][1], launches[1][1]}
+        assert task["secrets"]["SKYPILOT_DOCKER_PASSWORD"].endswith("-rotated")
+        assert "adding 2 and 3 on the node" in c.logs()
+        assert not bridge.names("down")  # nothing torn down while the run lives
+    # The run is over: every down:true cluster goes.
+    assert sorted(c[1] for c in bridge.names("down")) == sorted({launches[0][1], launches[1][1]})
+    assert bridge.clusters == {}
+
+
+def test_a_failed_job_is_never_success(bridge, cloud_settings):
+    with Run(cloud_settings) as run:
+        handle = run.submit(broken, node="broken")
+        with pytest.raises(NodeFailed, match="ValueError: the node's code failed"):
+            handle.result(120)
+    assert bridge.names("job_status")  # the exit code was confirmed against the job's status
+
+
+def test_cancel_cancels_the_job_and_releases_the_cluster(bridge, cloud_settings):
+    with Run(cloud_settings) as run:
+        handle = run.submit(nap, 60, node="long")
+        deadline = time.time() + 60
+        while not bridge.names("tail_logs") and time.time() < deadline:
+            time.sleep(0.1)
+        time.sleep(1)
+        assert handle.cancel()
+        with pytest.raises(NodeCancelled):
+            handle.result(10)
+        (_, cluster, _job) = bridge.names("cancel")[0]
+        assert ("down", cluster) in bridge.calls  # down: true -> the cancelled node's VM goes
+
+
+def test_a_half_made_cluster_is_torn_down(cloud_settings, monkeypatch):
+    stand_in = StandInBridge(fail_launch_for="skyvm")
+    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
+    with Run(cloud_settings) as run:
+        handle = run.submit(add, 1, 1, node="unlucky")
+        with pytest.raises(InfrastructureError, match="no capacity"):
+            handle.result(120)
+    (_, name, *_rest) = stand_in.names("launch")[0]
+    assert ("down", name) in stand_in.calls and stand_in.clusters == {}
+
+
+def test_spot_with_recovery_is_a_managed_job_and_preemption_spends_no_retry(cloud_settings, monkeypatch):
+    stand_in = StandInBridge(preempt_managed_once=True)
+    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
+    settings = {**cloud_settings, "nodes": {"spot": {"use_spot": True, "job_recovery": "FAILOVER"}}}
+    with Run(settings) as run:
+        handle = run.submit(add, 20, 22, node="spot")
+        assert handle.result(120) == 42  # preempted once, recovered by SkyPilot, one engine attempt
+    assert len(stand_in.names("jobs_launch")) == 1 and not stand_in.names("launch")
+    (_, _name, task) = stand_in.names("jobs_launch")[0]
+    assert task["resources"]["use_spot"] and task["resources"]["job_recovery"] == "FAILOVER"
+    assert "spot preemption detected" in handle.logs()
+
+
+def test_a_local_directory_store_is_refused_for_vms(bridge, registry):
+    with Run({"defaults": {"backend": "skypilot", "registry": registry.model_dump()}}) as run:
+        with pytest.raises(InfrastructureError, match="payload_store: s3://"):
+            run.submit(add, 1, 2, node="nowhere").result(120)
+    assert not bridge.names("launch")
+
+
+def test_a_locally_built_image_without_a_registry_is_refused(bridge, s3_server):
+    with Run({"defaults": {"backend": "skypilot", "payload_store": "s3://skyvm-test/x", "payload_store_endpoint": s3_server}}) as run:
+        with pytest.raises(InfrastructureError, match="cannot pull the locally built image"):
+            run.submit(add, 1, 2, node="unpushed").result(120)
+    assert not bridge.names("launch")
