@@ -134,6 +134,18 @@ class NodeHandle:
         return self._job.cluster if self._job else None
 
     @property
+    def hourly_price(self) -> Optional[float]:
+        """The price per hour of the VM the node ran on, when the backend knows it."""
+        return self._job.backend_data.get("hourly_price") if self._job else None
+
+    @property
+    def cost(self) -> Optional[float]:
+        """Duration x hourly price (the node's share of its VM while it ran)."""
+        if self.hourly_price is None or self.duration_s is None:
+            return None
+        return self.duration_s * self.hourly_price / 3600
+
+    @property
     def duration_s(self) -> Optional[float]:
         if self.started_at is None:
             return None
@@ -396,6 +408,14 @@ class Run:
         self.handles.append(handle)
         return handle
 
+    def cost_summary(self) -> list[dict]:
+        """Per node with a known VM price: duration, $/h and cost (duration x price)."""
+        return [
+            {"node": h.node, "cluster": h.cluster, "duration_s": round(h.duration_s or 0, 1), "hourly_price": h.hourly_price, "cost": round(h.cost, 6)}
+            for h in self.handles
+            if h.cost is not None
+        ]
+
     def close(self, cancel: bool = True) -> None:
         """End the run: cancel what still runs (or wait for it), then release its clusters."""
         if self._closed:
@@ -406,6 +426,11 @@ class Run:
                 handle.cancel()
             else:
                 handle.wait()
+        summary = self.cost_summary()
+        if summary:
+            lines = [f"  {r['node']:<24} {r['cluster']:<40} {r['duration_s']:>8.1f}s x ${r['hourly_price']:.4f}/h = ${r['cost']:.6f}" for r in summary]
+            total = sum(r["cost"] for r in summary)
+            log.info("skyvm cost summary of run %s:\n%s\n  total $%.6f", self.run_id, "\n".join(lines), total)
         for name in self._backends:
             backend_for(NodeSettings(backend=name)).release(self.run_id)
         from skyvm.backends.local import run_lease

@@ -68,7 +68,8 @@ class StandInBridge:
             self.next_id += 1
         self._start(task, (cluster_name, job_id))
         self.launch_times.append((t0, time.time()))
-        return {"job_id": job_id, "cluster": cluster_name}
+        # What SkyPilot's launched resources report (the bridge reads them off the handle).
+        return {"job_id": job_id, "cluster": cluster_name, "cloud": "aws", "region": "us-east-1", "zone": None, "instance_type": "m7i.large", "use_spot": False, "hourly_price": 0.1008}
 
     def exec(self, task, cluster_name):
         self._record("exec", cluster_name, task)
@@ -207,6 +208,12 @@ def test_parallel_nodes_launch_in_parallel_then_a_warm_cluster_is_reused_with_fr
         assert task["secrets"]["SKYPILOT_DOCKER_PASSWORD"].endswith("-rotated")
         assert "adding 2 and 3 on the node" in c.logs()
         assert not bridge.names("down")  # nothing torn down while the run lives
+        # The chosen instance and price are said at launch; the run adds up duration x price per node.
+        assert "on aws us-east-1 m7i.large at $0.1008/h" in a.logs()
+        summary = {r["node"]: r for r in run.cost_summary()}
+        assert set(summary) == {"a", "b", "c"}
+        for r in summary.values():
+            assert r["hourly_price"] == 0.1008 and r["cost"] == pytest.approx(r["duration_s"] * 0.1008 / 3600, rel=0.05)
     # The run is over: every down:true cluster goes.
     assert sorted(c[1] for c in bridge.names("down")) == sorted({launches[0][1], launches[1][1]})
     assert bridge.clusters == {}

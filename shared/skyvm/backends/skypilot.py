@@ -43,6 +43,7 @@ class _Cluster:
     down: bool
     busy: bool = False
     runs: set = field(default_factory=set)
+    placement: dict = field(default_factory=dict)
 
 
 class SkyPilotBackend:
@@ -91,6 +92,15 @@ class SkyPilotBackend:
             if fresh:
                 s = spec.settings
                 answer = self.bridge.launch(task, cluster.name, idle_minutes_to_autostop=s.idle_minutes_to_autostop, down=s.down, retry_until_up=s.retry_until_up)
+                cluster.placement = {k: answer[k] for k in ("cloud", "region", "zone", "instance_type", "use_spot", "hourly_price") if k in answer}
+                if cluster.placement:
+                    p = cluster.placement
+                    line = (
+                        f"skyvm: {spec.node} launched {cluster.name} on {p.get('cloud')} {p.get('region')} "
+                        f"{p.get('instance_type')}{' (spot)' if p.get('use_spot') else ''} at ${p.get('hourly_price', 0):.4f}/h"
+                    )
+                    log.info(line)
+                    on_log(line)
             else:
                 answer = self.bridge.exec(task, cluster.name)
         except BaseException as exc:
@@ -101,7 +111,11 @@ class SkyPilotBackend:
             if isinstance(exc, InfrastructureError):
                 raise
             raise InfrastructureError(f"node {spec.node!r}: SkyPilot could not run it on {cluster.name}: {exc}") from exc
-        job = Job(spec=spec, cluster=cluster.name, backend_data={"managed": False, "job_id": answer["job_id"], "cancelled": False, "cluster_state": cluster})
+        job = Job(
+            spec=spec,
+            cluster=cluster.name,
+            backend_data={"managed": False, "job_id": answer["job_id"], "cancelled": False, "cluster_state": cluster, "hourly_price": cluster.placement.get("hourly_price")},
+        )
         self._follow(job, lambda: self.bridge.tail_logs(cluster.name, answer["job_id"], on_log=on_log))
         return job
 

@@ -63,6 +63,23 @@ class _LineStream:
             self.buf = ""
 
 
+def _placement(resources) -> dict:
+    """Where a cluster landed and its price, from SkyPilot's launched resources."""
+    if resources is None:
+        return {}
+    try:
+        return {
+            "cloud": str(resources.cloud).lower(),
+            "region": resources.region,
+            "zone": resources.zone,
+            "instance_type": resources.instance_type,
+            "use_spot": bool(resources.use_spot),
+            "hourly_price": round(float(resources.get_cost(3600)), 4),
+        }
+    except Exception:  # noqa: BLE001 - a price we cannot read is left out, not fatal
+        return {}
+
+
 class InProcessBridge:
     """SkyPilot's SDK in this process (requests go through its API server, local or remote)."""
 
@@ -76,8 +93,8 @@ class InProcessBridge:
 
     def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False):
         rid = self.sky.launch(self._task(task), cluster_name=cluster_name, idle_minutes_to_autostop=idle_minutes_to_autostop, down=down, retry_until_up=retry_until_up, dryrun=dryrun)
-        job_id, _handle = self.sky.stream_and_get(rid)
-        return {"job_id": job_id, "cluster": cluster_name}
+        job_id, handle = self.sky.stream_and_get(rid)
+        return {"job_id": job_id, "cluster": cluster_name, **_placement(getattr(handle, "launched_resources", None))}
 
     def exec(self, task, cluster_name):
         job_id, _handle = self.sky.stream_and_get(self.sky.exec(self._task(task), cluster_name=cluster_name))
