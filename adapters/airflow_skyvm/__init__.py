@@ -15,15 +15,9 @@ __version__ = "0.1.0"
 
 
 def get_provider_info() -> dict:
-    return {
-        "package-name": "skyvm",
-        "name": "SkyVM",
-        "description": "Run each Airflow task in its own container on a VM provisioned by SkyPilot (or locally in Docker).",
-        "versions": [__version__],
-        "connection-types": [{"hook-class-name": "airflow_skyvm.hooks.skyvm.SkyVMHook", "connection-type": "skyvm"}],
-        "hooks": [{"integration-name": "SkyVM", "python-modules": ["airflow_skyvm.hooks.skyvm"]}],
-        "operators": [{"integration-name": "SkyVM", "python-modules": ["airflow_skyvm.operators.skyvm"]}],
-        "triggers": [{"integration-name": "SkyVM", "python-modules": ["airflow_skyvm.triggers.skyvm"]}],
-        "integrations": [{"integration-name": "SkyVM", "external-doc-url": "https://skypilot.readthedocs.io/", "tags": ["service"]}],
-        "task-decorators": [{"name": "skyvm", "class-name": "airflow_skyvm.decorators.skyvm.skyvm_task"}],
-    }
+    """provider.yaml beside this file, as Airflow's provider entry point expects it."""
+    from pathlib import Path
+
+    import yaml
+
+    return yaml.safe_load((Path(__file__).with_name("provider.yaml")).read_text())

@@ -44,6 +44,7 @@ def test_provider_info_lists_everything():
     info = get_provider_info()
     assert info["connection-types"][0]["connection-type"] == "skyvm"
     assert info["task-decorators"] == [{"name": "skyvm", "class-name": "airflow_skyvm.decorators.skyvm.skyvm_task"}]
+    assert info["executors"] == ["airflow_skyvm.executors.skyvm_executor.SkyVMExecutor"]
     from airflow.providers_manager import ProvidersManager
 
     assert "skyvm" in ProvidersManager().providers

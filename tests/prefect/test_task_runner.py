@@ -227,7 +227,9 @@ def test_infrastructure_failure_is_crashed_and_wait_does_not_raise():
     @flow(task_runner=runner)
     def f():
         future = say.submit("x")
-        future.wait()  # must not raise
+        done, not_done = wait([future])  # prefect.futures.wait: must not raise
+        assert done == {future} and not not_done
+        future.wait()
         error = future.result(raise_on_failure=False)
         return future.state.type, future.state.message, type(error).__name__
 
