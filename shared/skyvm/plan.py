@@ -160,7 +160,12 @@ def plan_node(
     secrets: Optional[dict[str, str]] = None,
 ) -> TaskSpec:
     """Turn resolved settings, the node's identity, its payload and its image into a TaskSpec."""
-    sig = signature(settings, image)
+    if settings.single_vm:
+        # One cluster for the whole run, whatever each node asks for; nodes take turns on it.
+        sig = hashlib.sha256(f"single-vm:{settings.backend}:{run_id}:{image}".encode()).hexdigest()
+        settings = settings.model_copy(update={"max_clusters": 1})
+    else:
+        sig = signature(settings, image)
     return TaskSpec(
         node=node,
         run_id=run_id,

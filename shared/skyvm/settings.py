@@ -118,6 +118,9 @@ class NodeSettings(BaseModel):
     idle_minutes_to_autostop: Optional[int] = Field(default=30, ge=0)
     down: bool = True
     max_clusters: int = Field(default=4, ge=1, description="clusters of one signature running at once; more nodes queue")
+    # The seed's disable_step_based_settings: every node of a run on one cluster, one node at a
+    # time; the cluster has the resources of the node that started it.
+    single_vm: bool = False
 
     # The container the node runs in.
     image: Optional[str] = None

@@ -311,3 +311,18 @@ def test_detached_node_can_be_cancelled():
             node.outcome()
         DetachedNode.from_dict(node.to_dict()).release()
         assert not [r for r in list_managed() if r["name"] == node.cluster]
+
+
+def test_single_vm_runs_every_node_of_a_run_on_one_cluster_in_turn():
+    config = {"defaults": {"single_vm": True}, "nodes": {"small": {"cpus": 1}, "big": {"cpus": 2, "memory": 1}}}
+    with Run(config) as run:
+        first = run.submit(limits, node="small")
+        first.result(120)
+        spans = [run.submit(nap, 1.5, node=n) for n in ("big", "small")]
+        results = [h.result(120) for h in spans]
+        clusters = {first.cluster, *(h.cluster for h in spans)}
+    assert len(clusters) == 1  # one VM for the run, whatever each node asks for
+    assert first.result()["cpus"] == 1.0  # the cluster has the resources of the node that started it
+    a, b = sorted(results, key=lambda r: r["start"])
+    assert b["start"] >= a["end"] - 0.2  # nodes take turns on it
+    assert containers_of(run.run_id) == []
