@@ -63,7 +63,7 @@ class _LineStream:
             self.buf = ""
 
 
-def _placement(resources) -> dict:
+def placement(resources) -> dict:
     """Where a cluster landed and its price, from SkyPilot's launched resources."""
     if resources is None:
         return {}
@@ -94,7 +94,7 @@ class InProcessBridge:
     def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False):
         rid = self.sky.launch(self._task(task), cluster_name=cluster_name, idle_minutes_to_autostop=idle_minutes_to_autostop, down=down, retry_until_up=retry_until_up, dryrun=dryrun)
         job_id, handle = self.sky.stream_and_get(rid)
-        return {"job_id": job_id, "cluster": cluster_name, **_placement(getattr(handle, "launched_resources", None))}
+        return {"job_id": job_id, "cluster": cluster_name, **placement(getattr(handle, "launched_resources", None))}
 
     def exec(self, task, cluster_name):
         job_id, _handle = self.sky.stream_and_get(self.sky.exec(self._task(task), cluster_name=cluster_name))

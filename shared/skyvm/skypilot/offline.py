@@ -49,14 +49,7 @@ def optimize(sky, task: dict, *, clouds: Optional[list[str]] = None) -> dict:
 
             reason = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(exc).split()))
             return {"error": reason[:600] or type(exc).__name__}
+        from skyvm.skypilot.bridge import placement
+
         best = t.best_resources
-        accelerators = best.accelerators or {}
-        return {
-            "cloud": str(best.cloud).lower(),
-            "region": best.region,
-            "zone": best.zone,
-            "instance_type": best.instance_type,
-            "use_spot": bool(best.use_spot),
-            "accelerators": {k: v for k, v in accelerators.items()},
-            "hourly_price": round(float(best.get_cost(3600)), 4),
-        }
+        return {**placement(best), "accelerators": dict(best.accelerators or {})}
