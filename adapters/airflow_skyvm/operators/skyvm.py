@@ -138,8 +138,7 @@ class SkyVMOperator(BaseOperator):
             self.log.info("skyvm: %s finished on %s in %.1fs", self.task_id, handle.cluster, handle.duration_s or 0)
             return value
         finally:
-            teardown(self._node or run)
-            teardown(run)
+            teardown(run)  # the run holds the node: stops it if still running, releases its cluster
             self._node = None
 
     def execute_complete(self, context, event: dict) -> Any:
