@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,32 +22,9 @@ os.environ.setdefault("SKYVM_IDLE_POLL_S", "1")
 
 from skyvm.backends.local import docker_available, list_managed  # noqa: E402
 from skyvm.settings import RegistrySettings  # noqa: E402
+from netutil import free_port, wait_http  # noqa: E402,F401 - tests/ is on sys.path (rootdir conftest)
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float = 30, ok=(200, 401)) -> None:
-    deadline = time.time() + timeout
-    last = None
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as resp:
-                if resp.status in ok:
-                    return
-        except urllib.error.HTTPError as exc:
-            if exc.code in ok:
-                return
-            last = exc
-        except OSError as exc:
-            last = exc
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer within {timeout}s: {last}")
 
 
 @pytest.fixture(scope="session")

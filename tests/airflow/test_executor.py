@@ -12,15 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from netutil import free_port
 from skyvm.backends.local import list_managed
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 HERE = Path(__file__).resolve().parent
 

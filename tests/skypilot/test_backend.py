@@ -53,7 +53,7 @@ class StandInBridge:
             self.jobs[key] = {"proc": proc, "status": "RUNNING"}
         return proc
 
-    def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False):
+    def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False, on_log=None):
         t0 = time.time()
         self._record("launch", cluster_name, task, {"idle_minutes_to_autostop": idle_minutes_to_autostop, "down": down, "retry_until_up": retry_until_up})
         self._check(task)
@@ -71,7 +71,7 @@ class StandInBridge:
         # What SkyPilot's launched resources report (the bridge reads them off the handle).
         return {"job_id": job_id, "cluster": cluster_name, "cloud": "aws", "region": "us-east-1", "zone": None, "instance_type": "m7i.large", "use_spot": False, "hourly_price": 0.1008}
 
-    def exec(self, task, cluster_name):
+    def exec(self, task, cluster_name, on_log=None):
         self._record("exec", cluster_name, task)
         self._check(task)
         assert self.clusters.get(cluster_name) == "UP", f"exec on a cluster that is not up: {cluster_name}"
@@ -113,7 +113,7 @@ class StandInBridge:
     def status(self, cluster_names=None):
         return [{"name": n, "status": s} for n, s in self.clusters.items()]
 
-    def jobs_launch(self, task, name):
+    def jobs_launch(self, task, name, on_log=None):
         self._record("jobs_launch", name, task)
         self._check(task)
         with self.lock:
@@ -156,22 +156,6 @@ def bridge(monkeypatch):
     stand_in = StandInBridge()
     monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
     return stand_in
-
-
-@pytest.fixture
-def cloud_settings(s3_server, registry, monkeypatch):
-    monkeypatch.setenv("SKYVM_S3_ENDPOINT_URL", s3_server)
-    return {
-        "defaults": {
-            "backend": "skypilot",
-            "cloud": "aws",
-            "cpus": "2+",
-            "payload_store": "s3://skyvm-test/sky",
-            "payload_store_endpoint": s3_server,
-            "registry": registry.model_dump(),
-            "idle_minutes_to_autostop": 15,
-        }
-    }
 
 
 def add(a, b):

@@ -82,7 +82,7 @@ class SkyPilotBackend:
     def launch(self, spec: TaskSpec, on_log: LogSink) -> Job:
         task = self._task(spec)
         if is_managed(spec):
-            job_id = self.bridge.jobs_launch(task, spec.cluster_name)["job_id"]
+            job_id = self.bridge.jobs_launch(task, spec.cluster_name, on_log=on_log)["job_id"]
             log.info("node %s: managed job %s", spec.node, job_id)
             job = Job(spec=spec, cluster=f"managed-job-{job_id}", backend_data={"managed": True, "job_id": job_id, "cancelled": False})
             self._follow(job, lambda: self.bridge.jobs_logs(job_id, on_log=on_log))
@@ -91,7 +91,7 @@ class SkyPilotBackend:
         try:
             if fresh:
                 s = spec.settings
-                answer = self.bridge.launch(task, cluster.name, idle_minutes_to_autostop=s.idle_minutes_to_autostop, down=s.down, retry_until_up=s.retry_until_up)
+                answer = self.bridge.launch(task, cluster.name, idle_minutes_to_autostop=s.idle_minutes_to_autostop, down=s.down, retry_until_up=s.retry_until_up, on_log=on_log)
                 cluster.placement = {k: answer[k] for k in ("cloud", "region", "zone", "instance_type", "use_spot", "hourly_price") if k in answer}
                 if cluster.placement:
                     p = cluster.placement
@@ -102,7 +102,7 @@ class SkyPilotBackend:
                     log.info(line)
                     on_log(line)
             else:
-                answer = self.bridge.exec(task, cluster.name)
+                answer = self.bridge.exec(task, cluster.name, on_log=on_log)
         except BaseException as exc:
             self._release_cluster(cluster)
             if fresh:

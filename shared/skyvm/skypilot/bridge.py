@@ -13,7 +13,9 @@ jobs_launch, jobs_status, jobs_cancel, jobs_logs, optimize.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -21,46 +23,62 @@ from typing import Any, Callable, Optional, Protocol
 
 from skyvm.errors import InfrastructureError
 
+log = logging.getLogger("skyvm.skypilot")
+
 LogSink = Callable[[str], None]
 CALLS = ("launch", "exec", "job_status", "tail_logs", "cancel", "down", "autostop", "status", "jobs_launch", "jobs_status", "jobs_cancel", "jobs_logs", "optimize")
+# Calls that stream a log (to stderr across the process boundary).
+LOGGING_CALLS = ("launch", "exec", "tail_logs", "jobs_launch", "jobs_logs")
 # SkyPilot's exit code of a failed job in tail_logs.
 FAILED_JOB_EXIT = 100
 
 
 class SkyBridge(Protocol):
-    def launch(self, task: dict, cluster_name: str, *, idle_minutes_to_autostop: Optional[int], down: bool, retry_until_up: bool, dryrun: bool = False) -> dict: ...
-    def exec(self, task: dict, cluster_name: str) -> dict: ...
+    def launch(self, task: dict, cluster_name: str, *, idle_minutes_to_autostop: Optional[int], down: bool, retry_until_up: bool, dryrun: bool = False, on_log: Optional[LogSink] = None) -> dict: ...
+    def exec(self, task: dict, cluster_name: str, on_log: Optional[LogSink] = None) -> dict: ...
     def job_status(self, cluster_name: str, job_id: int) -> Optional[str]: ...
     def tail_logs(self, cluster_name: str, job_id: int, on_log: Optional[LogSink] = None) -> int: ...
     def cancel(self, cluster_name: str, job_id: int) -> None: ...
     def down(self, cluster_name: str) -> None: ...
     def autostop(self, cluster_name: str, idle_minutes: int, down: bool) -> None: ...
     def status(self, cluster_names: Optional[list[str]] = None) -> list[dict]: ...
-    def jobs_launch(self, task: dict, name: str) -> dict: ...
+    def jobs_launch(self, task: dict, name: str, on_log: Optional[LogSink] = None) -> dict: ...
     def jobs_status(self, job_id: int) -> dict: ...
     def jobs_cancel(self, job_id: int) -> None: ...
     def jobs_logs(self, job_id: int, on_log: Optional[LogSink] = None) -> int: ...
     def optimize(self, tasks: list[dict], clouds: Optional[list[str]] = None) -> list[dict]: ...
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+
+
 class _LineStream:
-    """A text stream that hands each complete line to a callback (for tail_logs' output_stream)."""
+    """A text stream that hands each complete line to a callback (SkyPilot's ``output_stream``).
+
+    Colour codes are dropped: the lines end up in Prefect's and Airflow's task logs.
+    """
 
     def __init__(self, on_log: Optional[LogSink]):
         self.on_log = on_log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.buf = ""
 
     def write(self, text: str) -> int:
-        self.buf += text
+        self.buf += text.replace("\r", "\n")
         while "\n" in self.buf:
             line, self.buf = self.buf.split("\n", 1)
-            self.on_log(line)
+            line = _ANSI.sub("", line).rstrip()
+            if line:
+                self.on_log(line)
         return len(text)
 
+    def isatty(self) -> bool:
+        return False
+
     def flush(self) -> None:
-        if self.buf:
-            self.on_log(self.buf)
-            self.buf = ""
+        line = _ANSI.sub("", self.buf).rstrip()
+        self.buf = ""
+        if line:
+            self.on_log(line)
 
 
 def placement(resources) -> dict:
@@ -91,13 +109,21 @@ class InProcessBridge:
     def _task(self, task: dict):
         return self.sky.Task.from_yaml_config(dict(task))
 
-    def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False):
-        rid = self.sky.launch(self._task(task), cluster_name=cluster_name, idle_minutes_to_autostop=idle_minutes_to_autostop, down=down, retry_until_up=retry_until_up, dryrun=dryrun)
-        job_id, handle = self.sky.stream_and_get(rid)
-        return {"job_id": job_id, "cluster": cluster_name, **placement(getattr(handle, "launched_resources", None))}
+    def _stream_and_get(self, request_id, on_log):
+        # The request's own log (optimizer table, provisioning) goes to the engine's log, line by line.
+        stream = _LineStream(on_log)
+        try:
+            return self.sky.stream_and_get(request_id, output_stream=stream)
+        finally:
+            stream.flush()
 
-    def exec(self, task, cluster_name):
-        job_id, _handle = self.sky.stream_and_get(self.sky.exec(self._task(task), cluster_name=cluster_name))
+    def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False, on_log=None):
+        rid = self.sky.launch(self._task(task), cluster_name=cluster_name, idle_minutes_to_autostop=idle_minutes_to_autostop, down=down, retry_until_up=retry_until_up, dryrun=dryrun)
+        job_id, handle = self._stream_and_get(rid, on_log)
+        return {"job_id": job_id, "cluster": cluster_name, "dryrun": bool(dryrun), **placement(getattr(handle, "launched_resources", None))}
+
+    def exec(self, task, cluster_name, on_log=None):
+        job_id, _handle = self._stream_and_get(self.sky.exec(self._task(task), cluster_name=cluster_name), on_log)
         return {"job_id": job_id, "cluster": cluster_name}
 
     def job_status(self, cluster_name, job_id):
@@ -116,7 +142,10 @@ class InProcessBridge:
         self.sky.get(self.sky.cancel(cluster_name, job_ids=[job_id]))
 
     def down(self, cluster_name):
-        self.sky.get(self.sky.down(cluster_name))
+        try:
+            self.sky.get(self.sky.down(cluster_name))
+        except self.sky.exceptions.ClusterDoesNotExist:
+            pass  # already gone (or a launch that never got as far as a VM): nothing is left to pay for
 
     def autostop(self, cluster_name, idle_minutes, down):
         self.sky.get(self.sky.autostop(cluster_name, idle_minutes, down=down))
@@ -125,13 +154,21 @@ class InProcessBridge:
         records = self.sky.get(self.sky.status(cluster_names))
         out = []
         for r in records:
-            r = r if isinstance(r, dict) else getattr(r, "model_dump", lambda: vars(r))()
-            status = r.get("status")
-            out.append({"name": r.get("name"), "status": getattr(status, "value", status), "labels": r.get("labels") or {}})
+            status = r.get("status") if isinstance(r, dict) else getattr(r, "status", None)
+            get = r.get if isinstance(r, dict) else (lambda k, r=r: getattr(r, k, None))
+            out.append({
+                "name": get("name"),
+                "status": getattr(status, "value", status),
+                "labels": get("labels") or {},
+                "resources": get("resources_str"),
+                "autostop": get("autostop"),
+                "to_down": get("to_down"),
+                "launched_at": get("launched_at"),
+            })
         return out
 
-    def jobs_launch(self, task, name):
-        job_ids, _handle = self.sky.stream_and_get(self.sky.jobs.launch(self._task(task), name=name))
+    def jobs_launch(self, task, name, on_log=None):
+        job_ids, _handle = self._stream_and_get(self.sky.jobs.launch(self._task(task), name=name), on_log)
         job_id = job_ids[0] if isinstance(job_ids, list) else job_ids
         return {"job_id": job_id}
 
@@ -178,15 +215,21 @@ class SubprocessBridge:
         )
         proc.stdin.write(json.dumps(kwargs))
         proc.stdin.close()
-        # Logs stream on stderr, line by line; the answer is the last stdout line.
+        # Logs stream on stderr, line by line; the answer is the one line on stdout.
+        tail: list[str] = []
         for line in proc.stderr:
+            line = line.rstrip("\n")
+            tail = (tail + [line])[-20:]
             if on_log:
-                on_log(line.rstrip("\n"))
+                on_log(line)
+            else:
+                log.debug("skypilot %s: %s", name, line)
         out = proc.stdout.read()
         proc.wait()
         lines = [l for l in out.splitlines() if l.strip()]
         if not lines:
-            raise InfrastructureError(f"SkyPilot bridge call {name} gave no answer (exit {proc.returncode})")
+            last = "\n".join(tail)
+            raise InfrastructureError(f"SkyPilot bridge call {name} ({self.python}) gave no answer (exit {proc.returncode}):\n{last}")
         answer = json.loads(lines[-1])
         if "error" in answer:
             raise InfrastructureError(f"SkyPilot {name} failed: {answer['error']}")
@@ -234,24 +277,39 @@ def get_bridge() -> SkyBridge:
         return SubprocessBridge(python)
 
 
-def main() -> int:
-    """Serve one call: JSON kwargs on stdin, JSON answer as the last stdout line, logs on stderr."""
-    name = sys.argv[1]
+def serve(name: str, make_bridge: Callable[[], Any]) -> int:
+    """Answer one call: JSON kwargs on stdin, one JSON answer line on stdout, logs on stderr.
+
+    Whatever SkyPilot (or a process it starts) prints goes to stderr too: the
+    real stdout is kept for the answer alone, so a chatty call can never block
+    on a full pipe or corrupt the answer.
+    """
+    answer_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+
+    def answer(obj) -> None:
+        answer_out.write(json.dumps(obj, default=str) + "\n")
+        answer_out.flush()
+
     if name not in CALLS:
-        print(json.dumps({"error": f"unknown call {name!r}; known: {', '.join(CALLS)}"}))
+        answer({"error": f"unknown call {name!r}; known: {', '.join(CALLS)}"})
         return 2
     kwargs = json.loads(sys.stdin.read() or "{}")
     try:
-        bridge = InProcessBridge()
-        fn = getattr(bridge, name)
-        if name in ("tail_logs", "jobs_logs"):
+        fn = getattr(make_bridge(), name)
+        if name in LOGGING_CALLS:
             kwargs["on_log"] = lambda line: print(line, file=sys.stderr, flush=True)
         result = fn(**kwargs)
     except Exception as exc:  # noqa: BLE001 - every failure goes back as an answer
-        print(json.dumps({"error": f"{type(exc).__name__}: {exc}"}))
+        answer({"error": _ANSI.sub("", f"{type(exc).__name__}: {exc}").strip()})
         return 1
-    print(json.dumps({"result": result}, default=str))
+    answer({"result": result})
     return 0
+
+
+def main() -> int:
+    return serve(sys.argv[1], InProcessBridge)
 
 
 if __name__ == "__main__":
