@@ -39,20 +39,33 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def _skypilot_rows() -> list[dict]:
+    from skyvm.skypilot.bridge import get_bridge
+    from skyvm.skypilot.clusters import skyvm_clusters
+
+    return skyvm_clusters(get_bridge())
+
+
 def cmd_status(args) -> int:
     from skyvm.backends.local import docker_available, list_managed
 
-    rows = list_managed()
+    rows = [{"backend": "local", **r} for r in list_managed()]
+    sky_rows = _skypilot_rows() if args.skypilot else []
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows + sky_rows, indent=2))
         return 0
     if not docker_available():
         print("no Docker engine reachable: nothing to list for the local backend")
-        return 0
-    if not rows:
+    elif not rows:
         print("nothing running: skyvm has no clusters on this machine")
-        return 0
-    print(_table(rows, ["name", "state", "run_id", "node", "signature", "down", "status"]))
+    else:
+        print(_table(rows, ["name", "state", "run_id", "node", "signature", "down", "status"]))
+    if args.skypilot:
+        if sky_rows:
+            print("\nSkyPilot clusters (skyvm's labels):")
+            print(_table(sky_rows, ["name", "state", "run_id", "node", "resources", "autostop_min", "down"]))
+        else:
+            print("no SkyPilot clusters launched by skyvm")
     return 0
 
 
@@ -65,6 +78,14 @@ def cmd_gc(args) -> int:
     if args.images is not None:
         images = gc_images(keep=args.images, dry_run=args.dry_run)
         print(f"{verb} {len(images)} old node image tag(s)")
+    if args.skypilot or args.all_skypilot:
+        from skyvm.skypilot.bridge import get_bridge
+        from skyvm.skypilot.clusters import gc_clusters
+
+        downed = gc_clusters(get_bridge(), everything=args.all_skypilot, dry_run=args.dry_run)
+        which = "" if args.all_skypilot else " idle (INIT/STOPPED)"
+        verb_down = "would tear down" if args.dry_run else "tore down"
+        print(f"{verb_down} {len(downed)}{which} SkyPilot cluster(s)" + (": " + ", ".join(downed) if downed else ""))
     return 0
 
 
@@ -120,10 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(fn=cmd_skypilot_install)
     p = sub.add_parser("status", help="list the clusters skyvm started")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--skypilot", action="store_true", help="also SkyPilot's clusters that skyvm launched (asks SkyPilot's API server)")
     p.set_defaults(fn=cmd_status)
     p = sub.add_parser("gc", help="remove clusters that no live run owns")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--images", type=int, metavar="KEEP", help="also remove node images but the newest KEEP")
+    p.add_argument("--skypilot", action="store_true", help="also tear down skyvm's idle SkyPilot clusters (INIT or STOPPED)")
+    p.add_argument("--all-skypilot", action="store_true", help="tear down every SkyPilot cluster skyvm launched, running nodes included")
     p.set_defaults(fn=cmd_gc)
     return parser
 

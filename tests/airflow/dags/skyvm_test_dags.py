@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from pathlib import Path
 
@@ -70,3 +71,16 @@ with DAG("skyvm_decorated", schedule=None, start_date=START) as decorated_dag:
         return f"{result['sum']} on {container_limits()['cpus']:g} CPUs"
 
     report(add(2, 3))
+
+
+def skypilot_settings() -> dict:
+    """backend: skypilot with the test's own S3 server and registry (test_skypilot_backend.py sets them before parsing)."""
+    return json.loads(os.environ.get("SKYVM_TEST_SKYPILOT_SETTINGS", '{"backend": "skypilot"}'))
+
+
+with DAG("skyvm_on_skypilot", schedule=None, start_date=START, render_template_as_native_obj=True) as skypilot_dag:
+    _vm = skypilot_settings()
+    _first = SkyVMOperator(task_id="first", python_callable=double, op_args=[21], sky_settings=_vm)
+    _second = SkyVMOperator(task_id="second", python_callable=double, op_args=["{{ ti.xcom_pull(task_ids='first') }}"], sky_settings=_vm)
+    SkyVMOperator(task_id="broken", bash_command="echo about to fail; exit 3", sky_settings=_vm)
+    _first >> _second

@@ -1,0 +1,85 @@
+"""SkyVMOperator with ``backend: skypilot`` from an Airflow environment that cannot hold SkyPilot.
+
+Airflow >= 3.1.3 and SkyPilot cannot share an environment, so skyvm reaches SkyPilot through
+``SubprocessBridge`` and SkyPilot's own environment (``skyvm skypilot install``). Here that
+environment's place is taken by the recording stand-in of tests/skypilot/standin_vm.py (the one
+seam where a cloud would be provisioned), run by SkyPilot's real environment: every task is
+parsed by SkyPilot, the node image is pulled from the registry with the task's own registry
+secrets and each job runs in that container. The metadata DB, dag.test(), XCom, the registry and
+the S3 server are real.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from skyvm.backends import skypilot as skypilot_backend_module
+
+STANDIN = Path(__file__).resolve().parents[1] / "skypilot" / "standin-python"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def skypilot_env_standin(tmp_path, monkeypatch):
+    sky_python = os.environ.get("SKYVM_TEST_SKYPILOT_PYTHON", "")
+    if not Path(sky_python).is_file():
+        if IN_CI:
+            pytest.fail("SKYVM_TEST_SKYPILOT_PYTHON must name SkyPilot's environment's python (./dev test sets it)")
+        pytest.skip("no SkyPilot environment (set SKYVM_TEST_SKYPILOT_PYTHON)")
+    # The point of the test: this environment has no SkyPilot, so the bridge must cross a process boundary.
+    assert importlib.util.find_spec("sky") is None
+    state = tmp_path / "standin"
+    monkeypatch.setenv("SKYVM_SKYPILOT_PYTHON", str(STANDIN))
+    monkeypatch.setenv("SKYVM_STANDIN_DIR", str(state))
+    monkeypatch.setattr(skypilot_backend_module, "_backend", None)  # a backend made now, with the bridge above
+    yield state
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=dev.skyvm.standin={state}"], capture_output=True, text=True).stdout.split()
+    if left:
+        subprocess.run(["docker", "rm", "-f", *left], capture_output=True)
+    assert not left, "a SkyPilot cluster (stand-in VM) was left running"
+
+
+def calls(state: Path) -> list[dict]:
+    return [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
+
+
+def test_operator_runs_nodes_on_skypilot_through_skypilots_own_environment(skypilot_env_standin, s3_server, registry, monkeypatch):
+    from test_operator import run_dag, xcom
+
+    monkeypatch.setenv("SKYVM_S3_ENDPOINT_URL", s3_server)
+    vm = {
+        "backend": "skypilot", "cloud": "aws", "cpus": "2+", "down": True,
+        "payload_store": "s3://skyvm-test/airflow-sky", "payload_store_endpoint": s3_server,
+        "registry": registry.model_dump(),
+    }
+    # The DAG lives in the DAGs folder (dag.test() serializes that folder); its settings come from here.
+    monkeypatch.setenv("SKYVM_TEST_SKYPILOT_SETTINGS", json.dumps(vm))
+    spec = importlib.util.spec_from_file_location("skyvm_test_dags_sky", Path(__file__).resolve().parent / "dags" / "skyvm_test_dags.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dag = module.skypilot_dag
+
+    dr, states = run_dag(dag)
+
+    assert states == {"first": "success", "second": "success", "broken": "failed"}
+    assert xcom(dr, "second") == 84  # XCom crossed two SkyPilot nodes
+    made = calls(skypilot_env_standin)
+    launches = [c for c in made if c["call"] == "launch"]
+    assert len(launches) == 3  # one node, one cluster: each Airflow task is its own run
+    for launch in launches:
+        task = launch["task"]
+        assert task["resources"]["image_id"].startswith(f"docker:{registry.server}/skyvm-node:")
+        assert task["resources"]["labels"]["skyvm-node"] in ("first", "second", "broken")
+        assert "SKYPILOT_DOCKER_PASSWORD" in task["secrets"] and launch["down"] is True
+        # down: true -> each task's cluster is gone when its run ends, failed or not
+        assert {"call": "down", "cluster": launch["cluster"]} in [{k: c[k] for k in ("call", "cluster")} for c in made if c["call"] == "down"]
+    assert [c["ok"] for c in made if c["call"] == "docker_login"] == [True, True, True]  # fresh credentials per launch
+    # The failed job was confirmed failed by its job status, not taken from the log alone.
+    broken = next(c["cluster"] for c in launches if c["task"]["resources"]["labels"]["skyvm-node"] == "broken")
+    assert any(c["call"] == "job_status" and c["cluster"] == broken for c in made)

@@ -1,0 +1,256 @@
+"""A recording stand-in for SkyPilot at the one seam where a cloud would be provisioned, served
+across the process boundary exactly as ``python -m skyvm.skypilot.bridge CALL`` is.
+
+``standin-python`` (beside this file) is what ``SKYVM_SKYPILOT_PYTHON`` points at in a test:
+skyvm's ``SubprocessBridge`` runs it as it would run SkyPilot's environment, and each call
+lands here, in SkyPilot's environment (``$SKYVM_TEST_SKYPILOT_PYTHON``), one process per call.
+
+What a cloud VM would do is done on this machine, with real parts:
+- every task is parsed by SkyPilot's own ``sky.Task.from_yaml_config`` (a task SkyPilot would
+  refuse fails here too);
+- "provisioning" a cluster logs in to the registry with the task's ``SKYPILOT_DOCKER_*``
+  secrets (as SkyPilot does on the VM), pulls ``image_id: docker:<image>`` and starts it as a
+  container with the task's docker run options, then runs ``setup`` in it;
+- a job is ``run`` executed in that container with the task's envs and secrets (values in the
+  environment, names only on argv); its log and exit code are kept so ``tail_logs`` follows it;
+- ``down`` removes the container.
+
+State lives in ``$SKYVM_STANDIN_DIR``: every call is appended to ``calls.jsonl`` with secret
+values left out, so a test can check what was asked.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from skyvm.skypilot.bridge import FAILED_JOB_EXIT, serve
+
+STATE = Path(os.environ["SKYVM_STANDIN_DIR"])
+LABEL = "dev.skyvm.standin"
+
+
+def _container(cluster: str) -> str:
+    return f"skyvm-standin-{cluster}"[:120]
+
+
+class VMStandIn:
+    def __init__(self):
+        (STATE / "clusters").mkdir(parents=True, exist_ok=True)
+        (STATE / "jobs").mkdir(parents=True, exist_ok=True)
+
+    # -- bookkeeping ---------------------------------------------------------
+
+    def _record(self, call: str, **data) -> None:
+        with open(STATE / "calls.jsonl", "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.write(json.dumps({"call": call, "pid": os.getpid(), "t": time.time(), **data}) + "\n")
+
+    @staticmethod
+    def _public(task: dict) -> dict:
+        # What was asked, with secret values replaced by their names.
+        return {**task, "secrets": sorted(task.get("secrets", {}))}
+
+    def _cluster_file(self, name: str) -> Path:
+        return STATE / "clusters" / f"{name}.json"
+
+    def _cluster(self, name: str) -> dict:
+        path = self._cluster_file(name)
+        if not path.exists():
+            import sky
+
+            raise sky.exceptions.ClusterDoesNotExist(f"Cluster {name!r} does not exist.")
+        return json.loads(path.read_text())
+
+    def _save(self, name: str, record: dict) -> None:
+        self._cluster_file(name).write_text(json.dumps(record))
+
+    def _next_job(self) -> int:
+        with open(STATE / "job-counter", "a+") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            fh.seek(0)
+            n = int(fh.read() or 0) + 1
+            fh.seek(0)
+            fh.truncate()
+            fh.write(str(n))
+        return n
+
+    # -- the "VM" ----------------------------------------------------------------
+
+    def _check(self, task: dict):
+        import sky  # only the calls that carry a task pay for importing SkyPilot
+
+        return sky.Task.from_yaml_config(dict(task))
+
+    def _pull(self, task: dict, on_log) -> str:
+        """Log in with the task's registry secrets (fresh every launch and exec, as on the VM) and pull."""
+        image = task["resources"]["image_id"].removeprefix("docker:")
+        secrets = task.get("secrets", {})
+        with tempfile.TemporaryDirectory() as config:
+            if secrets.get("SKYPILOT_DOCKER_USERNAME"):
+                login = subprocess.run(
+                    ["docker", "--config", config, "login", "--username", secrets["SKYPILOT_DOCKER_USERNAME"], "--password-stdin", secrets["SKYPILOT_DOCKER_SERVER"]],
+                    input=secrets.get("SKYPILOT_DOCKER_PASSWORD", ""), capture_output=True, text=True,
+                )
+                self._record("docker_login", server=secrets["SKYPILOT_DOCKER_SERVER"], ok=login.returncode == 0)
+                if login.returncode != 0:
+                    raise RuntimeError(f"docker login to {secrets['SKYPILOT_DOCKER_SERVER']} failed on the VM: {login.stderr.strip()}")
+            pull = subprocess.run(["docker", "--config", config, "pull", "-q", image], capture_output=True, text=True)
+        if pull.returncode != 0:
+            raise RuntimeError(f"docker pull {image} failed on the VM: {pull.stderr.strip()}")
+        on_log(f"(stand-in VM) pulled {image}")
+        return image
+
+    def _env(self, task: dict) -> tuple[list[str], dict]:
+        values = {**task.get("envs", {}), **task.get("secrets", {})}
+        names = [a for k in values for a in ("-e", k)]
+        return names, {**os.environ, **{k: str(v) for k, v in values.items()}}
+
+    def _submit(self, cluster: str, task: dict) -> int:
+        job_id = self._next_job()
+        job_dir = STATE / "jobs" / cluster
+        job_dir.mkdir(parents=True, exist_ok=True)
+        names, env = self._env(task)
+        env["SKYVM_STANDIN_RUN"] = task["run"]
+        cmd = " ".join(["docker", "exec", *names, shlex.quote(_container(cluster)), "sh", "-c", '"$SKYVM_STANDIN_RUN"'])
+        attempt = shlex.split(task["run"])[shlex.split(task["run"]).index("--attempt") + 1]
+        (job_dir / f"{job_id}.attempt").write_text(attempt)
+        # Detached from this call's process (each bridge call is one process), as a job on a VM is.
+        subprocess.Popen(
+            ["sh", "-c", f'{cmd} > {job_dir}/{job_id}.log 2>&1; echo $? > {job_dir}/{job_id}.rc.tmp; mv {job_dir}/{job_id}.rc.tmp {job_dir}/{job_id}.rc'],
+            env=env, start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        return job_id
+
+    # -- the bridge's calls ----------------------------------------------------------
+
+    def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False, on_log=print):
+        parsed = self._check(task)
+        self._record("launch", cluster=cluster_name, task=self._public(task), idle_minutes_to_autostop=idle_minutes_to_autostop, down=down, retry_until_up=retry_until_up)
+        on_log(f"(stand-in VM) provisioning {cluster_name}")
+        image = self._pull(task, on_log)
+        (resources,) = list(parsed.resources)
+        self._save(cluster_name, {"status": "INIT", "labels": dict(resources.labels or {}), "autostop": idle_minutes_to_autostop, "to_down": down})
+        run_options = (task.get("config") or {}).get("docker", {}).get("run_options", [])
+        started = subprocess.run(
+            ["docker", "run", "-d", "--name", _container(cluster_name), "--network", "host", "--label", f"{LABEL}={STATE}", *run_options, image, "sleep", "infinity"],
+            capture_output=True, text=True,
+        )
+        if started.returncode != 0:
+            raise RuntimeError(f"starting the node container failed: {started.stderr.strip()}")
+        names, env = self._env(task)
+        setup = subprocess.run(["docker", "exec", *names, _container(cluster_name), "sh", "-c", task["setup"]], env=env, capture_output=True, text=True)
+        if setup.returncode != 0:
+            raise RuntimeError(f"setup failed on {cluster_name}: {setup.stdout[-2000:]}{setup.stderr[-2000:]}")
+        self._save(cluster_name, {**self._cluster(cluster_name), "status": "UP"})
+        job_id = self._submit(cluster_name, task)
+        return {"job_id": job_id, "cluster": cluster_name, "dryrun": False, "cloud": "aws", "region": "us-east-1", "zone": None,
+                "instance_type": "m7i.large", "use_spot": False, "hourly_price": 0.1008}
+
+    def exec(self, task, cluster_name, on_log=print):
+        self._check(task)
+        self._record("exec", cluster=cluster_name, task=self._public(task))
+        if self._cluster(cluster_name)["status"] != "UP":
+            raise RuntimeError(f"exec on {cluster_name}, which is not UP")
+        self._pull(task, on_log)
+        return {"job_id": self._submit(cluster_name, task), "cluster": cluster_name}
+
+    def _job(self, cluster_name, job_id) -> Path:
+        return STATE / "jobs" / cluster_name / str(job_id)
+
+    def tail_logs(self, cluster_name, job_id, on_log=print):
+        self._record("tail_logs", cluster=cluster_name, job_id=job_id)
+        base = self._job(cluster_name, job_id)
+        log, rc = Path(f"{base}.log"), Path(f"{base}.rc")
+        while not log.exists():
+            time.sleep(0.05)
+        with open(log) as fh:
+            while True:
+                line = fh.readline()
+                if line:
+                    on_log(line.rstrip("\n"))
+                    continue
+                if rc.exists():
+                    rest = fh.read()
+                    for extra in rest.splitlines():
+                        on_log(extra)
+                    break
+                time.sleep(0.05)
+        return 0 if int(rc.read_text()) == 0 else FAILED_JOB_EXIT
+
+    def job_status(self, cluster_name, job_id):
+        self._record("job_status", cluster=cluster_name, job_id=job_id)
+        base = self._job(cluster_name, job_id)
+        if Path(f"{base}.cancelled").exists():
+            return "CANCELLED"
+        rc = Path(f"{base}.rc")
+        if not rc.exists():
+            return "RUNNING"
+        return "SUCCEEDED" if int(rc.read_text()) == 0 else "FAILED"
+
+    def cancel(self, cluster_name, job_id):
+        self._record("cancel", cluster=cluster_name, job_id=job_id)
+        base = self._job(cluster_name, job_id)
+        Path(f"{base}.cancelled").touch()
+        attempt = Path(f"{base}.attempt").read_text()
+        subprocess.run(["docker", "exec", _container(cluster_name), "python3", "-m", "skyvm.node", "cancel", "--attempt", attempt], capture_output=True)
+
+    def down(self, cluster_name):
+        self._record("down", cluster=cluster_name)
+        subprocess.run(["docker", "rm", "-f", _container(cluster_name)], capture_output=True)
+        self._cluster_file(cluster_name).unlink(missing_ok=True)
+
+    def autostop(self, cluster_name, idle_minutes, down):
+        self._record("autostop", cluster=cluster_name, idle_minutes=idle_minutes, down=down)
+        self._save(cluster_name, {**self._cluster(cluster_name), "autostop": idle_minutes, "to_down": down})
+
+    def status(self, cluster_names=None):
+        self._record("status")
+        out = []
+        for path in sorted((STATE / "clusters").glob("*.json")):
+            if cluster_names and path.stem not in cluster_names:
+                continue
+            rec = json.loads(path.read_text())
+            out.append({"name": path.stem, "status": rec["status"], "labels": rec["labels"], "resources": "1x AWS(m7i.large)", "autostop": rec["autostop"], "to_down": rec["to_down"]})
+        return out
+
+    # Managed jobs: a cluster of their own, gone when the job ends (as SkyPilot's controller does).
+    def jobs_launch(self, task, name, on_log=print):
+        self._check(task)
+        job_id = self._next_job()
+        self._record("jobs_launch", name=name, job_id=job_id, task=self._public(task))
+        answer = self.launch(task, f"managed-{job_id}", down=True, on_log=on_log)
+        (STATE / "jobs" / f"managed-{job_id}.inner").write_text(str(answer["job_id"]))
+        return {"job_id": job_id}
+
+    def _inner(self, job_id) -> tuple[str, int]:
+        return f"managed-{job_id}", int((STATE / "jobs" / f"managed-{job_id}.inner").read_text())
+
+    def jobs_logs(self, job_id, on_log=print):
+        cluster, inner = self._inner(job_id)
+        try:
+            return self.tail_logs(cluster, inner, on_log=on_log)
+        finally:
+            self.down(cluster)
+
+    def jobs_status(self, job_id):
+        cluster, inner = self._inner(job_id)
+        return {"status": self.job_status(cluster, inner), "recovery_count": 0}
+
+    def jobs_cancel(self, job_id):
+        cluster, inner = self._inner(job_id)
+        self.cancel(cluster, inner)
+
+    def optimize(self, tasks, clouds=None):
+        raise AssertionError("the backend never asks the stand-in to optimize")
+
+
+if __name__ == "__main__":
+    sys.exit(serve(sys.argv[1], VMStandIn))
