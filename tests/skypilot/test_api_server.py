@@ -93,3 +93,12 @@ def test_an_impossible_node_fails_with_skypilots_reason_and_leaves_no_cluster(ap
 
 def test_down_of_a_cluster_that_is_not_there_is_not_an_error(bridge):
     bridge.down("skyvm-never-launched")  # a failed launch's cleanup must not raise over the real error
+
+
+def test_skyvm_status_asks_the_real_server(api_server):
+    import json
+    import subprocess
+
+    out = subprocess.run([sys.executable, "-m", "skyvm", "status", "--skypilot", "--json"], env=api_server.client_env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert [r for r in json.loads(out.stdout) if r["backend"] == "skypilot"] == []  # dry runs and failed launches left nothing

@@ -28,6 +28,7 @@ class StandInBridge:
         self.calls: list[tuple] = []
         self.lock = threading.Lock()
         self.clusters: dict[str, str] = {}  # name -> UP
+        self.labels: dict[str, dict] = {}  # name -> the labels SkyPilot puts on the VM
         self.jobs: dict[tuple, dict] = {}
         self.next_id = 1
         self.fail_launch_for = fail_launch_for
@@ -57,6 +58,8 @@ class StandInBridge:
         t0 = time.time()
         self._record("launch", cluster_name, task, {"idle_minutes_to_autostop": idle_minutes_to_autostop, "down": down, "retry_until_up": retry_until_up})
         self._check(task)
+        with self.lock:
+            self.labels[cluster_name] = dict(task["resources"].get("labels", {}))
         time.sleep(0.5)  # provisioning takes a while: parallel launches overlap
         if self.fail_launch_for and self.fail_launch_for in cluster_name:
             with self.lock:
@@ -111,7 +114,8 @@ class StandInBridge:
         self._record("autostop", cluster_name, idle_minutes, down)
 
     def status(self, cluster_names=None):
-        return [{"name": n, "status": s} for n, s in self.clusters.items()]
+        self._record("status")
+        return [{"name": n, "status": s, "labels": self.labels.get(n, {}), "to_down": False, "autostop": 15, "resources": "1x AWS(m7i.large)"} for n, s in self.clusters.items()]
 
     def jobs_launch(self, task, name, on_log=None):
         self._record("jobs_launch", name, task)
@@ -261,3 +265,31 @@ def test_a_locally_built_image_without_a_registry_is_refused(bridge, s3_server):
         with pytest.raises(InfrastructureError, match="cannot pull the locally built image"):
             run.submit(add, 1, 2, node="unpushed").result(120)
     assert not bridge.names("launch")
+
+
+def test_status_and_gc_see_skyvms_clusters_only_and_spare_busy_ones(bridge, cloud_settings, monkeypatch, capsys):
+    from skyvm import cli
+    from skyvm.skypilot import bridge as bridge_module
+    from skyvm.skypilot.clusters import gc_clusters, skyvm_clusters
+
+    settings = {**cloud_settings, "defaults": {**cloud_settings["defaults"], "down": False}}
+    with Run(settings, run_id="kept-warm") as run:
+        assert run.submit(add, 2, 3, node="warm").result(120) == 5
+    (warm,) = [c[1] for c in bridge.names("launch")]
+    bridge.clusters["my-own-dev-box"] = "STOPPED"  # the user's cluster, no skyvm labels: never listed, never touched
+    monkeypatch.setattr(bridge_module, "get_bridge", lambda: bridge)
+
+    assert cli.main(["status", "--skypilot"]) == 0
+    out = capsys.readouterr().out
+    assert warm in out and "kept-warm" in out and "my-own-dev-box" not in out
+    (row,) = skyvm_clusters(bridge)
+    assert (row["name"], row["state"], row["run_id"], row["node"]) == (warm, "UP", "kept-warm", "warm")
+
+    # An UP cluster may be running a node: plain gc leaves it, --all-skypilot takes it.
+    assert gc_clusters(bridge) == [] and warm in bridge.clusters
+    bridge.clusters[warm] = "STOPPED"  # autostop stopped it: idle, and its disk still costs
+    assert cli.main(["gc", "--skypilot", "--dry-run"]) == 0 and warm in bridge.clusters
+    assert cli.main(["gc", "--skypilot"]) == 0
+    assert f"tore down 1 idle (INIT/STOPPED) SkyPilot cluster(s): {warm}" in capsys.readouterr().out
+    assert warm not in bridge.clusters and "my-own-dev-box" in bridge.clusters
+    assert ("down", "my-own-dev-box") not in bridge.calls
