@@ -306,10 +306,10 @@ class DetachedNode:
         return backend_for(self.settings)
 
     def status(self):
-        return self._backend().detached_status(self.ref["cluster"], self.ref["attempt_id"])
+        return self._backend().detached_status(self.ref)
 
     def read_log(self, offset: int = 0) -> tuple[str, int]:
-        return self._backend().detached_log(self.ref["cluster"], self.ref["attempt_id"], offset)
+        return self._backend().detached_log(self.ref, offset)
 
     def outcome(self, status=None) -> Outcome:
         status = status or self.status()
@@ -318,11 +318,11 @@ class DetachedNode:
         return read_outcome(store, self.ref["result_url"], status, self.node, self.cluster, text.splitlines()[-30:])
 
     def cancel(self) -> None:
-        self._backend().detached_cancel(self.ref["cluster"], self.ref["attempt_id"])
+        self._backend().detached_cancel(self.ref)
 
     def release(self) -> None:
         """The node is done with (or abandoned): tear its cluster down if ``down`` says so."""
-        self._backend().detached_release(self.ref["cluster"], self.ref["run_id"], self.settings.down)
+        self._backend().detached_release(self.ref, self.settings.down)
 
 
 class Run:
@@ -383,13 +383,14 @@ class Run:
         backend = backend_for(settings)
         attempt_id = new_attempt_id(node)
         _store, spec = prepare(self.run_id, node, attempt_id, settings, payload, backend)
-        cluster = backend.launch_detached(spec)
+        # What the backend needs to find the node again ({"cluster": ...}, and e.g. SkyPilot's job id).
+        where = backend.launch_detached(spec)
         return DetachedNode(
             {
+                **where,
                 "node": node,
                 "run_id": self.run_id,
                 "attempt_id": attempt_id,
-                "cluster": cluster,
                 "result_url": spec.result_url,
                 # Secrets stay out: this dict is stored by the engine (Airflow keeps triggers in its DB).
                 "settings": settings.model_dump(mode="json", exclude={"secrets"}),

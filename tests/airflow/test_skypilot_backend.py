@@ -67,19 +67,56 @@ def test_operator_runs_nodes_on_skypilot_through_skypilots_own_environment(skypi
 
     dr, states = run_dag(dag)
 
-    assert states == {"first": "success", "second": "success", "broken": "failed"}
+    assert states == {"first": "success", "second": "success", "broken": "failed", "deferred": "success"}
     assert xcom(dr, "second") == 84  # XCom crossed two SkyPilot nodes
+    assert xcom(dr, "deferred") == 100  # through the trigger, which polled SkyPilot's job status
     made = calls(skypilot_env_standin)
     launches = [c for c in made if c["call"] == "launch"]
-    assert len(launches) == 3  # one node, one cluster: each Airflow task is its own run
+    assert len(launches) == 4  # one node, one cluster: each Airflow task is its own run
     for launch in launches:
         task = launch["task"]
         assert task["resources"]["image_id"].startswith(f"docker:{registry.server}/skyvm-node:")
-        assert task["resources"]["labels"]["skyvm-node"] in ("first", "second", "broken")
+        assert task["resources"]["labels"]["skyvm-node"] in ("first", "second", "broken", "deferred")
         assert "SKYPILOT_DOCKER_PASSWORD" in task["secrets"] and launch["down"] is True
         # down: true -> each task's cluster is gone when its run ends, failed or not
         assert {"call": "down", "cluster": launch["cluster"]} in [{k: c[k] for k in ("call", "cluster")} for c in made if c["call"] == "down"]
-    assert [c["ok"] for c in made if c["call"] == "docker_login"] == [True, True, True]  # fresh credentials per launch
+    assert [c["ok"] for c in made if c["call"] == "docker_login"] == [True] * 4  # fresh credentials per launch
     # The failed job was confirmed failed by its job status, not taken from the log alone.
     broken = next(c["cluster"] for c in launches if c["task"]["resources"]["labels"]["skyvm-node"] == "broken")
     assert any(c["call"] == "job_status" and c["cluster"] == broken for c in made)
+    deferred = next(c["cluster"] for c in launches if c["task"]["resources"]["labels"]["skyvm-node"] == "deferred")
+    # The trigger polled without following (no process waits on the VM), then the cluster went.
+    assert any(c["call"] == "job_status" and c["cluster"] == deferred for c in made)
+    assert any(c["call"] == "tail_logs" and c["cluster"] == deferred and c["follow"] is False for c in made)
+
+
+def test_trigger_cleanup_cancels_an_unfinished_skypilot_node_and_downs_its_cluster(skypilot_env_standin, s3_server, registry, monkeypatch):
+    import asyncio
+
+    from airflow_skyvm.triggers.skyvm import SkyVMTrigger
+    from skyvm.api import Run
+    from skyvm.node import make_command_payload
+
+    monkeypatch.setenv("SKYVM_S3_ENDPOINT_URL", s3_server)
+    settings = {"defaults": {"backend": "skypilot", "cloud": "aws", "down": True, "payload_store": "s3://skyvm-test/airflow-sky",
+                             "payload_store_endpoint": s3_server, "registry": registry.model_dump()}}
+    run = Run(settings, run_id="af-sky-trigger-cleanup")
+    node = run.launch_detached("sky-cleanup", run.resolve("sky-cleanup"), make_command_payload("echo up; sleep 300"))
+    secret = registry.password()
+    assert node.to_dict()["job_id"] and secret not in str(node.to_dict())  # what Airflow stores for the trigger: no credentials
+    revived = SkyVMTrigger(**SkyVMTrigger(node=node.to_dict(), poll_interval=0.5).serialize()[1])
+
+    async def poll_then_stop():
+        gen = revived.run()
+        task = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(8)
+        assert not task.done()  # still running on the VM: no event yet
+        task.cancel()
+        await revived.cleanup()  # the task was cleared / marked failed meanwhile
+
+    asyncio.run(poll_then_stop())
+    made = calls(skypilot_env_standin)
+    assert [c["cluster"] for c in made if c["call"] == "cancel"] == [node.cluster]  # the SkyPilot job was cancelled
+    assert any(c["call"] == "down" and c["cluster"] == node.cluster for c in made)  # and its VM went (down: true)
+    assert node.status().state.value == "failed" and "gone" in node.status().detail  # nothing left to poll
+    run.close()

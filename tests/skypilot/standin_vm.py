@@ -165,10 +165,15 @@ class VMStandIn:
     def _job(self, cluster_name, job_id) -> Path:
         return STATE / "jobs" / cluster_name / str(job_id)
 
-    def tail_logs(self, cluster_name, job_id, on_log=print):
-        self._record("tail_logs", cluster=cluster_name, job_id=job_id)
+    def tail_logs(self, cluster_name, job_id, on_log=print, follow=True):
+        self._record("tail_logs", cluster=cluster_name, job_id=job_id, follow=follow)
         base = self._job(cluster_name, job_id)
         log, rc = Path(f"{base}.log"), Path(f"{base}.rc")
+        if not follow:
+            # What is there now (SkyPilot's follow=False); the code says nothing until the job ends.
+            for line in (log.read_text().splitlines() if log.exists() else []):
+                on_log(line)
+            return (0 if int(rc.read_text()) == 0 else FAILED_JOB_EXIT) if rc.exists() else 0
         while not log.exists():
             time.sleep(0.05)
         with open(log) as fh:
@@ -187,6 +192,10 @@ class VMStandIn:
 
     def job_status(self, cluster_name, job_id):
         self._record("job_status", cluster=cluster_name, job_id=job_id)
+        self._cluster(cluster_name)  # a cluster that is gone has no job queue to ask (SkyPilot raises too)
+        return self._state(cluster_name, job_id)
+
+    def _state(self, cluster_name, job_id):
         base = self._job(cluster_name, job_id)
         if Path(f"{base}.cancelled").exists():
             return "CANCELLED"
@@ -233,20 +242,22 @@ class VMStandIn:
     def _inner(self, job_id) -> tuple[str, int]:
         return f"managed-{job_id}", int((STATE / "jobs" / f"managed-{job_id}.inner").read_text())
 
-    def jobs_logs(self, job_id, on_log=print):
+    def jobs_logs(self, job_id, on_log=print, follow=True):
         cluster, inner = self._inner(job_id)
-        try:
-            return self.tail_logs(cluster, inner, on_log=on_log)
-        finally:
-            self.down(cluster)
+        code = self.tail_logs(cluster, inner, on_log=on_log, follow=follow)
+        if follow or self._state(cluster, inner) != "RUNNING":
+            self.down(cluster)  # the job is over: SkyPilot's controller tears its cluster down
+        return code
 
     def jobs_status(self, job_id):
         cluster, inner = self._inner(job_id)
-        return {"status": self.job_status(cluster, inner), "recovery_count": 0}
+        self._record("jobs_status", job_id=job_id)
+        return {"status": self._state(cluster, inner), "recovery_count": 0}
 
     def jobs_cancel(self, job_id):
         cluster, inner = self._inner(job_id)
         self.cancel(cluster, inner)
+        self.down(cluster)
 
     def optimize(self, tasks, clouds=None):
         raise AssertionError("the backend never asks the stand-in to optimize")

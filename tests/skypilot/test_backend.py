@@ -84,7 +84,7 @@ class StandInBridge:
         self._start(task, (cluster_name, job_id))
         return {"job_id": job_id, "cluster": cluster_name}
 
-    def tail_logs(self, cluster_name, job_id, on_log=None):
+    def tail_logs(self, cluster_name, job_id, on_log=None, follow=True):
         self._record("tail_logs", cluster_name, job_id)
         job = self.jobs[(cluster_name, job_id)]
         for line in job["proc"].stdout:
@@ -127,7 +127,7 @@ class StandInBridge:
         self.jobs[("managed", job_id)]["recovery_count"] = 0
         return {"job_id": job_id}
 
-    def jobs_logs(self, job_id, on_log=None):
+    def jobs_logs(self, job_id, on_log=None, follow=True):
         self._record("jobs_logs", job_id)
         job = self.jobs[("managed", job_id)]
         if self.preempt_managed_once:

@@ -353,8 +353,8 @@ class DockerBackend:
 
     # -- detached attempts (nobody waits on the process: Airflow's deferrable mode) --
 
-    def launch_detached(self, spec: TaskSpec) -> str:
-        """Start the run with ``docker exec --detach``; its log and exit code stay in the container. Returns the cluster."""
+    def launch_detached(self, spec: TaskSpec) -> dict:
+        """Start the run with ``docker exec --detach``; its log and exit code stay in the container. Returns where it runs."""
         check_satisfiable(spec)
         self._login_and_pull(spec)
         name, lock = self._acquire(spec)
@@ -372,15 +372,16 @@ class DockerBackend:
             )
             # Hold the cluster's lock until the attempt shows up inside, so no other node takes the cluster meanwhile.
             deadline = time.time() + 30
-            while time.time() < deadline and not self.detached_status(name, spec.attempt_id).detail.startswith("known"):
+            while time.time() < deadline and not self.detached_status({"cluster": name, "attempt_id": spec.attempt_id}).detail.startswith("known"):
                 time.sleep(0.1)
         except subprocess.CalledProcessError as exc:
             raise InfrastructureError(f"docker exec failed on {name}: {exc.stderr.decode(errors='replace')[-2000:]}") from None
         finally:
             self._free(spec, name, lock)
-        return name
+        return {"cluster": name}
 
-    def detached_status(self, cluster: str, attempt_id: str) -> JobStatus:
+    def detached_status(self, ref: dict) -> JobStatus:
+        cluster, attempt_id = ref["cluster"], ref["attempt_id"]
         out = docker("exec", cluster, "python3", "-m", "skyvm.node", "status", "--attempt", attempt_id, check=False, timeout=60)
         if out.returncode != 0:
             return JobStatus(JobState.FAILED, None, f"cluster {cluster} is gone or unreachable: {(out.stderr or out.stdout).strip()[-500:]}")
@@ -394,7 +395,8 @@ class DockerBackend:
             return JobStatus(JobState.CANCELLED, rc, "known")
         return JobStatus(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, rc, "known")
 
-    def detached_log(self, cluster: str, attempt_id: str, offset: int = 0) -> tuple[str, int]:
+    def detached_log(self, ref: dict, offset: int = 0) -> tuple[str, int]:
+        cluster, attempt_id = ref["cluster"], ref["attempt_id"]
         out = subprocess.run(
             ["docker", "exec", cluster, "python3", "-m", "skyvm.node", "log", "--attempt", attempt_id, "--offset", str(offset)],
             capture_output=True,
@@ -403,11 +405,12 @@ class DockerBackend:
         data = out.stdout if out.returncode == 0 else b""
         return data.decode(errors="replace"), offset + len(data)
 
-    def detached_cancel(self, cluster: str, attempt_id: str) -> None:
-        docker("exec", cluster, "python3", "-m", "skyvm.node", "cancel", "--attempt", attempt_id, check=False, timeout=60)
+    def detached_cancel(self, ref: dict) -> None:
+        docker("exec", ref["cluster"], "python3", "-m", "skyvm.node", "cancel", "--attempt", ref["attempt_id"], check=False, timeout=60)
 
-    def detached_release(self, cluster: str, run_id: str, down: bool) -> None:
+    def detached_release(self, ref: dict, down: bool) -> None:
         """The attempt is over: a ``down`` cluster goes unless another node runs in it."""
+        cluster, run_id = ref["cluster"], ref["run_id"]
         if not down:
             return
         lock = _ClusterLock(cluster)
@@ -533,7 +536,7 @@ class ProcessBackend:
     def release(self, run_id: str) -> None:
         run_lease(run_id).unlink(missing_ok=True)
 
-    def launch_detached(self, spec: TaskSpec) -> str:
+    def launch_detached(self, spec: TaskSpec) -> dict:
         raise InfrastructureError("detached nodes (Airflow's deferrable mode) need a Docker engine; none is reachable")
 
 

@@ -212,6 +212,71 @@ class SkyPilotBackend:
             self._clusters.pop(cluster.name, None)
         self._down(cluster.name)
 
+    # -- detached nodes (Airflow's deferrable mode: a trigger in another process polls) --------
+
+    def launch_detached(self, spec: TaskSpec) -> dict:
+        """Launch the node and return at once: where it runs and SkyPilot's job id, for the trigger.
+
+        Nobody in this process waits on it, so it gets a cluster of its own (named for its run),
+        never a warm one another process might hold.
+        """
+        task = self._task(spec)
+        if is_managed(spec):
+            job_id = self.bridge.jobs_launch(task, spec.cluster_name)["job_id"]
+            return {"cluster": f"managed-job-{job_id}", "job_id": job_id, "managed": True}
+        s = spec.settings
+        cluster = spec.cluster_name_for(0)
+        try:
+            answer = self.bridge.launch(task, cluster, idle_minutes_to_autostop=s.idle_minutes_to_autostop, down=s.down, retry_until_up=s.retry_until_up)
+        except BaseException as exc:
+            self._down(cluster)  # half-made: never leave a VM behind a failed launch
+            if isinstance(exc, InfrastructureError):
+                raise
+            raise InfrastructureError(f"node {spec.node!r}: SkyPilot could not run it on {cluster}: {exc}") from exc
+        return {"cluster": cluster, "job_id": answer["job_id"], "managed": False, "hourly_price": answer.get("hourly_price")}
+
+    def detached_status(self, ref: dict) -> JobStatus:
+        if ref.get("managed"):
+            status = self.bridge.jobs_status(ref["job_id"]).get("status")
+        else:
+            try:
+                status = self.bridge.job_status(ref["cluster"], ref["job_id"])
+            except InfrastructureError as exc:
+                return JobStatus(JobState.FAILED, None, f"cluster {ref['cluster']} is gone or unreachable: {exc}")
+        if status in _DONE_OK:
+            return JobStatus(JobState.SUCCEEDED, 0, status)
+        if status in ("CANCELLED", "CANCELLING"):
+            return JobStatus(JobState.CANCELLED, None, status)
+        if status in _DONE_BAD:
+            return JobStatus(JobState.FAILED, FAILED_JOB_EXIT, f"job status {status}")
+        if status is None:
+            return JobStatus(JobState.FAILED, None, f"cluster {ref['cluster']} has no job {ref['job_id']}")
+        return JobStatus(JobState.RUNNING, None, str(status))
+
+    def detached_log(self, ref: dict, offset: int = 0) -> tuple[str, int]:
+        """The job's log from ``offset`` (characters) on: what the trigger has not shown yet."""
+        lines: list[str] = []
+        try:
+            if ref.get("managed"):
+                self.bridge.jobs_logs(ref["job_id"], on_log=lines.append, follow=False)
+            else:
+                self.bridge.tail_logs(ref["cluster"], ref["job_id"], on_log=lines.append, follow=False)
+        except InfrastructureError:
+            return "", offset
+        text = "".join(line + "\n" for line in lines)
+        return text[offset:], max(offset, len(text))
+
+    def detached_cancel(self, ref: dict) -> None:
+        if ref.get("managed"):
+            self.bridge.jobs_cancel(ref["job_id"])
+        else:
+            self.bridge.cancel(ref["cluster"], ref["job_id"])
+
+    def detached_release(self, ref: dict, down: bool) -> None:
+        """The node is over: its own cluster goes when ``down`` says so (a managed job's went with the job)."""
+        if down and not ref.get("managed"):
+            self._down(ref["cluster"])
+
     def _down(self, name: str) -> None:
         try:
             self.bridge.down(name)

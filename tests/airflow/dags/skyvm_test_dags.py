@@ -83,4 +83,6 @@ with DAG("skyvm_on_skypilot", schedule=None, start_date=START, render_template_a
     _first = SkyVMOperator(task_id="first", python_callable=double, op_args=[21], sky_settings=_vm)
     _second = SkyVMOperator(task_id="second", python_callable=double, op_args=["{{ ti.xcom_pull(task_ids='first') }}"], sky_settings=_vm)
     SkyVMOperator(task_id="broken", bash_command="echo about to fail; exit 3", sky_settings=_vm)
+    # Deferrable: the worker slot is free while the VM works; the trigger polls SkyPilot's job status.
+    SkyVMOperator(task_id="deferred", python_callable=double, op_args=[50], sky_settings=_vm, deferrable=True, poll_interval=0.5)
     _first >> _second
