@@ -109,3 +109,41 @@ def s3_server(tmp_path_factory):
 @pytest.fixture
 def project_root() -> Path:
     return Path(__file__).resolve().parents[1]
+
+
+class StandInVM:
+    """SkyPilot's environment, as skyvm reaches it from an engine's environment that cannot hold
+    SkyPilot, answered by the recording stand-in VM of tests/skypilot/standin_vm.py."""
+
+    def __init__(self, state: Path):
+        self.dir = state
+
+    def calls(self) -> list[dict]:
+        import json
+
+        path = self.dir / "calls.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def standin_vm(docker_engine, tmp_path, monkeypatch):
+    import importlib.util
+
+    from skyvm.backends import skypilot as skypilot_backend_module
+
+    sky_python = os.environ.get("SKYVM_TEST_SKYPILOT_PYTHON", "")
+    if not Path(sky_python).is_file():
+        if IN_CI:
+            pytest.fail("SKYVM_TEST_SKYPILOT_PYTHON must name SkyPilot's environment's python (./dev test sets it)")
+        pytest.skip("no SkyPilot environment (set SKYVM_TEST_SKYPILOT_PYTHON)")
+    # The point: this environment has no SkyPilot, so every call must cross to SkyPilot's own.
+    assert importlib.util.find_spec("sky") is None
+    state = tmp_path / "standin"
+    monkeypatch.setenv("SKYVM_SKYPILOT_PYTHON", str(Path(__file__).resolve().parent / "skypilot" / "standin-python"))
+    monkeypatch.setenv("SKYVM_STANDIN_DIR", str(state))
+    monkeypatch.setattr(skypilot_backend_module, "_backend", None)  # a backend made now, with the bridge above
+    yield StandInVM(state)
+    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=dev.skyvm.standin={state}"], capture_output=True, text=True).stdout.split()
+    if left:
+        subprocess.run(["docker", "rm", "-f", *left], capture_output=True)
+    assert not left, "a SkyPilot cluster (stand-in VM) was left running"

@@ -13,43 +13,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
 from pathlib import Path
 
-import pytest
 
-from skyvm.backends import skypilot as skypilot_backend_module
-
-STANDIN = Path(__file__).resolve().parents[1] / "skypilot" / "standin-python"
-IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
-
-
-@pytest.fixture
-def skypilot_env_standin(tmp_path, monkeypatch):
-    sky_python = os.environ.get("SKYVM_TEST_SKYPILOT_PYTHON", "")
-    if not Path(sky_python).is_file():
-        if IN_CI:
-            pytest.fail("SKYVM_TEST_SKYPILOT_PYTHON must name SkyPilot's environment's python (./dev test sets it)")
-        pytest.skip("no SkyPilot environment (set SKYVM_TEST_SKYPILOT_PYTHON)")
-    # The point of the test: this environment has no SkyPilot, so the bridge must cross a process boundary.
-    assert importlib.util.find_spec("sky") is None
-    state = tmp_path / "standin"
-    monkeypatch.setenv("SKYVM_SKYPILOT_PYTHON", str(STANDIN))
-    monkeypatch.setenv("SKYVM_STANDIN_DIR", str(state))
-    monkeypatch.setattr(skypilot_backend_module, "_backend", None)  # a backend made now, with the bridge above
-    yield state
-    left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=dev.skyvm.standin={state}"], capture_output=True, text=True).stdout.split()
-    if left:
-        subprocess.run(["docker", "rm", "-f", *left], capture_output=True)
-    assert not left, "a SkyPilot cluster (stand-in VM) was left running"
-
-
-def calls(state: Path) -> list[dict]:
-    return [json.loads(line) for line in (state / "calls.jsonl").read_text().splitlines()]
-
-
-def test_operator_runs_nodes_on_skypilot_through_skypilots_own_environment(skypilot_env_standin, s3_server, registry, monkeypatch):
+def test_operator_runs_nodes_on_skypilot_through_skypilots_own_environment(standin_vm, s3_server, registry, monkeypatch):
     from test_operator import run_dag, xcom
 
     monkeypatch.setenv("SKYVM_S3_ENDPOINT_URL", s3_server)
@@ -70,7 +37,7 @@ def test_operator_runs_nodes_on_skypilot_through_skypilots_own_environment(skypi
     assert states == {"first": "success", "second": "success", "broken": "failed", "deferred": "success"}
     assert xcom(dr, "second") == 84  # XCom crossed two SkyPilot nodes
     assert xcom(dr, "deferred") == 100  # through the trigger, which polled SkyPilot's job status
-    made = calls(skypilot_env_standin)
+    made = standin_vm.calls()
     launches = [c for c in made if c["call"] == "launch"]
     assert len(launches) == 4  # one node, one cluster: each Airflow task is its own run
     for launch in launches:
@@ -90,7 +57,7 @@ def test_operator_runs_nodes_on_skypilot_through_skypilots_own_environment(skypi
     assert any(c["call"] == "tail_logs" and c["cluster"] == deferred and c["follow"] is False for c in made)
 
 
-def test_trigger_cleanup_cancels_an_unfinished_skypilot_node_and_downs_its_cluster(skypilot_env_standin, s3_server, registry, monkeypatch):
+def test_trigger_cleanup_cancels_an_unfinished_skypilot_node_and_downs_its_cluster(standin_vm, s3_server, registry, monkeypatch):
     import asyncio
 
     from airflow_skyvm.triggers.skyvm import SkyVMTrigger
@@ -115,7 +82,7 @@ def test_trigger_cleanup_cancels_an_unfinished_skypilot_node_and_downs_its_clust
         await revived.cleanup()  # the task was cleared / marked failed meanwhile
 
     asyncio.run(poll_then_stop())
-    made = calls(skypilot_env_standin)
+    made = standin_vm.calls()
     assert [c["cluster"] for c in made if c["call"] == "cancel"] == [node.cluster]  # the SkyPilot job was cancelled
     assert any(c["call"] == "down" and c["cluster"] == node.cluster for c in made)  # and its VM went (down: true)
     assert node.status().state.value == "failed" and "gone" in node.status().detail  # nothing left to poll

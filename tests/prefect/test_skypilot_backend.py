@@ -1,0 +1,65 @@
+"""SkyVMTaskRunner with ``backend: skypilot`` from a Prefect environment without SkyPilot.
+
+Every SkyPilot call crosses to SkyPilot's own environment through ``SubprocessBridge``, where the
+recording stand-in VM of tests/skypilot/standin_vm.py answers it (the one seam where a cloud would
+be provisioned): each task is parsed by SkyPilot, the node image is pulled from the registry with
+the task's own registry secrets and the job runs in that container. The Prefect API, the registry
+and the S3 server are real.
+"""
+
+from __future__ import annotations
+
+import pytest
+from prefect import flow, task
+
+from prefect_skyvm import SkyVMTaskRunner
+
+
+@task
+def square(x):
+    return x * x
+
+
+@task(retries=2)
+def fails():
+    raise KeyError("missing on the VM")
+
+
+def test_flow_tasks_run_on_skypilot_nodes_through_skypilots_own_environment(standin_vm, s3_server, registry, monkeypatch):
+    monkeypatch.setenv("SKYVM_S3_ENDPOINT_URL", s3_server)
+    settings = {"defaults": {"backend": "skypilot", "cloud": "aws", "cpus": "2+", "down": True, "max_clusters": 2,
+                             "payload_store": "s3://skyvm-test/prefect-sky", "payload_store_endpoint": s3_server,
+                             "registry": registry.model_dump()}}
+
+    @flow(task_runner=SkyVMTaskRunner(settings))
+    def on_vms():
+        squares = [square.submit(n) for n in (2, 3, 4)]
+        return [f.result() for f in squares]
+
+    assert on_vms() == [4, 9, 16]
+    made = standin_vm.calls()
+    launches = [c["cluster"] for c in made if c["call"] == "launch"]
+    execs = [c["cluster"] for c in made if c["call"] == "exec"]
+    # Three nodes of one signature, at most two clusters: the third ran on a warm one with exec.
+    assert len(launches) + len(execs) == 3 and 1 <= len(launches) <= 2 and set(execs) <= set(launches)
+    assert sum(1 for c in made if c["call"] == "docker_login" and c["ok"]) == 3  # fresh credentials for every launch and exec
+    downs = [c["cluster"] for c in made if c["call"] == "down"]
+    assert sorted(downs) == sorted(launches)  # down: true -> every cluster went when the flow ended
+
+
+def test_a_failing_task_fails_with_its_exception_after_its_retries(standin_vm, s3_server, registry, monkeypatch):
+    monkeypatch.setenv("SKYVM_S3_ENDPOINT_URL", s3_server)
+    settings = {"defaults": {"backend": "skypilot", "cloud": "aws", "down": True,
+                             "payload_store": "s3://skyvm-test/prefect-sky", "payload_store_endpoint": s3_server,
+                             "registry": registry.model_dump()}}
+
+    @flow(task_runner=SkyVMTaskRunner(settings))
+    def failing():
+        return fails.submit().result()
+
+    with pytest.raises(KeyError, match="missing on the VM"):
+        failing()
+    made = standin_vm.calls()
+    runs = [c for c in made if c["call"] in ("launch", "exec")]
+    assert len(runs) == 3  # the first try and two retries, each a SkyPilot job
+    assert sum(1 for c in made if c["call"] == "job_status") >= 3  # each failure confirmed by the job's status
