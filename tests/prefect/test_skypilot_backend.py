@@ -45,6 +45,7 @@ def test_flow_tasks_run_on_skypilot_nodes_through_skypilots_own_environment(stan
     assert sum(1 for c in made if c["call"] == "docker_login" and c["ok"]) == 3  # fresh credentials for every launch and exec
     downs = [c["cluster"] for c in made if c["call"] == "down"]
     assert sorted(downs) == sorted(launches)  # down: true -> every cluster went when the flow ended
+    assert len({c["pid"] for c in made}) == 1  # one SkyPilot-side process served the whole flow
 
 
 def test_a_failing_task_fails_with_its_exception_after_its_retries(standin_vm, s3_server, registry, monkeypatch):

@@ -2,8 +2,10 @@
 across the process boundary exactly as ``python -m skyvm.skypilot.bridge CALL`` is.
 
 ``standin-python`` (beside this file) is what ``SKYVM_SKYPILOT_PYTHON`` points at in a test:
-skyvm's ``SubprocessBridge`` runs it as it would run SkyPilot's environment, and each call
-lands here, in SkyPilot's environment (``$SKYVM_TEST_SKYPILOT_PYTHON``), one process per call.
+skyvm's ``SubprocessBridge`` runs it as it would run SkyPilot's environment, and its calls
+land here, in SkyPilot's environment (``$SKYVM_TEST_SKYPILOT_PYTHON``), answered through the
+bridge's own protocol (``serve``). State is kept in files, as if on VMs, so it outlives any one
+bridge process (an Airflow task and its trigger run in different processes).
 
 What a cloud VM would do is done on this machine, with real parts:
 - every task is parsed by SkyPilot's own ``sky.Task.from_yaml_config`` (a task SkyPilot would
@@ -264,4 +266,5 @@ class VMStandIn:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(sys.argv[1], VMStandIn))
+    assert sys.argv[1:] == ["--serve"], sys.argv
+    sys.exit(serve(VMStandIn))

@@ -58,9 +58,10 @@ class SkyPilotBackend:
 
     @property
     def bridge(self) -> SkyBridge:
-        if self._bridge is None:
-            self._bridge = get_bridge()
-        return self._bridge
+        with self._lock:  # nodes start in parallel threads: one bridge (one SkyPilot-side process) for all
+            if self._bridge is None:
+                self._bridge = get_bridge()
+            return self._bridge
 
     # -- launch --------------------------------------------------------------
 

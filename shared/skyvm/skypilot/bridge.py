@@ -12,12 +12,15 @@ jobs_launch, jobs_status, jobs_cancel, jobs_logs, optimize.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Protocol
 
@@ -197,43 +200,116 @@ class InProcessBridge:
         return [offline.optimize(self.sky, task, clouds=clouds) for task in tasks]
 
 
+class _Pending:
+    def __init__(self, on_log: Optional[LogSink]):
+        self.on_log = on_log
+        self.answer: Optional[dict] = None
+        self.done = threading.Event()
+
+
 class SubprocessBridge:
-    """The same calls, answered by ``python -m skyvm.skypilot.bridge`` in SkyPilot's own environment."""
+    """The same calls, answered in SkyPilot's own environment by one long-lived
+    ``python -m skyvm.skypilot.bridge --serve`` process.
+
+    Importing SkyPilot costs seconds of CPU; one process per bridge pays it once, not once a
+    call. Calls run concurrently (a ``tail_logs`` may stream for hours while others come and
+    go): each request carries an id, and the answer and log lines come back tagged with it.
+    If the process dies, the calls in flight fail with its last words and the next call starts
+    a new one.
+    """
 
     def __init__(self, python: str, env: Optional[dict] = None):
         self.python = python
         self.env = env
+        self._lock = threading.Lock()
+        self._proc: Optional[subprocess.Popen] = None
+        self._pending: dict[int, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._stderr_tail: collections.deque = collections.deque(maxlen=20)
 
-    def _call(self, name: str, on_log: Optional[LogSink] = None, **kwargs) -> Any:
-        proc = subprocess.Popen(
-            [self.python, "-m", "skyvm.skypilot.bridge", name],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=self.env,
-        )
-        proc.stdin.write(json.dumps(kwargs))
-        proc.stdin.close()
-        # Logs stream on stderr, line by line; the answer is the one line on stdout.
-        tail: list[str] = []
+    def _ensure(self) -> subprocess.Popen:
+        with self._lock:
+            if self._proc is None or self._proc.poll() is not None:
+                self._proc = subprocess.Popen(
+                    [self.python, "-m", "skyvm.skypilot.bridge", "--serve"],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    bufsize=1,
+                    env=self.env,
+                )
+                threading.Thread(target=self._read_answers, args=(self._proc,), daemon=True, name="skyvm-bridge-answers").start()
+                threading.Thread(target=self._read_stderr, args=(self._proc,), daemon=True, name="skyvm-bridge-stderr").start()
+            return self._proc
+
+    def _read_stderr(self, proc: subprocess.Popen) -> None:
         for line in proc.stderr:
             line = line.rstrip("\n")
-            tail = (tail + [line])[-20:]
-            if on_log:
-                on_log(line)
-            else:
-                log.debug("skypilot %s: %s", name, line)
-        out = proc.stdout.read()
-        proc.wait()
-        lines = [l for l in out.splitlines() if l.strip()]
-        if not lines:
-            last = "\n".join(tail)
-            raise InfrastructureError(f"SkyPilot bridge call {name} ({self.python}) gave no answer (exit {proc.returncode}):\n{last}")
-        answer = json.loads(lines[-1])
+            self._stderr_tail.append(line)
+            log.debug("skypilot bridge: %s", line)
+
+    def _read_answers(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            try:
+                msg = json.loads(line)
+            except ValueError:
+                continue
+            with self._lock:
+                pending = self._pending.get(msg.get("id"))
+            if pending is None:
+                continue
+            if "log" in msg:
+                if pending.on_log:
+                    pending.on_log(msg["log"])
+                continue
+            pending.answer = msg
+            pending.done.set()
+        # The process is gone: whatever it still owed fails, with its last words.
+        code = proc.wait()
+        with self._lock:
+            orphans = [p for p in self._pending.values() if not p.done.is_set()]
+        last = "\n".join(self._stderr_tail)
+        for pending in orphans:
+            pending.answer = {"error": f"the SkyPilot bridge process ({self.python}) exited with code {code}:\n{last}"}
+            pending.done.set()
+
+    def _call(self, name: str, on_log: Optional[LogSink] = None, **kwargs) -> Any:
+        proc = self._ensure()
+        call_id = next(self._ids)
+        pending = _Pending(on_log)
+        with self._lock:
+            self._pending[call_id] = pending
+        try:
+            try:
+                with self._lock:
+                    proc.stdin.write(json.dumps({"id": call_id, "call": name, "kwargs": kwargs}) + "\n")
+                    proc.stdin.flush()
+            except (BrokenPipeError, OSError) as exc:
+                raise InfrastructureError(f"the SkyPilot bridge process ({self.python}) is gone: {exc}\n" + "\n".join(self._stderr_tail)) from None
+            pending.done.wait()
+        finally:
+            with self._lock:
+                self._pending.pop(call_id, None)
+        answer = pending.answer or {}
         if "error" in answer:
             raise InfrastructureError(f"SkyPilot {name} failed: {answer['error']}")
-        return answer["result"]
+        return answer.get("result")
+
+    def close(self) -> None:
+        """End the bridge process (it also ends by itself when this process goes)."""
+        with self._lock:
+            proc, self._proc = self._proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.close()
+            except OSError:
+                pass
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def __getattr__(self, name):
         if name not in CALLS:
@@ -277,39 +353,57 @@ def get_bridge() -> SkyBridge:
         return SubprocessBridge(python)
 
 
-def serve(name: str, make_bridge: Callable[[], Any]) -> int:
-    """Answer one call: JSON kwargs on stdin, one JSON answer line on stdout, logs on stderr.
+def serve(make_bridge: Callable[[], Any]) -> int:
+    """Answer calls until stdin closes: one JSON request per line in (``id``, ``call``,
+    ``kwargs``), JSON lines out tagged with the request's id (``log``, then ``result`` or
+    ``error``). Each call runs in its own thread, so a long ``tail_logs`` blocks nothing.
 
-    Whatever SkyPilot (or a process it starts) prints goes to stderr too: the
-    real stdout is kept for the answer alone, so a chatty call can never block
-    on a full pipe or corrupt the answer.
+    Whatever SkyPilot (or a process it starts) prints goes to stderr: the real stdout is kept
+    for the protocol alone, so a chatty call can never corrupt an answer.
     """
-    answer_out = os.fdopen(os.dup(1), "w")
+    out = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
+    out_lock = threading.Lock()
 
-    def answer(obj) -> None:
-        answer_out.write(json.dumps(obj, default=str) + "\n")
-        answer_out.flush()
+    def send(obj: dict) -> None:
+        with out_lock:
+            out.write(json.dumps(obj, default=str) + "\n")
+            out.flush()
 
-    if name not in CALLS:
-        answer({"error": f"unknown call {name!r}; known: {', '.join(CALLS)}"})
-        return 2
-    kwargs = json.loads(sys.stdin.read() or "{}")
     try:
-        fn = getattr(make_bridge(), name)
+        bridge, broken = make_bridge(), None
+    except Exception as exc:  # noqa: BLE001 - e.g. SkyPilot not importable: every call says so
+        bridge, broken = None, f"{type(exc).__name__}: {exc}"
+
+    def handle(msg: dict) -> None:
+        call_id, name, kwargs = msg.get("id"), msg.get("call"), dict(msg.get("kwargs") or {})
+        if broken is not None:
+            return send({"id": call_id, "error": broken})
+        if name not in CALLS:
+            return send({"id": call_id, "error": f"unknown call {name!r}; known: {', '.join(CALLS)}"})
         if name in LOGGING_CALLS:
-            kwargs["on_log"] = lambda line: print(line, file=sys.stderr, flush=True)
-        result = fn(**kwargs)
-    except Exception as exc:  # noqa: BLE001 - every failure goes back as an answer
-        answer({"error": _ANSI.sub("", f"{type(exc).__name__}: {exc}").strip()})
-        return 1
-    answer({"result": result})
-    return 0
+            kwargs["on_log"] = lambda line: send({"id": call_id, "log": line})
+        try:
+            result = getattr(bridge, name)(**kwargs)
+        except Exception as exc:  # noqa: BLE001 - every failure goes back as an answer
+            return send({"id": call_id, "error": _ANSI.sub("", f"{type(exc).__name__}: {exc}").strip()})
+        send({"id": call_id, "result": result})
+
+    for line in sys.stdin:
+        if line.strip():
+            threading.Thread(target=handle, args=(json.loads(line),), daemon=True).start()
+    # stdin closed: the engine's process is done with SkyPilot (or gone). Calls still in flight
+    # have nobody to answer; SkyPilot's API server keeps any request it already accepted.
+    out.flush()
+    os._exit(0)
 
 
 def main() -> int:
-    return serve(sys.argv[1], InProcessBridge)
+    if sys.argv[1:] != ["--serve"]:
+        print("usage: python -m skyvm.skypilot.bridge --serve   (skyvm's SubprocessBridge runs this)", file=sys.stderr)
+        return 2
+    return serve(InProcessBridge)
 
 
 if __name__ == "__main__":

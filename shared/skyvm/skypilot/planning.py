@@ -53,6 +53,7 @@ def plan(entries: list[tuple[str, NodeSettings]], *, catalog_dir: Optional[str] 
     try:
         answers = bridge.optimize(tasks) if tasks else []
     finally:
+        bridge.close()
         if tmp is not None:
             tmp.cleanup()
     rows = []

@@ -1,0 +1,101 @@
+"""SubprocessBridge's protocol: one long-lived process in the other environment, concurrent calls,
+log lines streamed per call, and a dead process reported (then replaced), never a hang.
+
+The far side is ``skyvm.skypilot.bridge.serve`` itself, serving a small bridge written here
+(this suite's environment has no SkyPilot; the SkyPilot suites run the same protocol against
+SkyPilot's real API server)."""
+
+from __future__ import annotations
+
+import os
+import sys
+import textwrap
+import threading
+import time
+
+import pytest
+
+from skyvm.errors import InfrastructureError
+from skyvm.skypilot.bridge import SubprocessBridge
+
+FAR_SIDE = textwrap.dedent(
+    """
+    import os, sys, time
+    from skyvm.skypilot.bridge import serve
+
+    class Far:
+        def status(self, cluster_names=None):
+            return [{"name": "c1", "status": "UP", "pid": os.getpid()}]
+
+        def tail_logs(self, cluster_name, job_id, on_log=None, follow=True):
+            for i in range(5):
+                on_log(f"line {i} of job {job_id}")
+                time.sleep(0.2)
+            return 100 if job_id == 7 else 0
+
+        def job_status(self, cluster_name, job_id):
+            if job_id == 13:
+                print("far side: giving up on job 13", file=sys.stderr, flush=True)
+                os._exit(3)
+            return "RUNNING"
+
+    class Broken:
+        def __init__(self):
+            raise ImportError("No module named 'sky'")
+
+    serve(Broken if os.environ.get("FAR_BROKEN") else Far)
+    """
+)
+
+
+@pytest.fixture
+def far_python(tmp_path):
+    script = tmp_path / "far.py"
+    script.write_text(FAR_SIDE)
+    python = tmp_path / "python"
+    # Called as `python -m skyvm.skypilot.bridge --serve`, like SkyPilot's environment's python.
+    python.write_text(f'#!/bin/sh\n[ "$3" = "--serve" ] || exit 2\nexec {sys.executable} {script}\n')
+    python.chmod(0o755)
+    return str(python)
+
+
+def test_concurrent_calls_share_one_process_and_logs_stream_per_call(far_python):
+    bridge = SubprocessBridge(far_python)
+    try:
+        lines: list[str] = []
+        codes = {}
+        tail = threading.Thread(target=lambda: codes.setdefault("tail", bridge.tail_logs("c1", 7, on_log=lines.append)))
+        tail.start()
+        time.sleep(0.3)
+        started = time.time()
+        pids = {bridge.status()[0]["pid"] for _ in range(3)}
+        assert time.time() - started < 0.8  # answered while the tail still streams: nothing waits on it
+        assert tail.is_alive()
+        tail.join(10)
+        assert codes["tail"] == 100  # the failed job's code comes back as is
+        assert lines == [f"line {i} of job 7" for i in range(5)]
+        assert len(pids) == 1  # one process for every call: SkyPilot is imported once, not per call
+    finally:
+        bridge.close()
+
+
+def test_a_dead_bridge_process_fails_its_calls_with_its_last_words_and_is_replaced(far_python):
+    bridge = SubprocessBridge(far_python)
+    try:
+        first = bridge.status()[0]["pid"]
+        with pytest.raises(InfrastructureError, match=r"exited with code 3:[\s\S]*giving up on job 13"):
+            bridge.job_status("c1", 13)
+        second = bridge.status()[0]["pid"]
+        assert second != first  # the next call started a new process
+    finally:
+        bridge.close()
+
+
+def test_a_missing_skypilot_is_every_calls_answer(far_python, monkeypatch):
+    monkeypatch.setenv("FAR_BROKEN", "1")
+    bridge = SubprocessBridge(far_python, env=dict(os.environ))
+    try:
+        with pytest.raises(InfrastructureError, match="SkyPilot status failed: ImportError: No module named 'sky'"):
+            bridge.status()
+    finally:
+        bridge.close()
