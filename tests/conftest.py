@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -119,8 +120,6 @@ class StandInVM:
         self.dir = state
 
     def calls(self) -> list[dict]:
-        import json
-
         path = self.dir / "calls.jsonl"
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 

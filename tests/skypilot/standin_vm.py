@@ -122,7 +122,8 @@ class VMStandIn:
         names, env = self._env(task)
         env["SKYVM_STANDIN_RUN"] = task["run"]
         cmd = " ".join(["docker", "exec", *names, shlex.quote(_container(cluster)), "sh", "-c", '"$SKYVM_STANDIN_RUN"'])
-        attempt = shlex.split(task["run"])[shlex.split(task["run"]).index("--attempt") + 1]
+        argv = shlex.split(task["run"])
+        attempt = argv[argv.index("--attempt") + 1]
         (job_dir / f"{job_id}.attempt").write_text(attempt)
         # Detached from this call's process (each bridge call is one process), as a job on a VM is.
         subprocess.Popen(

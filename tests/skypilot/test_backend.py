@@ -240,6 +240,21 @@ def test_a_half_made_cluster_is_torn_down(cloud_settings, monkeypatch):
     assert ("down", name) in stand_in.calls and stand_in.clusters == {}
 
 
+def test_a_cluster_whose_launch_failed_is_never_taken_for_a_warm_one(cloud_settings, monkeypatch):
+    stand_in = StandInBridge(fail_launch_for="skyvm")
+    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
+    warm = {**cloud_settings, "defaults": {**cloud_settings["defaults"], "down": False}}  # clusters outlive their run
+    with Run(warm) as run:
+        with pytest.raises(InfrastructureError, match="no capacity"):
+            run.submit(add, 1, 1, node="unlucky").result(120)
+    stand_in.fail_launch_for = None  # capacity is back
+    with Run(warm) as run:
+        assert run.submit(add, 2, 2, node="lucky").result(120) == 4
+    assert len(stand_in.names("launch")) == 2 and not stand_in.names("exec")  # a fresh launch, no exec on the downed one
+    for name in list(stand_in.clusters):
+        stand_in.down(name)  # down: false kept the good one warm; this test's "VM" goes now
+
+
 def test_spot_with_recovery_is_a_managed_job_and_preemption_spends_no_retry(cloud_settings, monkeypatch):
     stand_in = StandInBridge(preempt_managed_once=True)
     monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))

@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 from airflow.configuration import conf
 from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 
+from airflow_skyvm.operators.skyvm import node_name
 from skyvm.api import NodeHandle, Run
 from skyvm.errors import SkyVMError
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
@@ -104,7 +105,7 @@ class SkyVMExecutor(BaseExecutor):
             try:
                 settings = self._node_settings(ti)
                 settings = settings.model_copy(update={"secrets": {**settings.secrets, WORKLOAD_ENV: workload.model_dump_json()}})
-                node = f"{ti.task_id}" + (f"-{ti.map_index}" if getattr(ti, "map_index", -1) not in (-1, None) else "")
+                node = node_name(ti)
                 log = self.log
                 self._handles[key] = self._run.start_command(node, settings, COMMAND, on_log=lambda line, k=key: log.debug("%s: %s", k.task_id, line))
                 self.log.info("SkyVMExecutor: %s on a %s node", key, settings.backend)

@@ -28,6 +28,12 @@ except ImportError:  # pragma: no cover
     from airflow.models import BaseOperator
 
 
+def node_name(ti) -> str:
+    """A task instance's node name: its task_id, plus the map index of a mapped task."""
+    map_index = getattr(ti, "map_index", -1)
+    return ti.task_id if map_index in (-1, None) else f"{ti.task_id}-{map_index}"
+
+
 def _has_template(value: Any) -> bool:
     if isinstance(value, str):
         return "{{" in value or "{%" in value
@@ -106,8 +112,7 @@ class SkyVMOperator(BaseOperator):
 
     def _run_id(self, context) -> str:
         ti = context["ti"]
-        suffix = f"-{ti.map_index}" if getattr(ti, "map_index", -1) not in (-1, None) else ""
-        return f"af-{ti.dag_id}-{ti.run_id}-{ti.task_id}{suffix}"
+        return f"af-{ti.dag_id}-{ti.run_id}-{node_name(ti)}"
 
     def _payload(self) -> bytes:
         if self.bash_command is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NoReturn, Optional
 
 from skyvm.backends.base import Job, JobState, JobStatus, LogSink
 from skyvm.errors import InfrastructureError
@@ -91,27 +91,15 @@ class SkyPilotBackend:
         cluster, fresh = self._acquire(spec)
         try:
             if fresh:
-                s = spec.settings
-                answer = self.bridge.launch(task, cluster.name, idle_minutes_to_autostop=s.idle_minutes_to_autostop, down=s.down, retry_until_up=s.retry_until_up, on_log=on_log)
-                cluster.placement = {k: answer[k] for k in ("cloud", "region", "zone", "instance_type", "use_spot", "hourly_price") if k in answer}
-                if cluster.placement:
-                    p = cluster.placement
-                    line = (
-                        f"skyvm: {spec.node} launched {cluster.name} on {p.get('cloud')} {p.get('region')} "
-                        f"{p.get('instance_type')}{' (spot)' if p.get('use_spot') else ''} at ${p.get('hourly_price', 0):.4f}/h"
-                    )
-                    log.info(line)
-                    on_log(line)
+                answer, cluster.placement = self._launch_fresh(spec, task, cluster.name, on_log)
             else:
                 answer = self.bridge.exec(task, cluster.name, on_log=on_log)
         except BaseException as exc:
-            self._release_cluster(cluster)
             if fresh:
-                # Half-made: never leave a VM behind a failed launch.
-                self._down(cluster.name)
-            if isinstance(exc, InfrastructureError):
-                raise
-            raise InfrastructureError(f"node {spec.node!r}: SkyPilot could not run it on {cluster.name}: {exc}") from exc
+                with self._lock:  # torn down (or never made): not a warm cluster a later node may exec on
+                    self._clusters.pop(cluster.name, None)
+            self._release_cluster(cluster)
+            _raise_infra(spec, cluster.name, exc)
         job = Job(
             spec=spec,
             cluster=cluster.name,
@@ -119,6 +107,26 @@ class SkyPilotBackend:
         )
         self._follow(job, lambda: self.bridge.tail_logs(cluster.name, answer["job_id"], on_log=on_log))
         return job
+
+    def _launch_fresh(self, spec: TaskSpec, task: dict, cluster_name: str, on_log: Optional[LogSink]) -> tuple[dict, dict]:
+        """``sky.launch`` on a new cluster: SkyPilot's answer and where it landed. A failed launch
+        tears down what was half-made: never a VM left behind."""
+        s = spec.settings
+        try:
+            answer = self.bridge.launch(task, cluster_name, idle_minutes_to_autostop=s.idle_minutes_to_autostop, down=s.down, retry_until_up=s.retry_until_up, on_log=on_log)
+        except BaseException:
+            self._down(cluster_name)
+            raise
+        placement = {k: answer[k] for k in ("cloud", "region", "zone", "instance_type", "use_spot", "hourly_price") if k in answer}
+        if placement:
+            line = (
+                f"skyvm: {spec.node} launched {cluster_name} on {placement.get('cloud')} {placement.get('region')} "
+                f"{placement.get('instance_type')}{' (spot)' if placement.get('use_spot') else ''} at ${placement.get('hourly_price', 0):.4f}/h"
+            )
+            log.info(line)
+            if on_log:
+                on_log(line)
+        return answer, placement
 
     def _follow(self, job: Job, tail) -> None:
         def run():
@@ -225,15 +233,11 @@ class SkyPilotBackend:
         if is_managed(spec):
             job_id = self.bridge.jobs_launch(task, spec.cluster_name)["job_id"]
             return {"cluster": f"managed-job-{job_id}", "job_id": job_id, "managed": True}
-        s = spec.settings
         cluster = spec.cluster_name_for(0)
         try:
-            answer = self.bridge.launch(task, cluster, idle_minutes_to_autostop=s.idle_minutes_to_autostop, down=s.down, retry_until_up=s.retry_until_up)
+            answer, _placement = self._launch_fresh(spec, task, cluster, None)
         except BaseException as exc:
-            self._down(cluster)  # half-made: never leave a VM behind a failed launch
-            if isinstance(exc, InfrastructureError):
-                raise
-            raise InfrastructureError(f"node {spec.node!r}: SkyPilot could not run it on {cluster}: {exc}") from exc
+            _raise_infra(spec, cluster, exc)
         return {"cluster": cluster, "job_id": answer["job_id"], "managed": False, "hourly_price": answer.get("hourly_price")}
 
     def detached_status(self, ref: dict) -> JobStatus:
@@ -283,6 +287,13 @@ class SkyPilotBackend:
             self.bridge.down(name)
         except Exception as exc:  # noqa: BLE001 - report, do not hide the original error
             log.error("could not tear down cluster %s: %s (run `sky down %s`)", name, exc, name)
+
+
+def _raise_infra(spec: TaskSpec, cluster: str, exc: BaseException) -> NoReturn:
+    """Every failure to get a node running reaches the engine as an InfrastructureError (not a user failure)."""
+    if isinstance(exc, InfrastructureError):
+        raise exc
+    raise InfrastructureError(f"node {spec.node!r}: SkyPilot could not run it on {cluster}: {exc}") from exc
 
 
 _backend: Optional[SkyPilotBackend] = None

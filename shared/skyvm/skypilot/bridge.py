@@ -13,6 +13,7 @@ jobs_launch, jobs_status, jobs_cancel, jobs_logs, optimize.
 from __future__ import annotations
 
 import collections
+import inspect
 import itertools
 import json
 import logging
@@ -315,10 +316,10 @@ class SubprocessBridge:
         if name not in CALLS:
             raise AttributeError(name)
 
+        # Positional arguments get their names from the interface itself (SkyBridge).
+        names = [p for p in inspect.signature(getattr(SkyBridge, name)).parameters if p not in ("self", "on_log")]
+
         def call(*args, on_log=None, **kwargs):
-            names = {"launch": ("task", "cluster_name"), "exec": ("task", "cluster_name"), "job_status": ("cluster_name", "job_id"), "tail_logs": ("cluster_name", "job_id"),
-                     "cancel": ("cluster_name", "job_id"), "down": ("cluster_name",), "autostop": ("cluster_name", "idle_minutes", "down"), "status": ("cluster_names",),
-                     "jobs_launch": ("task", "name"), "jobs_status": ("job_id",), "jobs_cancel": ("job_id",), "jobs_logs": ("job_id",), "optimize": ("tasks", "clouds")}[name]
             kwargs.update(zip(names, args))
             return self._call(name, on_log=on_log, **kwargs)
 

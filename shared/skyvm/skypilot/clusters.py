@@ -7,8 +7,6 @@ user's own and is never listed or touched.
 
 from __future__ import annotations
 
-from typing import Optional
-
 from skyvm.skypilot.bridge import SkyBridge
 
 # A launch that never finished (INIT) or a cluster autostop stopped: nothing runs there, yet it costs
@@ -36,10 +34,9 @@ def skyvm_clusters(bridge: SkyBridge) -> list[dict]:
     return rows
 
 
-def gc_clusters(bridge: SkyBridge, *, everything: bool = False, dry_run: bool = False, rows: Optional[list[dict]] = None) -> list[str]:
+def gc_clusters(bridge: SkyBridge, *, everything: bool = False, dry_run: bool = False) -> list[str]:
     """Tear down skyvm's idle SkyPilot clusters (every one of them with ``everything``); the names."""
-    rows = skyvm_clusters(bridge) if rows is None else rows
-    doomed = [r["name"] for r in rows if everything or r["state"] in IDLE_STATES]
+    doomed = [r["name"] for r in skyvm_clusters(bridge) if everything or r["state"] in IDLE_STATES]
     if not dry_run:
         for name in doomed:
             bridge.down(name)
