@@ -71,9 +71,11 @@ def node_image(settings: NodeSettings) -> str:
     key = (tuple(settings.requirements), settings.registry)
     with _image_lock:
         if key not in _image_cache:
+            from skyvm import connectors
             from skyvm.images import build_node_image
 
-            _image_cache[key] = build_node_image(requirements=settings.requirements, registry=settings.registry).ref
+            login = connectors.registry_login(settings, settings.registry)
+            _image_cache[key] = build_node_image(requirements=settings.requirements, registry=settings.registry, login=login).ref
         return _image_cache[key]
 
 

@@ -145,10 +145,10 @@ def _context_tar(dockerfile: str, wheels: Path) -> io.BytesIO:
     return buf
 
 
-def registry_auth(registry: Optional[RegistrySettings]) -> Optional[dict]:
-    if registry is None or not registry.username:
+def registry_auth(registry: Optional[RegistrySettings], login: Optional[tuple[str, str]]) -> Optional[dict]:
+    if registry is None or login is None:
         return None
-    return {"username": registry.username, "password": registry.password(), "serveraddress": registry.server}
+    return {"username": login[0], "password": login[1], "serveraddress": registry.server}
 
 
 def build_node_image(
@@ -158,7 +158,9 @@ def build_node_image(
     registry: Optional[RegistrySettings] = None,
     push: bool = True,
     client=None,
+    login: Optional[tuple[str, str]] = None,
 ) -> BuiltImage:
+    """``login`` is (username, password or token) for ``registry``; by default its password reference."""
     """Build (or reuse) the node image for these requirements and push it to ``registry``."""
     client = client or docker_client()
     base = base or default_base_image()
@@ -199,15 +201,19 @@ def build_node_image(
         if registry and push:
             image = client.images.get(local_tag)
             image.tag(f"{registry.server.rstrip('/')}/{IMAGE_REPOSITORY}", tag=content_hash)
-            push_image(client, ref, registry)
+            if login is None and registry.username and registry.password_reference():
+                from skyvm.connectors import refs
+
+                login = (registry.username, refs.resolve(registry.password_reference(), f"registry {registry.server}: password"))
+            push_image(client, ref, registry, login)
             pushed = True
         return BuiltImage(ref=ref, content_hash=content_hash, built=built, pushed=pushed)
 
 
-def push_image(client, ref: str, registry: RegistrySettings) -> None:
+def push_image(client, ref: str, registry: RegistrySettings, login: Optional[tuple[str, str]] = None) -> None:
     repo, _, tag = ref.rpartition(":")
     errors = []
-    for chunk in client.api.push(repo, tag=tag, auth_config=registry_auth(registry), stream=True, decode=True):
+    for chunk in client.api.push(repo, tag=tag, auth_config=registry_auth(registry, login), stream=True, decode=True):
         if "error" in chunk:
             errors.append(chunk["error"])
     if errors:

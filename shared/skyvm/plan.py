@@ -68,6 +68,8 @@ class TaskSpec:
     settings: NodeSettings = field(repr=False)
     payload_url: str = ""
     result_url: str = ""
+    # (username, password or token) for the registry, minted when the attempt was prepared.
+    registry_auth: Optional[tuple[str, str]] = field(default=None, repr=False)
 
     def cluster_name_for(self, slot: int) -> str:
         """The name of the slot-th cluster of this signature in this run."""
@@ -158,6 +160,7 @@ def plan_node(
     result_url: str,
     image: str,
     secrets: Optional[dict[str, str]] = None,
+    registry_auth: Optional[tuple[str, str]] = None,
 ) -> TaskSpec:
     """Turn resolved settings, the node's identity, its payload and its image into a TaskSpec."""
     if settings.single_vm:
@@ -183,4 +186,5 @@ def plan_node(
         settings=settings,
         payload_url=payload_url,
         result_url=result_url,
+        registry_auth=registry_auth,
     )

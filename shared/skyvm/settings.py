@@ -25,6 +25,7 @@ _INFRA_CLOUDS = {"aws": "aws", "gcp": "gcp", "azure": "azure", "lambda": "lambda
 DISK_TIERS = ("low", "medium", "high", "ultra", "best")
 RECOVERY_STRATEGIES = ("FAILOVER", "EAGER_NEXT_REGION", "NONE")
 BACKENDS = ("local", "skypilot")
+STORE_PREFIXES = ("file://", "s3://", "gs://", "gcs://", "az://", "abfs://")
 
 # Lambda Cloud has no spot market, no custom images, no zones, fixed disks and
 # no autostop: SkyPilot would refuse these only at launch time.
@@ -56,33 +57,45 @@ def _quantity(value: Any, what: str) -> Optional[str]:
 class RegistrySettings(BaseModel):
     """A container registry and the credentials to reach it, by reference.
 
-    The password itself never sits in settings: ``password_env`` names a
-    variable of the launching process, ``password_file`` a file.
+    The password itself never sits in settings: ``password`` is a secret
+    reference (``env:NAME``, ``file:PATH``, ``airflow:CONN_ID``,
+    ``prefect:secret/NAME``); ``password_env`` / ``password_file`` are the older
+    spellings of the first two. ``connector`` names a connector that mints a
+    fresh token instead (ECR, Artifact Registry, ACR).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     server: str
     username: Optional[str] = None
+    password: Optional[str] = None
     password_env: Optional[str] = None
     password_file: Optional[str] = None
+    connector: Optional[str] = None
+
+    @field_validator("password")
+    @classmethod
+    def _reference(cls, value: Optional[str]) -> Optional[str]:
+        from skyvm.connectors.refs import check_syntax
+
+        return None if value is None else check_syntax(value, "registry.password")
 
     @model_validator(mode="after")
     def _one_password_source(self) -> "RegistrySettings":
-        if self.password_env and self.password_file:
-            raise ValueError("give either password_env or password_file, not both")
-        if (self.password_env or self.password_file) and not self.username:
+        sources = [n for n in ("password", "password_env", "password_file", "connector") if getattr(self, n)]
+        if len(sources) > 1:
+            raise ValueError(f"give one of password, password_env, password_file or connector, not {' and '.join(sources)}")
+        if sources and sources[0] != "connector" and not self.username:
             raise ValueError("a registry password needs a username")
         return self
 
-    def password(self) -> Optional[str]:
+    def password_reference(self) -> Optional[str]:
+        if self.password:
+            return self.password
         if self.password_env:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise SettingsError([("registry.password_env", f"environment variable {self.password_env} is not set")])
-            return value
+            return f"env:{self.password_env}"
         if self.password_file:
-            return Path(self.password_file).expanduser().read_text().strip()
+            return f"file:{self.password_file}"
         return None
 
 
@@ -134,9 +147,17 @@ class NodeSettings(BaseModel):
     stream_logs: bool = True
     timeout: Optional[float] = Field(default=None, gt=0)
 
-    # Where payloads and results travel: a directory (file:// or a path) or s3://bucket/prefix.
+    # Where payloads and results travel: a directory (file:// or a path), s3://, gs:// or az://.
     payload_store: Optional[str] = None
     payload_store_endpoint: Optional[str] = None
+
+    # Credentials: the names of connectors (the file's top-level `connectors:`) this node uses,
+    # at most one per cloud; a cloud with none uses its implicit credentials.
+    connector: Optional[Union[str, list[str]]] = None
+    payload_store_connector: Optional[str] = None
+    # The definitions of the file's connectors (references, no secret values), carried with the
+    # settings so a node found again elsewhere (a trigger, an executor) has them. Set by SkyVMConfig.
+    connector_defs: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
     @model_validator(mode="before")
     @classmethod
@@ -253,9 +274,21 @@ class NodeSettings(BaseModel):
     @field_validator("payload_store")
     @classmethod
     def _check_store(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and "://" in value and not value.startswith(("file://", "s3://")):
-            raise ValueError(f"payload_store accepts a directory path, file://PATH or s3://BUCKET[/PREFIX]; got {value!r}")
+        if value is not None and "://" in value and not value.startswith(STORE_PREFIXES):
+            raise ValueError(
+                "payload_store accepts a directory path, file://PATH, s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] "
+                f"or az://CONTAINER[/PREFIX]; got {value!r}"
+            )
         return value
+
+    @field_validator("connector", mode="before")
+    @classmethod
+    def _connector_names(cls, value: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return list(value)
+        raise ValueError(f"connector takes a connector name or a list of names (one per cloud); got {value!r}")
 
     @model_validator(mode="after")
     def _cross_checks(self, info: ValidationInfo) -> "NodeSettings":
@@ -266,6 +299,7 @@ class NodeSettings(BaseModel):
         infra_cloud = _INFRA_CLOUDS[self.infra.split("/")[0].lower()] if self.infra else None
         if infra_cloud and self.cloud and infra_cloud != self.cloud:
             raise ValueError(f"cloud={self.cloud!r} conflicts with infra={self.infra!r}")
+        self._check_connectors()
         if self.effective_cloud == "lambda":
             bad = [f for f in LAMBDA_UNSUPPORTED if f in self.model_fields_set and getattr(self, f) not in (None, False)]
             if bad:
@@ -274,6 +308,27 @@ class NodeSettings(BaseModel):
                     f"drop {'it' if len(bad) == 1 else 'them'} or choose another cloud ({', '.join(c for c in CLOUDS if c != 'lambda')})"
                 )
         return self
+
+    @property
+    def connector_names(self) -> list[str]:
+        if self.connector is None:
+            return []
+        return [self.connector] if isinstance(self.connector, str) else list(self.connector)
+
+    def _check_connectors(self) -> None:
+        defined = ", ".join(sorted(self.connector_defs)) or "none defined (add a top-level connectors: map)"
+        named = [("connector", n) for n in self.connector_names]
+        named += [("payload_store_connector", self.payload_store_connector)] if self.payload_store_connector else []
+        named += [("registry.connector", self.registry.connector)] if self.registry and self.registry.connector else []
+        for field_name, name in named:
+            if name not in self.connector_defs:
+                raise ValueError(f"{field_name}: unknown connector {name!r}{_suggest(name, self.connector_defs)}; connectors: {defined}")
+        seen: dict[str, str] = {}
+        for name in self.connector_names:
+            kind = self.connector_defs[name].get("type")
+            if kind in seen:
+                raise ValueError(f"connector: {seen[kind]!r} and {name!r} are both {kind} connectors; a node uses at most one per cloud")
+            seen[kind] = name
 
     @property
     def effective_cloud(self) -> Optional[str]:
@@ -295,17 +350,17 @@ class NodeSettings(BaseModel):
 
     def public_dump(self) -> dict[str, Any]:
         """The settings as a dict, secret values masked (for printing and logs)."""
-        data = self.model_dump(mode="json", exclude_none=True)
+        data = self.model_dump(mode="json", exclude_none=True, exclude={"connector_defs"})
         if data.get("secrets"):
             data["secrets"] = {k: "***" for k in data["secrets"]}
         return data
 
 
-FIELD_NAMES = tuple(NodeSettings.model_fields) + ("spot_recovery",)
+FIELD_NAMES = tuple(n for n in NodeSettings.model_fields if n != "connector_defs") + ("spot_recovery",)
 # Fields whose values are mappings merged key by key across layers, so a node
 # can add one env var without repeating the defaults' others.
 _MERGED_MAPPINGS = ("envs", "secrets", "labels")
-_TOP_LEVEL = ("defaults", "profiles", "nodes")
+_TOP_LEVEL = ("connectors", "defaults", "profiles", "nodes")
 
 
 def _suggest(name: str, choices) -> str:
@@ -336,6 +391,8 @@ def _validated_layer(layer: Any, path: str, source: Optional[str]) -> dict[str, 
         return {}
     if not isinstance(layer, Mapping):
         raise SettingsError([(path, f"expected a mapping of settings, got {type(layer).__name__}")], source)
+    if "connector_defs" in layer:
+        raise SettingsError([(f"{path}.connector_defs", "connectors are defined in the file's top-level connectors: map, then named with connector: NAME")], source)
     try:
         model = NodeSettings.model_validate(dict(layer), context={"partial": True})
     except ValidationError as exc:
@@ -377,6 +434,9 @@ class SkyVMConfig:
             raise SettingsError(
                 [(str(k), f"unknown top-level key{_suggest(str(k), _TOP_LEVEL)}; accepted: {', '.join(_TOP_LEVEL)}") for k in unknown], source
             )
+        from skyvm.connectors.base import parse_connector
+
+        self.connectors = {name: parse_connector(name, conn, f"connectors.{name}", source) for name, conn in self._section(data, "connectors").items()}
         self.defaults = _validated_layer(data.get("defaults"), "defaults", source)
         self.profiles: dict[str, dict[str, Any]] = {}
         for name, layer in self._section(data, "profiles").items():
@@ -425,9 +485,10 @@ class SkyVMConfig:
             raise SettingsError([("", f"not valid YAML: {exc}")], str(file)) from None
         return cls(data, source=str(file))
 
-    def _resolve_layers(self, layers: list[Mapping[str, Any]], path: str) -> NodeSettings:
+    def _resolve_layers(self, layers: list[Mapping[str, Any]], path: str, extra_connectors: Optional[dict] = None) -> NodeSettings:
+        defs = {name: c.public_dump() for name, c in {**self.connectors, **(extra_connectors or {})}.items()}
         try:
-            return NodeSettings.model_validate(merge_layers(*layers))
+            return NodeSettings.model_validate({**merge_layers(*layers), "connector_defs": defs})
         except ValidationError as exc:
             raise SettingsError(_problems(exc, path), self.source) from None
 
@@ -442,6 +503,12 @@ class SkyVMConfig:
         """The settings of one node, all layers applied."""
         code = dict(code or {})
         override = dict(override or {})
+        # Connector objects given in code join the file's, under their names.
+        extra: dict[str, Any] = {}
+        for layer in (code, override):
+            if "connector" in layer:
+                layer["connector"], found = _connector_objects(layer["connector"])
+                extra.update(found)
         # A profile named in code or in the per-call override beats the node entry's.
         for layer in (code, override):
             if "profile" in layer:
@@ -455,7 +522,25 @@ class SkyVMConfig:
             _validated_layer(code, "arguments", "code"),
             _validated_layer(override, "override", "code"),
         ]
-        return self._resolve_layers(layers, f"nodes.{node}")
+        return self._resolve_layers(layers, f"nodes.{node}", extra)
+
+
+def _connector_objects(value: Any) -> tuple[Any, dict]:
+    """``connector=`` in code may hold Connector objects: their names, and the objects by name."""
+    from skyvm.connectors.base import Connector
+
+    items = value if isinstance(value, (list, tuple)) else [value]
+    if not any(isinstance(v, Connector) for v in items):
+        return value, {}
+    names, found = [], {}
+    for item in items:
+        if isinstance(item, Connector):
+            name = item.name or f"{item.type}-{item.fingerprint()[:6]}"
+            found[name] = item.model_copy(update={"name": name})
+            names.append(name)
+        else:
+            names.append(item)
+    return (names if isinstance(value, (list, tuple)) else names[0]), found
 
 
 def as_config(settings: Union[None, str, os.PathLike, Mapping[str, Any], SkyVMConfig]) -> SkyVMConfig:

@@ -11,6 +11,7 @@ the S3 server are real.
 
 from __future__ import annotations
 
+import os
 import importlib.util
 import json
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_trigger_cleanup_cancels_an_unfinished_skypilot_node_and_downs_its_clust
                              "payload_store_endpoint": s3_server, "registry": registry.model_dump()}}
     run = Run(settings, run_id="af-sky-trigger-cleanup")
     node = run.launch_detached("sky-cleanup", run.resolve("sky-cleanup"), make_command_payload("echo up; sleep 300"))
-    secret = registry.password()
+    secret = os.environ["SKYVM_TEST_REGISTRY_PASSWORD"]
     assert node.to_dict()["job_id"] and secret not in str(node.to_dict())  # what Airflow stores for the trigger: no credentials
     revived = SkyVMTrigger(**SkyVMTrigger(node=node.to_dict(), poll_interval=0.5).serialize()[1])
 

@@ -234,8 +234,9 @@ class DockerBackend:
         reg = spec.registry
         if reg is None or not spec.image.startswith(reg.server.rstrip("/") + "/"):
             return
-        if reg.username:
-            docker("login", "--username", reg.username, "--password-stdin", reg.server, input=reg.password() or "")
+        if spec.registry_auth:
+            user, password = spec.registry_auth
+            docker("login", "--username", user, "--password-stdin", reg.server, input=password)
         docker("pull", "--quiet", spec.image)
 
     def _live_containers(self, signature: str) -> list[str]:

@@ -76,9 +76,8 @@ class SkyPilotBackend:
                 f"node {spec.node!r}: a VM cannot pull the locally built image {spec.image}; "
                 "set registry: {server, username, password_env} to push it, or image: to one the VM can pull"
             )
-        # Read the registry password now: fresh for every launch and exec (tokens expire).
-        password = spec.registry.password() if spec.registry and spec.registry.username else None
-        return task_config(spec, registry_password=password)
+        # spec.registry_auth was minted for this attempt: fresh for every launch and exec (tokens expire).
+        return task_config(spec)
 
     def launch(self, spec: TaskSpec, on_log: LogSink) -> Job:
         task = self._task(spec)

@@ -69,6 +69,7 @@ def task_config(spec: TaskSpec, *, registry_password: Optional[str] = None) -> d
     }
     envs = dict(spec.envs)
     secrets = dict(spec.secrets)
+    login = spec.registry_auth or ((spec.registry.username, registry_password or "") if spec.registry and spec.registry.username else None)
     config: dict[str, Any] = {"name": re.sub(r"[^A-Za-z0-9_.-]", "-", spec.node)[:60] or "node", "envs": envs, "secrets": secrets, "num_nodes": 1}
 
     vm_image = res.get("image_id")
@@ -78,25 +79,21 @@ def task_config(spec: TaskSpec, *, registry_password: Optional[str] = None) -> d
         config["run"] = spec.run
         if spec.docker_run_args:
             config["config"] = {"docker": {"run_options": list(spec.docker_run_args)}}
-        if spec.registry and spec.registry.username:
+        if login:
             # SkyPilot logs in with these on the VM; as secrets they stay out of logs and the dashboard.
-            secrets.update(
-                SKYPILOT_DOCKER_USERNAME=spec.registry.username,
-                SKYPILOT_DOCKER_PASSWORD=registry_password or "",
-                SKYPILOT_DOCKER_SERVER=spec.registry.server,
-            )
+            secrets.update(SKYPILOT_DOCKER_USERNAME=login[0], SKYPILOT_DOCKER_PASSWORD=login[1], SKYPILOT_DOCKER_SERVER=spec.registry.server)
     else:
         # A custom VM image: run the node's container ourselves, as ZenML's orchestrator does,
         # with env *names* on the command line and values in the job's environment.
         resources["image_id"] = vm_image
         names = " ".join(f"-e {k}" for k in [*envs, *secrets])
         run_args = " ".join(spec.docker_run_args)
-        login = ""
-        if spec.registry and spec.registry.username:
-            secrets["SKYVM_REGISTRY_PASSWORD"] = registry_password or ""
-            login = f'printf "%s" "$SKYVM_REGISTRY_PASSWORD" | sudo docker login --username {spec.registry.username} --password-stdin {spec.registry.server} && '
+        docker_login = ""
+        if login:
+            secrets["SKYVM_REGISTRY_PASSWORD"] = login[1]
+            docker_login = f'printf "%s" "$SKYVM_REGISTRY_PASSWORD" | sudo docker login --username {login[0]} --password-stdin {spec.registry.server} && '
         # Login and pull in run, not only setup: `sky exec` on a warm cluster skips setup, and tokens expire.
-        config["setup"] = f"{login}sudo docker pull {spec.image}"
-        config["run"] = f"{login}sudo --preserve-env docker run --rm --network host {run_args} {names} {spec.image} sh -c '{spec.setup} && {spec.run}'"
+        config["setup"] = f"{docker_login}sudo docker pull {spec.image}"
+        config["run"] = f"{docker_login}sudo --preserve-env docker run --rm --network host {run_args} {names} {spec.image} sh -c '{spec.setup} && {spec.run}'"
     config["resources"] = resources
     return config
