@@ -27,6 +27,8 @@ from typing import Any, Callable, Mapping, Optional, Union
 import cloudpickle
 
 from skyvm import node as node_runtime
+from skyvm import redact
+from skyvm.connectors.base import DEFAULT_NODE_TTL_S
 from skyvm.backends.base import Job, JobState
 from skyvm.errors import InfrastructureError, NodeCancelled, NodeFailed, NodeTimeout, PayloadError, SkyVMError
 from skyvm.payloads import open_store
@@ -35,19 +37,27 @@ from skyvm.settings import NodeSettings, SkyVMConfig, as_config
 
 log = logging.getLogger("skyvm")
 
-# What a node is told about an S3 store: credentials travel as secrets, never on a command line.
-_S3_SECRET_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-_S3_ENV_VARS = ("AWS_DEFAULT_REGION", "AWS_REGION")
-
-
 def resolve_secret(name: str, value: str) -> str:
-    """``env:VAR`` reads the launching process's environment; anything else is the value itself."""
-    if value.startswith("env:"):
-        var = value[4:]
-        if var not in os.environ:
-            raise InfrastructureError(f"secret {name} refers to environment variable {var}, which is not set")
-        return os.environ[var]
+    """A reference (``env:VAR``, ``file:PATH``, ``airflow:CONN_ID``, ``prefect:secret/NAME``) is read
+    in the launching process; anything else is the value itself. Either way it is redacted from now on."""
+    from skyvm.connectors import refs
+
+    if refs.is_reference(value):
+        try:
+            return refs.resolve(value, f"secrets.{name}")
+        except SkyVMError as exc:
+            raise InfrastructureError(f"secret {name}: {exc}") from None
+    redact.register(value)
     return value
+
+
+def node_store(settings: NodeSettings, node: str):
+    """The node's payload store, opened on this host with its connector's credentials: (store, connector)."""
+    from skyvm import connectors
+
+    conn = connectors.for_store(settings, settings.payload_store)
+    options = conn.fs_options(settings.payload_store, settings.payload_store_endpoint) if conn else None
+    return open_store(settings.payload_store, settings.payload_store_endpoint, storage_options=options, node=node), conn
 
 
 def backend_for(settings: NodeSettings):
@@ -77,6 +87,11 @@ def node_image(settings: NodeSettings) -> str:
             login = connectors.registry_login(settings, settings.registry)
             _image_cache[key] = build_node_image(requirements=settings.requirements, registry=settings.registry, login=login).ref
         return _image_cache[key]
+
+
+def _registry_prefix(settings: NodeSettings) -> str:
+    """Images under this prefix come from the node's registry (and need its login)."""
+    return settings.registry.server.rstrip("/") + "/" if settings.registry else "\0"
 
 
 def new_attempt_id(node: str) -> str:
@@ -209,18 +224,24 @@ class NodeHandle:
 
 def prepare(run_id: str, node: str, attempt_id: str, s: NodeSettings, payload: bytes, backend) -> tuple:
     """Store the payload and plan the node: (store, TaskSpec). Secrets are resolved here, on the launching host."""
-    store = open_store(s.payload_store, s.payload_store_endpoint)
+    from skyvm import connectors
+
+    store, conn = node_store(s, node)
     payload_url = store.put_payload(payload)
     result_url = store.url_for(f"results/{attempt_id}")
-    envs = {}
-    secrets = {name: resolve_secret(name, value) for name, value in s.secrets.items()}
-    if payload_url.startswith("s3://"):
-        secrets.update({v: os.environ[v] for v in _S3_SECRET_VARS if v in os.environ})
-        envs.update({v: os.environ[v] for v in _S3_ENV_VARS if v in os.environ})
-        endpoint = s.payload_store_endpoint or os.environ.get("SKYVM_S3_ENDPOINT_URL")
-        if endpoint:
-            envs["SKYVM_S3_ENDPOINT_URL"] = endpoint
+    envs: dict[str, str] = {}
+    secrets: dict[str, str] = {}
+    if conn is not None:
+        # The node's own short-lived credentials, scoped to this store: never the launcher's keys.
+        ttl = max(DEFAULT_NODE_TTL_S, int((s.timeout or 0) + 600))
+        access = conn.node_store_access(store.url, node=node, ttl_s=ttl, endpoint=s.payload_store_endpoint)
+        envs.update(access.envs)
+        secrets.update(access.secrets)
+        log.debug("node %s reaches %s with %s", node, store.url, access.scope)
+    secrets.update({name: resolve_secret(name, value) for name, value in s.secrets.items()})
     settings = s.model_copy(update={"envs": {**envs, **s.envs}})
+    # Plain processes run the host's own Python: no image to build.
+    image = node_image(s) if getattr(backend, "needs_image", True) else "host-python"
     spec = plan_node(
         settings,
         node=node,
@@ -229,8 +250,10 @@ def prepare(run_id: str, node: str, attempt_id: str, s: NodeSettings, payload: b
         payload_url=payload_url,
         result_url=result_url,
         # Plain processes run the host's own Python: no image to build.
-        image=node_image(s) if getattr(backend, "needs_image", True) else "host-python",
+        image=image,
         secrets=secrets,
+        # Minted now, for this attempt: every launch and every exec logs in with a fresh token.
+        registry_auth=connectors.registry_login(s, s.registry) if image.startswith(_registry_prefix(s)) else None,
     )
     return store, spec
 
@@ -315,7 +338,7 @@ class DetachedNode:
 
     def outcome(self, status=None) -> Outcome:
         status = status or self.status()
-        store = open_store(self.settings.payload_store, self.settings.payload_store_endpoint)
+        store, _ = node_store(self.settings, self.node)
         text, _ = self.read_log(0)
         return read_outcome(store, self.ref["result_url"], status, self.node, self.cluster, text.splitlines()[-30:])
 

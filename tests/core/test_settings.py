@@ -113,7 +113,7 @@ def test_spot_recovery_is_a_deprecated_alias():
         ({"nodes": {"a": {"envs": {"1BAD": "x"}}}}, "nodes.a.envs", "not a valid environment variable name"),
         ({"nodes": {"a": {"profile": "gpu"}}}, "nodes.a.profile", "unknown profile 'gpu'"),
         ({"node": {}}, "node", "did you mean 'nodes'"),
-        ({"nodes": {"a": {"payload_store": "gs://bucket"}}}, "nodes.a.payload_store", "s3://BUCKET"),
+        ({"nodes": {"a": {"payload_store": "ftp://bucket"}}}, "nodes.a.payload_store", "gs://BUCKET"),
         ({"nodes": {"a": {"registry": {"server": "r", "password_env": "X"}}}}, "nodes.a.registry", "needs a username"),
     ],
 )

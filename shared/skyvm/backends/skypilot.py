@@ -66,10 +66,10 @@ class SkyPilotBackend:
     # -- launch --------------------------------------------------------------
 
     def _task(self, spec: TaskSpec) -> dict:
-        if not spec.payload_url.startswith("s3://"):
+        if not spec.payload_url.startswith(("s3://", "gs://", "gcs://", "az://", "abfs://")):
             raise InfrastructureError(
                 f"node {spec.node!r}: backend 'skypilot' needs a payload store the VM can reach; "
-                f"set payload_store: s3://BUCKET[/PREFIX] (got {spec.payload_url.split('/payloads/')[0]})"
+                f"set payload_store: s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX] (got {spec.payload_url.split('/payloads/')[0]})"
             )
         if spec.registry is None and spec.image.startswith("skyvm-node:"):
             raise InfrastructureError(

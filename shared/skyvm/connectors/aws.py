@@ -134,9 +134,9 @@ class AwsConnector(Connector):
     def _region(self, data_region: Optional[str] = None) -> str:
         return self.region or data_region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
 
-    def _client(self, service: str, creds: Optional[AwsCredentials]):
+    def _client(self, service: str, creds: Optional[AwsCredentials], endpoint: Optional[str] = None):
         boto3 = require("boto3", "aws", f"{self.label}")
-        kwargs: dict[str, Any] = {"region_name": self._region(), "endpoint_url": self._endpoint(service)}
+        kwargs: dict[str, Any] = {"region_name": self._region(), "endpoint_url": self._endpoint(service) or endpoint}
         if creds is not None:
             kwargs.update(aws_access_key_id=creds.access_key, aws_secret_access_key=creds.secret_key, aws_session_token=creds.token)
         return boto3.client(service, **kwargs)
@@ -265,7 +265,8 @@ class AwsConnector(Connector):
         scope = f"s3://{bucket}/{prefix}/* for {duration}s"
         if self.method == "iam-role":
             # The role again, narrowed by a session policy to this prefix.
-            sts = self._client("sts", self._source())
+            # An S3-compatible store with its own endpoint (MinIO, moto) answers STS there too.
+            sts = self._client("sts", self._source(), endpoint)
             kwargs: dict[str, Any] = {"RoleArn": self.role_arn, "RoleSessionName": f"skyvm-{node}"[:64], "DurationSeconds": duration, "Policy": policy}
             if self.external_id:
                 kwargs["ExternalId"] = refs.resolve(self.external_id, f"connectors.{self.name}.external_id")
@@ -278,7 +279,7 @@ class AwsConnector(Connector):
                 return NodeAccess(envs=envs, secrets=_secret_vars(base), expires_at=base.expires_at, scope=f"s3 (the connector's own temporary credentials; not narrowed to {url})")
             if base.token:  # session-token: federate from the long-lived keys it was minted from
                 base = self._source()
-            sts = self._client("sts", base)
+            sts = self._client("sts", base, endpoint)
             answer = self._call(
                 f"GetFederationToken for node {node!r}", sts.get_federation_token, Name=f"skyvm-{node}"[:32], DurationSeconds=duration, Policy=policy
             )

@@ -22,17 +22,18 @@ from pathlib import Path
 from typing import Any, Optional
 
 from skyvm import redact
-from skyvm.errors import SettingsError
+from skyvm.errors import InfrastructureError
 
 SCHEMES = ("env", "file", "airflow", "prefect")
 ACCEPTED = "env:NAME, file:PATH, airflow:CONN_ID, prefect:secret/NAME or prefect:BLOCK-TYPE/NAME"
 
 
-class SecretReferenceError(SettingsError):
-    """A reference that cannot be resolved: names the field, the reference and the fix."""
+class SecretReferenceError(InfrastructureError):
+    """A reference that cannot be resolved at launch: names the field, the reference and the fix."""
 
     def __init__(self, where: str, ref: str, problem: str):
-        super().__init__([(where, f"{problem} (reference {ref!r})")], "connectors")
+        self.where, self.ref = where, ref
+        super().__init__(f"cannot resolve {where}: {problem} (reference {ref!r})")
 
 
 def check_syntax(value: Any, field: str) -> str:
