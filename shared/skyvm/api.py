@@ -67,7 +67,7 @@ def backend_for(settings: NodeSettings):
         return local_backend()
     from skyvm.backends.skypilot import skypilot_backend
 
-    return skypilot_backend()
+    return skypilot_backend(settings)
 
 
 _image_cache: dict[tuple, str] = {}
@@ -429,7 +429,7 @@ class Run:
     def _start(self, node: str, settings: NodeSettings, payload: bytes, on_log) -> NodeHandle:
         if self._closed:
             raise SkyVMError(f"run {self.run_id} is closed")
-        self._backends.add(settings.backend)
+        self._backends.add(backend_for(settings))
         handle = NodeHandle(self, node, settings, payload, on_log)
         self.handles.append(handle)
         return handle
@@ -457,8 +457,8 @@ class Run:
             lines = [f"  {r['node']:<24} {r['cluster']:<40} {r['duration_s']:>8.1f}s x ${r['hourly_price']:.4f}/h = ${r['cost']:.6f}" for r in summary]
             total = sum(r["cost"] for r in summary)
             log.info("skyvm cost summary of run %s:\n%s\n  total $%.6f", self.run_id, "\n".join(lines), total)
-        for name in self._backends:
-            backend_for(NodeSettings(backend=name)).release(self.run_id)
+        for backend in self._backends:
+            backend.release(self.run_id)
         from skyvm.backends.local import run_lease
 
         run_lease(self.run_id).unlink(missing_ok=True)

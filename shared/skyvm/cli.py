@@ -108,6 +108,22 @@ def cmd_plan(args) -> int:
     return 0
 
 
+def cmd_check(args) -> int:
+    from skyvm.check import FAIL, format_rows, run_checks
+
+    config = SkyVMConfig.load(args.config)
+    rows = run_checks(config, profile=args.profile, node=args.node, skypilot=False if args.no_skypilot else None)
+    if args.json:
+        print(json.dumps([r.as_dict() for r in rows], indent=2))
+    else:
+        print(f"{config.source or 'built-in defaults'}:")
+        print(format_rows(rows))
+    failed = [r for r in rows if r.result == FAIL]
+    if failed and not args.json:
+        print(f"\n{len(failed)} check(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
 def cmd_skypilot_install(args) -> int:
     from skyvm.skypilot.install import install
 
@@ -134,6 +150,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--settings", help="for a DAG file: the settings YAML, when its tasks name none")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_plan)
+    p = sub.add_parser("check", help="prove every connector, payload store, registry and cloud the settings use works")
+    p.add_argument("--config", help="the shared settings YAML (default: $SKYVM_CONFIG, else ./skyvm.yaml)")
+    p.add_argument("--profile", help="check only what this profile uses")
+    p.add_argument("--node", help="check only what this node uses")
+    p.add_argument("--no-skypilot", action="store_true", help="skip SkyPilot's own cloud check")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_check)
     p = sub.add_parser("skypilot", help="SkyPilot's own environment (SkyPilot cannot share one with Airflow >= 3.1.3)")
     skysub = p.add_subparsers(dest="skypilot_cmd", required=True)
     q = skysub.add_parser("install", help="make $SKYVM_HOME/skypilot-venv with SkyPilot and skyvm")

@@ -39,6 +39,27 @@ STATE = Path(os.environ["SKYVM_STANDIN_DIR"])
 LABEL = "dev.skyvm.standin"
 
 
+# What a cloud's SDK in SkyPilot's process would read; recorded by name, files by mode, never values.
+_CREDENTIAL_VARS = ("AWS_PROFILE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE", "AWS_ACCESS_KEY_ID", "GOOGLE_APPLICATION_CREDENTIALS",
+                    "AZURE_CLIENT_ID", "KUBECONFIG", "SKY_RUNTIME_DIR", "SKYPILOT_API_SERVER_LOCAL_PORT")
+
+
+def _credentials_seen() -> dict:
+    seen = {}
+    for name in _CREDENTIAL_VARS:
+        value = os.environ.get(name)
+        if value is None:
+            continue
+        path = Path(value)
+        if name.endswith(("_FILE", "_CREDENTIALS", "KUBECONFIG")) and path.is_file():
+            seen[name] = {"file": str(path), "mode": oct(path.stat().st_mode & 0o777), "dir_mode": oct(path.parent.stat().st_mode & 0o777)}
+        elif name in ("AWS_PROFILE", "SKY_RUNTIME_DIR", "SKYPILOT_API_SERVER_LOCAL_PORT"):
+            seen[name] = value
+        else:
+            seen[name] = "set"
+    return seen
+
+
 def _container(cluster: str) -> str:
     return f"skyvm-standin-{cluster}"[:120]
 
@@ -53,7 +74,7 @@ class VMStandIn:
     def _record(self, call: str, **data) -> None:
         with open(STATE / "calls.jsonl", "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
-            fh.write(json.dumps({"call": call, "pid": os.getpid(), "t": time.time(), **data}) + "\n")
+            fh.write(json.dumps({"call": call, "pid": os.getpid(), "t": time.time(), "credentials": _credentials_seen(), **data}) + "\n")
 
     @staticmethod
     def _public(task: dict) -> dict:

@@ -13,6 +13,7 @@ the bridge (``skyvm.skypilot.bridge``).
 
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 from dataclasses import dataclass, field
@@ -21,7 +22,9 @@ from typing import NoReturn, Optional
 from skyvm.backends.base import Job, JobState, JobStatus, LogSink
 from skyvm.errors import InfrastructureError
 from skyvm.plan import TaskSpec
+from skyvm.settings import NodeSettings
 from skyvm.skypilot.bridge import FAILED_JOB_EXIT, SkyBridge, get_bridge
+from skyvm.skypilot.credentials import CredentialSet, credential_set
 from skyvm.skypilot.task_config import task_config
 
 log = logging.getLogger("skyvm.skypilot")
@@ -50,8 +53,10 @@ class SkyPilotBackend:
     name = "skypilot"
     needs_image = True
 
-    def __init__(self, bridge: Optional[SkyBridge] = None):
+    def __init__(self, bridge: Optional[SkyBridge] = None, credentials: Optional[CredentialSet] = None):
         self._bridge = bridge
+        # The connectors this backend's SkyPilot process launches with (None: SkyPilot's own).
+        self.credentials = credentials
         self._lock = threading.Lock()
         self._clusters: dict[str, _Cluster] = {}
         self._sems: dict[str, threading.BoundedSemaphore] = {}
@@ -60,8 +65,22 @@ class SkyPilotBackend:
     def bridge(self) -> SkyBridge:
         with self._lock:  # nodes start in parallel threads: one bridge (one SkyPilot-side process) for all
             if self._bridge is None:
-                self._bridge = get_bridge()
+                self._bridge = get_bridge(env=self.credentials.environment() if self.credentials else None)
             return self._bridge
+
+    def close(self) -> None:
+        """This credential set's bridge, its own local API server and its private files go (at exit)."""
+        with self._lock:
+            bridge, self._bridge = self._bridge, None
+        if bridge is not None and self.credentials is not None:
+            try:
+                bridge.api_stop()
+            except Exception as exc:  # noqa: BLE001 - a server that never started, or a stand-in without one
+                log.debug("stopping the API server of %s: %s", self.credentials.names, exc)
+        if bridge is not None and hasattr(bridge, "close"):
+            bridge.close()
+        if self.credentials is not None:
+            self.credentials.close()
 
     # -- launch --------------------------------------------------------------
 
@@ -297,11 +316,29 @@ def _raise_infra(spec: TaskSpec, cluster: str, exc: BaseException) -> NoReturn:
 
 _backend: Optional[SkyPilotBackend] = None
 _backend_lock = threading.Lock()
+# One backend (one SkyPilot process, one local API server state) per set of connectors.
+_with_credentials: dict[str, SkyPilotBackend] = {}
 
 
-def skypilot_backend() -> SkyPilotBackend:
+def skypilot_backend(settings: Optional[NodeSettings] = None) -> SkyPilotBackend:
     global _backend
+    creds = credential_set(settings) if settings is not None else None
     with _backend_lock:
+        if creds is not None:
+            if creds.key not in _with_credentials:
+                _with_credentials[creds.key] = SkyPilotBackend(credentials=creds)
+            return _with_credentials[creds.key]
         if _backend is None:
             _backend = SkyPilotBackend()
         return _backend
+
+
+def all_backends() -> list[SkyPilotBackend]:
+    with _backend_lock:
+        return [b for b in [_backend, *_with_credentials.values()] if b is not None]
+
+
+@atexit.register
+def _close_credentialed() -> None:
+    for backend in list(_with_credentials.values()):
+        backend.close()

@@ -51,6 +51,8 @@ class SkyBridge(Protocol):
     def jobs_cancel(self, job_id: int) -> None: ...
     def jobs_logs(self, job_id: int, on_log: Optional[LogSink] = None, follow: bool = True) -> int: ...
     def optimize(self, tasks: list[dict], clouds: Optional[list[str]] = None) -> list[dict]: ...
+    def check(self, clouds: Optional[list[str]] = None) -> dict: ...
+    def api_stop(self) -> None: ...
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -194,6 +196,18 @@ class InProcessBridge:
         code = self.sky.jobs.tail_logs(job_id=job_id, follow=follow, output_stream=stream)
         stream.flush()
         return int(code or 0)
+
+    def check(self, clouds=None):
+        """SkyPilot's own credential check: {cloud: [capabilities]} of the enabled clouds."""
+        result = self.sky.get(self.sky.check(tuple(clouds) if clouds else None, verbose=False))
+        merged: dict = {}
+        for per_cloud in (result or {}).values():
+            for cloud, caps in (per_cloud or {}).items():
+                merged[str(cloud).lower()] = list(caps or [])
+        return merged
+
+    def api_stop(self):
+        self.sky.api_stop()
 
     def optimize(self, tasks, clouds=None):
         from skyvm.skypilot import offline
@@ -340,10 +354,18 @@ def sky_importable() -> bool:
     return importlib.util.find_spec("sky") is not None
 
 
-def get_bridge() -> SkyBridge:
-    """In-process when ``sky`` imports here, else SkyPilot's own environment through a subprocess."""
+def get_bridge(env: Optional[dict] = None) -> SkyBridge:
+    """In-process when ``sky`` imports here, else SkyPilot's own environment through a subprocess.
+
+    ``env`` (a connector set's credentials and server state) always means a subprocess: SkyPilot
+    reads credentials from its process's environment, which must not be the engine's own.
+    """
     try:
-        return InProcessBridge()
+        if env is None:
+            return InProcessBridge()
+        if sky_importable() and not os.environ.get("SKYVM_SKYPILOT_PYTHON"):
+            return SubprocessBridge(sys.executable, env={**os.environ, **env})
+        raise ImportError
     except ImportError:
         python = skypilot_python()
         if python is None:
@@ -351,7 +373,7 @@ def get_bridge() -> SkyBridge:
                 "backend 'skypilot' needs SkyPilot: `pip install 'skyvm[skypilot]'` here, or `skyvm skypilot install` "
                 "to make its own environment (SkyPilot cannot share one with Airflow >= 3.1.3)"
             ) from None
-        return SubprocessBridge(python)
+        return SubprocessBridge(python, env=None if env is None else {**os.environ, **env})
 
 
 def serve(make_bridge: Callable[[], Any]) -> int:
