@@ -179,6 +179,8 @@ class NodeHandle:
     # -- the driver thread -------------------------------------------------
 
     def _log(self, line: str) -> None:
+        # A node that prints a credential it was given must not put it in the engine's log.
+        line = redact.redact(line)
         self._lines.append(line)
         if self._on_log and self.settings.stream_logs:
             self._on_log(line)
@@ -275,8 +277,8 @@ class Outcome:
                 raise InfrastructureError(f"node {self.node!r} wrote a result but its job ended {status.state.value} (exit {status.exit_code})")
             return result.get("value")
         err = NodeFailed(
-            f"node {self.node!r} failed: {result.get('exc_type')}: {result.get('message')}",
-            remote_traceback=result.get("traceback", ""),
+            redact.redact(f"node {self.node!r} failed: {result.get('exc_type')}: {result.get('message')}"),
+            remote_traceback=redact.redact(result.get("traceback", "")),
             exc_type=result.get("exc_type", ""),
             returncode=result.get("returncode"),
         )

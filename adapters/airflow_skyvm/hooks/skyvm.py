@@ -2,14 +2,15 @@
 
 A ``skyvm`` connection's extra holds ``settings_file`` (a path to the shared
 settings YAML) or ``settings`` (the same content inline). Its login/password,
-when set, are the registry credentials: the password is put into the
-environment variable that the settings' ``registry.password_env`` names, so
-it never sits in settings or on a command line.
+when set, are the registry credentials: the settings' registry then refers to
+this connection (``password: airflow:CONN_ID``), read when a node is launched,
+so the password never sits in settings, the process environment or a command line.
+Cloud credentials come from connectors, which can refer to the team's own
+Airflow connections (``credentials: airflow:aws_default``).
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any, Optional
 
 from skyvm.settings import SkyVMConfig, as_config
@@ -61,7 +62,7 @@ class SkyVMHook(BaseHook):
         if conn.password:
             for layer in [config.defaults, *config.profiles.values(), *config.nodes.values()]:
                 registry = layer.get("registry")
-                env_name = registry.get("password_env") if isinstance(registry, dict) else getattr(registry, "password_env", None)
-                if env_name:
-                    os.environ[env_name] = conn.password
+                if isinstance(registry, dict) and not registry.get("connector"):
+                    kept = {k: v for k, v in registry.items() if k not in ("password", "password_env", "password_file")}
+                    layer["registry"] = {**kept, "username": registry.get("username") or conn.login, "password": f"airflow:{self.skyvm_conn_id}"}
         return config
