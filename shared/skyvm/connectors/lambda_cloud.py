@@ -1,0 +1,111 @@
+"""Lambda Cloud: an API key (``api-key``), or the one SkyPilot reads itself (``implicit``).
+
+SkyPilot reads Lambda's key only from ``~/.lambda_cloud/lambda_keys`` (a line
+``api_key = KEY``), with no variable to point it elsewhere. skyvm never writes
+into the user's home: ``skypilot_env`` writes the file under a private
+directory (``PRIVATE/home/.lambda_cloud/lambda_keys``, mode 0600) and returns
+``HOME`` pointing there. That HOME is for the SkyPilot process that launches
+on Lambda and changes more than Lambda: SkyPilot's state (``~/.sky``), its SSH
+keys (``~/.ssh/sky-key``) and every other cloud's files in ``~`` are then read
+from the private home too. The caller decides whether to apply it (e.g. for a
+SkyPilot process of its own, or by linking ``.sky``/``.ssh`` into the private home).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar, Optional
+
+from pydantic import field_validator, model_validator
+
+from skyvm import redact
+from skyvm.connectors import refs
+from skyvm.connectors.base import Connector, ConnectorError
+from skyvm.connectors.common import check_method_fields, http_json
+from skyvm.connectors.files import write_private
+
+API_BASE = "https://cloud.lambdalabs.com/api/v1"
+KEYS_FILE = Path(".lambda_cloud") / "lambda_keys"
+
+_NEEDS = {"api-key": [(("api_key",), "api_key (a reference, e.g. env:LAMBDA_API_KEY)")]}
+_OWNERS = {"api_key": ("api-key",)}
+
+
+def read_keys_file(path: Path) -> dict[str, str]:
+    """``key = value`` lines, the way SkyPilot's lambda_utils reads them."""
+    pairs = {}
+    for line in path.read_text().splitlines():
+        key, sep, value = line.strip().partition(" = ")
+        if sep:
+            pairs[key] = value
+    return pairs
+
+
+class LambdaConnector(Connector):
+    """A Lambda Cloud account."""
+
+    type: str = "lambda"
+    METHODS: ClassVar[tuple[str, ...]] = ("implicit", "api-key")
+
+    api_key: Optional[str] = None
+    # Lambda's API (for `skyvm check`); SkyPilot itself always uses Lambda's own.
+    api_base: str = API_BASE
+
+    @field_validator("api_key")
+    @classmethod
+    def _references(cls, value: Optional[str], info) -> Optional[str]:
+        return None if value is None else refs.check_syntax(value, info.field_name)
+
+    @field_validator("api_base")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError(f"api_base is a URL (default {API_BASE}); got {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _method_fields(self) -> "LambdaConnector":
+        check_method_fields(self.method, self.__dict__, _NEEDS, _OWNERS)
+        return self
+
+    def key(self) -> str:
+        """The API key: the reference's value, or the one in ~/.lambda_cloud/lambda_keys (read, never written)."""
+        if self.method == "api-key":
+            value = refs.resolve(self.api_key, f"connectors.{self.name or 'lambda'}.api_key").strip()
+            if not value:
+                raise ConnectorError(f"{self.label}: api_key {self.api_key!r} resolves to an empty value; put the key from Lambda's dashboard (API keys) there")
+            return value
+        path = Path(os.path.expanduser("~")) / KEYS_FILE
+        try:
+            value = read_keys_file(path).get("api_key", "")
+        except OSError as exc:
+            raise ConnectorError(
+                f"{self.label}: cannot read {path} ({exc.strerror or exc}), where SkyPilot reads Lambda's key; "
+                "write `api_key = KEY` there, or define a connector with method api-key and api_key: env:LAMBDA_API_KEY"
+            ) from None
+        if not value:
+            raise ConnectorError(f"{self.label}: {path} has no `api_key = KEY` line")
+        redact.register(value)
+        return value
+
+    def identity(self) -> str:
+        answer = http_json(
+            f"{self.api_base}/instance-types",
+            label=self.label,
+            what="listing Lambda instance types",
+            hint="the API key was refused: create a new one in Lambda's dashboard (API keys)",
+            headers={"Authorization": f"Bearer {self.key()}"},
+        )
+        kinds = answer.get("data") or {}
+        return f"Lambda Cloud API key accepted at {self.api_base} ({len(kinds)} instance types offered)"
+
+    def skypilot_env(self, private_dir: Path) -> dict[str, str]:
+        """``HOME`` pointing at a private home holding the key file (see the module's docstring); {} for implicit."""
+        if self.method == "implicit":
+            return {}
+        home = Path(private_dir) / "home"
+        for folder in (home, home / KEYS_FILE.parent):
+            folder.mkdir(mode=0o700, exist_ok=True)
+        write_private(home / KEYS_FILE, f"api_key = {self.key()}\n")
+        return {"HOME": str(home)}
