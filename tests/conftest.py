@@ -24,6 +24,7 @@ os.environ.setdefault("SKYVM_IDLE_POLL_S", "1")
 from skyvm.backends.local import docker_available, list_managed  # noqa: E402
 from skyvm.settings import RegistrySettings  # noqa: E402
 from netutil import free_port, wait_http  # noqa: E402,F401 - tests/ is on sys.path (rootdir conftest)
+import emulators  # noqa: E402 - the GCS emulator and Azurite
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -146,3 +147,29 @@ def standin_vm(docker_engine, tmp_path, monkeypatch):
     if left:
         subprocess.run(["docker", "rm", "-f", *left], capture_output=True)
     assert not left, "a SkyPilot cluster (stand-in VM) was left running"
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """gcp-storage-emulator (in memory) on loopback with bucket skyvm-test; STORAGE_EMULATOR_HOST set. Yields the endpoint."""
+    server = emulators.start_gcs(tmp_path_factory.mktemp("gcs"))
+    try:
+        yield server.endpoint
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory):
+    """Azurite's blob service (from npm) on loopback with container skyvm-test; AZURE_STORAGE_CONNECTION_STRING set.
+
+    Yields an object with .connection_string, .blob_endpoint, .account_name, .account_key.
+    """
+    try:
+        server = emulators.start_azurite(tmp_path_factory.mktemp("azurite"))
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
+        yield server
+    finally:
+        server.stop()

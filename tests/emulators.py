@@ -1,0 +1,125 @@
+"""The cloud storage protocol servers the tests start on loopback: a GCS emulator and Azurite.
+
+Each helper starts the real server in its own process group, waits until it
+answers, makes the ``skyvm-test`` bucket or container, and returns a handle
+whose ``stop()`` kills the whole group. The fixtures in conftest.py use them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from netutil import free_port, wait_http
+
+ROOT = Path(__file__).resolve().parents[1]
+BUCKET = "skyvm-test"
+# Azurite's well-known development account (public, documented, not a secret).
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+# Where ./dev (or the fixture, lazily) installs Azurite from npm.
+AZURITE_DIR = Path(os.environ.get("SKYVM_AZURITE_DIR", ROOT / ".dev" / "azurite"))
+
+
+@dataclass
+class Server:
+    proc: subprocess.Popen
+    endpoint: str
+    log: Path
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(timeout=10)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+
+
+def _start(cmd: list[str], log: Path, probe: str, ok=(200,)) -> subprocess.Popen:
+    """Start ``cmd`` in a new process group and wait until ``probe`` answers with a status in ``ok``."""
+    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(probe, ok=ok)
+    except Exception:
+        Server(proc, "", log).stop()
+        raise RuntimeError(f"{cmd[0]} did not come up at {probe}; its log ({log}):\n{log.read_text()[-2000:]}") from None
+    return proc
+
+
+def start_gcs(workdir: Path) -> Server:
+    """gcp-storage-emulator (in memory) with bucket skyvm-test; sets STORAGE_EMULATOR_HOST."""
+    port = free_port()
+    exe = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent)) or shutil.which("gcp-storage-emulator")
+    cmd = [exe] if exe else [sys.executable, "-m", "gcp_storage_emulator"]
+    endpoint = f"http://127.0.0.1:{port}"
+    cmd += ["start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", BUCKET]
+    proc = _start(cmd, workdir / "gcs.log", f"{endpoint}/storage/v1/b/{BUCKET}")
+    os.environ["STORAGE_EMULATOR_HOST"] = endpoint
+    return Server(proc, endpoint, workdir / "gcs.log")
+
+
+def azurite_blob_exe() -> Path:
+    """Azurite's blob server, installed from npm into AZURITE_DIR the first time."""
+    exe = AZURITE_DIR / "node_modules" / ".bin" / "azurite-blob"
+    if exe.is_file():
+        return exe
+    if not (shutil.which("npm") and shutil.which("node")):
+        raise RuntimeError(f"Azurite is not installed at {AZURITE_DIR} and npm/node are not on PATH: install Node.js (Debian: nodejs npm), then ./dev setup")
+    AZURITE_DIR.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["npm", "install", "--prefix", str(AZURITE_DIR), "--no-audit", "--no-fund", "azurite"], capture_output=True, text=True, timeout=600)
+    if out.returncode != 0 or not exe.is_file():
+        raise RuntimeError(f"npm install azurite into {AZURITE_DIR} failed:\n{out.stdout[-2000:]}\n{out.stderr[-2000:]}")
+    return exe
+
+
+@dataclass
+class Azurite(Server):
+    account_name: str = AZURITE_ACCOUNT
+    account_key: str = field(default=AZURITE_KEY, repr=False)
+
+    @property
+    def blob_endpoint(self) -> str:
+        return f"{self.endpoint}/{self.account_name}"
+
+    @property
+    def connection_string(self) -> str:
+        return connection_string(self.blob_endpoint, account_name=self.account_name, account_key=self.account_key)
+
+
+def connection_string(blob_endpoint: str, *, account_name: Optional[str] = None, account_key: Optional[str] = None, sas: Optional[str] = None) -> str:
+    """An Azure Storage connection string: the account's (name and key) or a SAS one."""
+    if sas is not None:
+        return f"BlobEndpoint={blob_endpoint};SharedAccessSignature={sas}"
+    return f"DefaultEndpointsProtocol=http;AccountName={account_name};AccountKey={account_key};BlobEndpoint={blob_endpoint};"
+
+
+def start_azurite(workdir: Path) -> Azurite:
+    """Azurite's blob service with container skyvm-test; sets AZURE_STORAGE_CONNECTION_STRING."""
+    exe = azurite_blob_exe()
+    port = free_port()
+    data = Path(tempfile.mkdtemp(prefix="azurite-", dir=workdir))
+    cmd = [str(exe), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(data), "--skipApiVersionCheck", "--loose"]
+    endpoint = f"http://127.0.0.1:{port}"
+    # Any HTTP answer means it listens (an unauthenticated request gets 400/403).
+    proc = _start(cmd, workdir / "azurite.log", f"{endpoint}/{AZURITE_ACCOUNT}?comp=list", ok=(200, 400, 403))
+    server = Azurite(proc, endpoint, workdir / "azurite.log")
+    try:
+        from azure.storage.blob import BlobServiceClient
+
+        BlobServiceClient.from_connection_string(server.connection_string).create_container(BUCKET)
+    except Exception:
+        server.stop()
+        raise
+    os.environ["AZURE_STORAGE_CONNECTION_STRING"] = server.connection_string
+    return server
