@@ -28,6 +28,7 @@ import hashlib
 import importlib
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
@@ -312,7 +313,9 @@ class FsspecStore(Store):
     def _bucket_missing(self) -> bool:
         """Whether the bucket is known not to exist (False when it exists or cannot be told)."""
         try:
-            return not self.fs.exists(self.bucket)
+            with warnings.catch_warnings():  # adlfs warns when a SAS may not read the container's properties
+                warnings.simplefilter("ignore")
+                return not self.fs.exists(self.bucket)
         except Exception:  # noqa: BLE001 - credentials scoped to a prefix may not see the bucket
             return False
 

@@ -147,6 +147,7 @@ def on_node(tmp_path, env: dict, payload_url: str, result_url: str = "") -> dict
         env=clean, capture_output=True, text=True, timeout=120,
     )
     assert out.returncode == 0, out.stderr
+    assert "Warning" not in out.stderr, out.stderr
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
