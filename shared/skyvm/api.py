@@ -288,7 +288,8 @@ class Outcome:
                 original = cloudpickle.loads(result["exc"])
             except Exception:  # noqa: BLE001 - the exception's class may not exist here
                 original = None
-        err.remote_exception = original
+        # An engine records this exception's text (Prefect's state message, its API logs): no secret in it.
+        err.remote_exception = None if original is None else redact.scrub_exception(original)
         raise err
 
 

@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import tarfile
@@ -31,8 +32,10 @@ log = logging.getLogger("skyvm.images")
 IMAGE_REPOSITORY = "skyvm-node"
 # The node's venv; its bin comes first on PATH so `python3 -m skyvm.node` finds skyvm.
 NODE_VENV = "/opt/skyvm"
-# What every node image holds besides skyvm: S3 payload stores need boto3.
-RUNTIME_REQUIREMENTS = ("boto3",)
+# What every node image holds besides skyvm: the fsspec file systems of the cloud payload stores
+# (s3://, gs://, az://; skyvm.payloads on the node side), and boto3. The lower bounds are the extras'
+# (pyproject.toml): unbounded, pip meets boto3's newest botocore with s3fs 0.4, which cannot take an endpoint.
+RUNTIME_REQUIREMENTS = ("boto3", "s3fs>=2024.6", "gcsfs>=2024.6", "adlfs>=2024.4")
 
 DOCKERFILE = """\
 FROM {base}
@@ -177,7 +180,7 @@ def build_node_image(
             ) from None
     with _build_lock:
         wheels = build_wheels(requirements)
-        dockerfile = DOCKERFILE.format(base=base, venv=NODE_VENV, packages=" ".join(_package_names(requirements)))
+        dockerfile = DOCKERFILE.format(base=base, venv=NODE_VENV, packages=" ".join(shlex.quote(p) for p in _package_names(requirements)))
         digest = hashlib.sha256(base_id.encode() + dockerfile.encode())
         for whl in sorted(wheels.glob("*.whl")):
             digest.update(whl.name.encode() + hashlib.sha256(whl.read_bytes()).digest())

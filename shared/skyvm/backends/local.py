@@ -269,7 +269,7 @@ class DockerBackend:
             # No swap beyond the limit: a node sees the memory a VM of that size has.
             args += ["--memory", mem, "--memory-swap", mem]
         store = s.payload_store or str(DEFAULT_HOME / "store")
-        if not store.startswith("s3://"):
+        if "://" not in store or store.startswith("file://"):
             # The VM would reach a directory store through a mount; here the same path is bind-mounted.
             path = store.removeprefix("file://")
             Path(path).mkdir(parents=True, exist_ok=True)
