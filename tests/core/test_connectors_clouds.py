@@ -196,7 +196,9 @@ class AuthServer:
             tenant = path.strip("/").split("/")[0]
             if self.clients.get(body.get("client_id")) != body.get("client_secret"):
                 return 401, {"error": "invalid_client", "error_description": "AADSTS7000215: Invalid client secret provided."}
-            claims = {"aud": body.get("scope", "").removesuffix("/.default"), "tid": tenant, "appid": body["client_id"], "exp": int(time.time()) + self.expires_in}
+            now = int(time.time())
+            claims = {"aud": body.get("scope", "").removesuffix("/.default"), "iss": f"https://sts.windows.net/{tenant}/", "tid": tenant,
+                      "appid": body["client_id"], "oid": body["client_id"], "iat": now - 60, "nbf": now - 60, "exp": now + self.expires_in}
             token = fake_jwt(claims)
             self.tokens[token] = (body["client_id"], claims["exp"])
             return 200, {"token_type": "Bearer", "expires_in": self.expires_in, "ext_expires_in": self.expires_in, "access_token": token}
@@ -246,7 +248,7 @@ def oauth():
 def oauth_tls(tmp_path_factory):
     cert = self_signed_cert(tmp_path_factory.mktemp("tls"))
     server = AuthServer(tls_cert=cert)
-    server.ca_bundle = str(cert[0])
+    server.ca_bundle, server.key_file = str(cert[0]), str(cert[1])
     yield server
     server.stop()
 
@@ -455,7 +457,7 @@ def test_gcp_oauth2_token_is_checked_and_cannot_be_refreshed(oauth, monkeypatch,
     assert "HTTP 400" in str(err.value) and "cannot refresh" in str(err.value) and os.environ["GCP_BARE_TOKEN"] not in str(err.value)
 
 
-def test_gcp_impersonation_mints_through_iam_credentials(oauth, sa_key, private, home_untouched):
+def test_gcp_impersonation_mints_through_iam_credentials(oauth, sa_key, private, home_untouched, monkeypatch):
     c = conn("gcp", "impersonation", target_principal=TARGET, service_account_json=sa_key["ref"], iam_endpoint=oauth.url, lifetime_s=1800)
     assert c.identity().startswith(f"{TARGET} (impersonated) (project {PROJECT})")
     call = oauth.of(f"/v1/projects/-/serviceAccounts/{TARGET}:generateAccessToken")[-1]
@@ -468,11 +470,12 @@ def test_gcp_impersonation_mints_through_iam_credentials(oauth, sa_key, private,
     env = c.skypilot_env(private)
     assert_private_files(env, private, ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_AUTH_CREDENTIAL_FILE_OVERRIDE", "CLOUDSDK_CONFIG"))
     assert env["CLOUDSDK_AUTH_IMPERSONATE_SERVICE_ACCOUNT"] == TARGET
-    loaded, _ = google.auth.load_credentials_from_file(env["GOOGLE_APPLICATION_CREDENTIALS"])
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", env["GOOGLE_APPLICATION_CREDENTIALS"])
+    loaded, _ = google.auth.default()
     assert type(loaded).__module__ == "google.auth.impersonated_credentials" and loaded.service_account_email == TARGET
 
 
-def test_gcp_skypilot_env_writes_key_files_only_in_the_private_folder(oauth, sa_key, user_file, private, home_untouched):
+def test_gcp_skypilot_env_writes_key_files_only_in_the_private_folder(oauth, sa_key, user_file, private, home_untouched, monkeypatch):
     import google.auth
     from google.auth.transport.requests import Request
 
@@ -481,7 +484,8 @@ def test_gcp_skypilot_env_writes_key_files_only_in_the_private_folder(oauth, sa_
     assert_private_files(env, private, ("GOOGLE_APPLICATION_CREDENTIALS", "CLOUDSDK_AUTH_CREDENTIAL_FILE_OVERRIDE", "CLOUDSDK_CONFIG"))
     assert stat.S_IMODE(Path(env["CLOUDSDK_CONFIG"]).stat().st_mode) == 0o700
     # What SkyPilot's google.auth.default() reads is a key that works.
-    loaded, project = google.auth.load_credentials_from_file(env["GOOGLE_APPLICATION_CREDENTIALS"], scopes=[gcp_module.CLOUD_PLATFORM])
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", env["GOOGLE_APPLICATION_CREDENTIALS"])
+    loaded, project = google.auth.default(scopes=[gcp_module.CLOUD_PLATFORM])
     loaded.refresh(Request())
     assert project == PROJECT and oauth.tokens[loaded.token][0] == SA_EMAIL
 
@@ -526,10 +530,12 @@ def test_gcp_emulator_is_reached_anonymously_and_nodes_get_no_token(gcs_server, 
     c = conn("gcp", "implicit", project=PROJECT)
     options = c.fs_options("gs://skyvm-test/p")
     assert options["token"] == "anon" and options["endpoint_url"] == gcs_server
+    started = time.time()
     fs = fsspec.filesystem("gs", **options)
     name = f"skyvm-test/connectors/{uuid.uuid4().hex}.txt"
     fs.pipe(name, b"through the emulator")
     assert fs.cat(name) == b"through the emulator"
+    assert time.time() - started < 20, "gcsfs waited on the Storage Control API the emulator does not have"
     access = c.node_store_access("gs://skyvm-test/p", node="n")
     assert access.secrets == {} and access.envs == {"SKYVM_GCS_PROJECT": PROJECT, "STORAGE_EMULATOR_HOST": gcs_server}
 
@@ -569,7 +575,8 @@ def test_azure_settings_errors_name_the_method_and_the_field(method, fields, fra
 def principal(oauth_tls, monkeypatch):
     client, secret = str(uuid.uuid4()), marker("client-secret")
     oauth_tls.clients[client] = secret
-    monkeypatch.setenv("REQUESTS_CA_BUNDLE", oauth_tls.ca_bundle)
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", oauth_tls.ca_bundle)  # requests (azure-core's sync transport)
+    monkeypatch.setenv("SSL_CERT_FILE", oauth_tls.ca_bundle)  # OpenSSL's default (aiohttp, adlfs's async transport)
     var = "SP_SECRET_" + uuid.uuid4().hex[:8].upper()
     monkeypatch.setenv(var, secret)
     return {"tenant_id": TENANT, "client_id": client, "client_secret": f"env:{var}", "authority_host": oauth_tls.url}, secret
@@ -674,6 +681,71 @@ def test_azure_node_gets_a_container_sas_never_the_key(azurite, storage_key, mon
         node.get_blob_client(other, "secret.txt").download_blob().readall()
     assert denied.value.status_code == 403
     admin.delete_container(other)
+
+
+@pytest.fixture(scope="module")
+def azurite_oauth(oauth_tls, tmp_path_factory):
+    """A second Azurite, over HTTPS with OAuth on ("basic": it checks a bearer token's issuer, audience
+    and lifetime, not its signature), so a principal's token reaches storage as it does on Azure."""
+    import subprocess
+
+    import emulators
+    from netutil import free_port
+
+    folder = tmp_path_factory.mktemp("azurite-oauth")
+    port = free_port()
+    cmd = [str(emulators.azurite_blob_exe()), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(folder / "data"),
+           "--skipApiVersionCheck", "--loose", "--oauth", "basic", "--cert", oauth_tls.ca_bundle, "--key", oauth_tls.key_file]
+    proc = subprocess.Popen(cmd, stdout=open(folder / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    server = emulators.Server(proc, f"https://127.0.0.1:{port}", folder / "log")
+    try:
+        from azure.storage.blob import BlobServiceClient
+
+        endpoint = f"{server.endpoint}/{emulators.AZURITE_ACCOUNT}"
+        admin = BlobServiceClient(endpoint, credential={"account_name": emulators.AZURITE_ACCOUNT, "account_key": emulators.AZURITE_KEY},
+                                  connection_verify=oauth_tls.ca_bundle, retry_total=0)
+        deadline = time.time() + 30
+        while True:
+            try:
+                admin.create_container("skyvm-test")
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                if time.time() > deadline or proc.poll() is not None:
+                    raise RuntimeError(f"Azurite (OAuth, HTTPS) did not come up: {(folder / 'log').read_text()[-2000:]}") from None
+                time.sleep(0.3)
+        server.blob_endpoint = endpoint
+        yield server
+    finally:
+        server.stop()
+
+
+def test_azure_principal_reaches_storage_with_its_token_and_nodes_get_a_user_delegation_sas(oauth_tls, azurite_oauth, principal):
+    import fsspec
+
+    fields, secret = principal
+    c = conn("azure", "service-principal", account_name="devstoreaccount1", blob_endpoint=azurite_oauth.blob_endpoint, **fields)
+    said = c.identity()
+    assert said.startswith(f"service principal {fields['client_id']} in tenant {TENANT}") and "storage account devstoreaccount1" in said and "skyvm-test" in said
+    assert any(x["body"].get("scope") == "https://storage.azure.com/.default" for x in oauth_tls.calls if x["method"] == "POST")
+
+    access = c.node_store_access("az://skyvm-test/runs/r1", node="train", ttl_s=600)
+    connection = access.secrets["AZURE_STORAGE_CONNECTION_STRING"]
+    sas = parse_qs(connection.split("SharedAccessSignature=", 1)[1])
+    assert sas["skoid"] == [fields["client_id"]] and sas["sktid"] == [TENANT] and sas["sr"] == ["c"] and sas["sp"] == ["racwdl"]
+    assert "AccountKey" not in connection and secret not in connection and "user delegation SAS" in access.scope
+    assert redact.redact(connection) == "***"
+    # Not used against Azurite: azure-storage-blob 12.31 signs a user delegation SAS in service version
+    # 2026-10-06's form, which Azurite 3.35 (2025-11-05) computes differently and refuses.
+
+    # The launcher's own file system: adlfs with the principal's (async) credential and the same authority.
+    # aiohttp trusts a default context made at import; the test's CA joins it (what SSL_CERT_FILE does for a new process).
+    import aiohttp.connector
+
+    aiohttp.connector._SSL_CONTEXT_VERIFIED.load_verify_locations(cafile=oauth_tls.ca_bundle)
+    fs = fsspec.filesystem("az", **c.fs_options("az://skyvm-test/x"))
+    name = f"skyvm-test/connectors/{uuid.uuid4().hex}.txt"
+    fs.pipe(name, b"with a bearer token")
+    assert fs.cat(name) == b"with a bearer token"
 
 
 def test_azure_fs_options_open_the_container_with_adlfs(azurite, storage_key):

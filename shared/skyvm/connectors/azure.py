@@ -251,10 +251,11 @@ class AzureConnector(Connector):
         return {"authority": self.authority_host, "disable_instance_discovery": True} if self.authority_host else {}
 
     def token_credential(self, asynchronous: bool = False):
-        """The method's azure-core TokenCredential (cached per connector: it caches its tokens)."""
-        key = f"{self.fingerprint()}:{asynchronous}"
+        """The method's azure-core TokenCredential. The sync one is cached per connector (it caches its
+        tokens); an async one is made per call, since its user (adlfs) closes it with its file system."""
+        key = self.fingerprint()
         with _credentials_lock:
-            if key in _credentials:
+            if not asynchronous and key in _credentials:
                 return _credentials[key]
             if self.method == "access-token":
                 cred: Any = (_AsyncStaticToken if asynchronous else _StaticToken)(refs.resolve(self.token, f"{self._where}.token"), self.label)
@@ -266,7 +267,8 @@ class AzureConnector(Connector):
                 else:
                     kwargs = {"authority": self.authority_host} if self.authority_host else {}
                     cred = identity.DefaultAzureCredential(exclude_interactive_browser_credential=True, **kwargs)
-            _credentials[key] = cred
+            if not asynchronous:
+                _credentials[key] = cred
             return cred
 
     def _token(self, scope: str):
@@ -365,14 +367,12 @@ class AzureConnector(Connector):
             raise ConnectorError(f"{self.label} cannot open {url}: it names no storage account; set account_name or connection_string (or AZURE_STORAGE_CONNECTION_STRING)")
         options: dict[str, Any] = {"account_name": storage.account}
         if storage.endpoint and storage.endpoint != f"https://{storage.account}.blob.core.windows.net":
-            options["account_host"] = urlparse(storage.endpoint).netloc
-        if self.method == "service-principal":
-            tenant, client, secret = self._principal()
-            options.update(tenant_id=tenant, client_id=client, client_secret=secret)
-        elif self.method == "access-token":
-            options["credential"] = self.token_credential(asynchronous=True)
+            # adlfs reaches https://{account_host}: a path-style endpoint (Azurite's) keeps its path.
+            options["account_host"] = storage.endpoint.split("://", 1)[1]
+        if self.method == "implicit":
+            options["anon"] = False  # adlfs then makes its own DefaultAzureCredential
         else:
-            options["anon"] = False  # adlfs then uses DefaultAzureCredential
+            options["credential"] = self.token_credential(asynchronous=True)
         return options
 
     @staticmethod

@@ -49,6 +49,9 @@ GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
 STS_ENDPOINT = "https://sts.googleapis.com/v1/token"
 IAM_ENDPOINT = "https://iamcredentials.googleapis.com"
 TOKENINFO_ENDPOINT = "https://oauth2.googleapis.com/tokeninfo"
+# gcsfs (2026.x, GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT on by default) asks the gRPC Storage Control API
+# for each bucket's layout, retrying for 60 s; an emulator has no such API: give up at once instead.
+EMULATOR_GCSFS_OPTIONS = {"retry_timeout": 0.5, "retry_initial": 0.05, "retry_maximum": 0.1}
 # The role a node's downscoped token is bounded by (read, write, delete and list objects).
 NODE_ROLE = "inRole:roles/storage.objectAdmin"
 
@@ -417,7 +420,7 @@ class GcpConnector(Connector):
         """gcsfs storage options: the credentials object and project; an emulator is reached anonymously."""
         emulator = self._emulator(endpoint)
         if emulator:
-            options: dict[str, Any] = {"token": "anon", "endpoint_url": emulator if "://" in emulator else f"http://{emulator}"}
+            options: dict[str, Any] = {"token": "anon", "endpoint_url": emulator if "://" in emulator else f"http://{emulator}", **EMULATOR_GCSFS_OPTIONS}
             if self.project:
                 options["project"] = self.project
             return options
