@@ -37,7 +37,7 @@ from pydantic import field_validator, model_validator
 from skyvm import redact
 from skyvm.connectors import refs
 from skyvm.connectors.base import DEFAULT_NODE_TTL_S, Connector, ConnectorError, NodeAccess, require
-from skyvm.connectors.common import check_method_fields, http_json, jwt_claims, sdk_call, until
+from skyvm.connectors.common import check_method_fields, http_json, jwt_claims, references, sdk_call, until
 
 MANAGEMENT_SCOPE = "https://management.azure.com/.default"
 # The username ACR takes with a refresh token from its /oauth2/exchange.
@@ -177,10 +177,7 @@ class AzureConnector(Connector):
     blob_endpoint: Optional[str] = None
     authority_host: Optional[str] = None
 
-    @field_validator("client_secret", "credentials", "token", "account_key", "connection_string")
-    @classmethod
-    def _references(cls, value: Optional[str], info) -> Optional[str]:
-        return None if value is None else refs.check_syntax(value, info.field_name)
+    _references = references("client_secret", "credentials", "token", "account_key", "connection_string")
 
     @field_validator("authority_host", "blob_endpoint")
     @classmethod

@@ -14,11 +14,23 @@ import urllib.parse
 import urllib.request
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from pydantic import field_validator
+
 from skyvm import redact
 from skyvm.connectors.base import ConnectorError
 
 # (fields of which one is needed, what to write) for each method that needs something
 Needs = Mapping[str, Sequence[tuple[tuple[str, ...], str]]]
+
+
+def references(*fields: str):
+    """A pydantic field validator: each of ``fields``, when set, holds a secret reference, never a secret."""
+    from skyvm.connectors import refs
+
+    def check(cls, value: Optional[str], info) -> Optional[str]:
+        return None if value is None else refs.check_syntax(value, info.field_name)
+
+    return field_validator(*fields)(classmethod(check))
 
 
 def check_method_fields(method: str, values: Mapping[str, Any], needs: Needs, owners: Mapping[str, tuple[str, ...]]) -> None:

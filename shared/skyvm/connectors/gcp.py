@@ -41,7 +41,7 @@ from pydantic import Field, field_validator, model_validator
 from skyvm import redact
 from skyvm.connectors import refs
 from skyvm.connectors.base import DEFAULT_NODE_TTL_S, REFRESH_MARGIN_S, Connector, ConnectorError, NodeAccess, require
-from skyvm.connectors.common import check_method_fields, http_json, parse_json_secret, register_key_file, sdk_call, until
+from skyvm.connectors.common import check_method_fields, http_json, parse_json_secret, references, register_key_file, sdk_call, until
 from skyvm.connectors.files import write_private
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
@@ -149,10 +149,7 @@ class GcpConnector(Connector):
     iam_endpoint: Optional[str] = None
     tokeninfo_endpoint: Optional[str] = None
 
-    @field_validator("credentials", "service_account_json", "user_account_json", "token")
-    @classmethod
-    def _references(cls, value: Optional[str], info) -> Optional[str]:
-        return None if value is None else refs.check_syntax(value, info.field_name)
+    _references = references("credentials", "service_account_json", "user_account_json", "token")
 
     @field_validator("target_principal", "delegates")
     @classmethod

@@ -15,12 +15,12 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Optional
 
-from pydantic import field_validator, model_validator
+from pydantic import model_validator
 
 from skyvm import redact
 from skyvm.connectors import refs
 from skyvm.connectors.base import Connector, ConnectorError, require
-from skyvm.connectors.common import check_method_fields, sdk_call
+from skyvm.connectors.common import check_method_fields, references, sdk_call
 from skyvm.connectors.files import write_private
 
 _NEEDS = {"kubeconfig": [(("kubeconfig",), "kubeconfig (a reference to the kubeconfig YAML, e.g. file:/secrets/kubeconfig or env:KUBECONFIG_YAML)")]}
@@ -78,10 +78,7 @@ class KubernetesConnector(Connector):
     kubeconfig: Optional[str] = None
     context: Optional[str] = None
 
-    @field_validator("kubeconfig")
-    @classmethod
-    def _references(cls, value: Optional[str], info) -> Optional[str]:
-        return None if value is None else refs.check_syntax(value, info.field_name)
+    _references = references("kubeconfig")
 
     @model_validator(mode="after")
     def _method_fields(self) -> "KubernetesConnector":

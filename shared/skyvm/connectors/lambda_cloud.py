@@ -22,7 +22,7 @@ from pydantic import field_validator, model_validator
 from skyvm import redact
 from skyvm.connectors import refs
 from skyvm.connectors.base import Connector, ConnectorError
-from skyvm.connectors.common import check_method_fields, http_json
+from skyvm.connectors.common import check_method_fields, http_json, references
 from skyvm.connectors.files import write_private
 
 API_BASE = "https://cloud.lambdalabs.com/api/v1"
@@ -52,10 +52,7 @@ class LambdaConnector(Connector):
     # Lambda's API (for `skyvm check`); SkyPilot itself always uses Lambda's own.
     api_base: str = API_BASE
 
-    @field_validator("api_key")
-    @classmethod
-    def _references(cls, value: Optional[str], info) -> Optional[str]:
-        return None if value is None else refs.check_syntax(value, info.field_name)
+    _references = references("api_key")
 
     @field_validator("api_base")
     @classmethod
