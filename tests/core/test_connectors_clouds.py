@@ -540,6 +540,25 @@ def test_gcp_emulator_is_reached_anonymously_and_nodes_get_no_token(gcs_server, 
     assert access.secrets == {} and access.envs == {"SKYVM_GCS_PROJECT": PROJECT, "STORAGE_EMULATOR_HOST": gcs_server}
 
 
+def test_gcp_implicit_and_impersonation_from_adc(oauth, tmp_path, private, monkeypatch, home_untouched):
+    """ADC through GOOGLE_APPLICATION_CREDENTIALS (a key whose token_uri is the local server); impersonation from it."""
+    key = service_account_key(oauth)
+    adc = tmp_path / "adc.json"
+    adc.write_text(json.dumps(key))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(adc))
+    assert conn("gcp", "implicit").identity().startswith(f"{SA_EMAIL} (project {PROJECT}); token valid until")
+    assert conn("gcp", "implicit").skypilot_env(private) == {}
+    c = conn("gcp", "impersonation", target_principal=TARGET, delegates=[f"middle@{PROJECT}.iam.gserviceaccount.com"], iam_endpoint=oauth.url)
+    assert c.identity().startswith(f"{TARGET} (impersonated)")
+    assert oauth.of(f"/v1/projects/-/serviceAccounts/{TARGET}:generateAccessToken")[-1]["body"]["delegates"] == [f"projects/-/serviceAccounts/middle@{PROJECT}.iam.gserviceaccount.com"]
+    env = c.skypilot_env(private)
+    assert env["CLOUDSDK_AUTH_IMPERSONATE_SERVICE_ACCOUNT"] == f"middle@{PROJECT}.iam.gserviceaccount.com,{TARGET}"
+    assert "CLOUDSDK_CONFIG" not in env  # gcloud keeps the user's own login as the source
+    written = json.loads(Path(env["GOOGLE_APPLICATION_CREDENTIALS"]).read_text())
+    assert written["type"] == "impersonated_service_account" and written["source_credentials"]["client_email"] == SA_EMAIL
+    assert_private_files(env, private, ("GOOGLE_APPLICATION_CREDENTIALS",))
+
+
 def test_gcp_implicit_without_adc_says_how_to_log_in(monkeypatch, tmp_path):
     monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))  # no ADC file there
     monkeypatch.setenv("GCE_METADATA_HOST", "127.0.0.1:9")  # no metadata server either
@@ -597,6 +616,16 @@ def test_azure_service_principal_gets_a_token_from_the_authority(oauth_tls, prin
     assert c.registry_credentials("team.azurecr.io") == (fields["client_id"], secret)
     with pytest.raises(ConnectorError, match="Azure Container Registry"):
         c.registry_credentials("ghcr.io/team")
+
+
+def test_azure_implicit_uses_the_environment_credential_chain(oauth_tls, principal, monkeypatch):
+    fields, secret = principal
+    monkeypatch.setenv("AZURE_TENANT_ID", TENANT)
+    monkeypatch.setenv("AZURE_CLIENT_ID", fields["client_id"])
+    monkeypatch.setenv("AZURE_CLIENT_SECRET", secret)
+    c = conn("azure", "implicit", authority_host=oauth_tls.url)
+    assert c.identity().startswith(f"service principal {fields['client_id']} in tenant {TENANT}: token for https://management.azure.com")
+    assert c.skypilot_env(Path("/nonexistent")) == {}  # nothing to give: SkyPilot's own az login is used
 
 
 def test_azure_a_wrong_client_secret_is_a_clear_error(oauth_tls, principal, monkeypatch):

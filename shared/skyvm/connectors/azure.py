@@ -262,8 +262,7 @@ class AzureConnector(Connector):
                     tenant, client, secret = self._principal()
                     cred = identity.ClientSecretCredential(tenant, client, secret, **self._authority())
                 else:
-                    kwargs = {"authority": self.authority_host} if self.authority_host else {}
-                    cred = identity.DefaultAzureCredential(exclude_interactive_browser_credential=True, **kwargs)
+                    cred = identity.DefaultAzureCredential(exclude_interactive_browser_credential=True, **self._authority())
             if not asynchronous:
                 _credentials[key] = cred
             return cred
@@ -293,12 +292,12 @@ class AzureConnector(Connector):
         return _Storage(account, endpoint.rstrip("/") if endpoint else None, key, connection, sas)
 
     def _has_storage(self) -> bool:
-        return bool(
-            self.account_name
-            or self.connection_string
-            or (self.credentials and (self._credential_set().get("connection_string") or self._credential_set().get("account_name")))
-            or (self.method == "implicit" and os.environ.get("AZURE_STORAGE_CONNECTION_STRING"))
-        )
+        if self.account_name or self.connection_string:
+            return True
+        if self.method == "implicit":
+            return bool(os.environ.get("AZURE_STORAGE_CONNECTION_STRING"))
+        data = self._credential_set()
+        return bool(data.get("connection_string") or data.get("account_name"))
 
     def _blob_service(self, storage: _Storage):
         blob = require("azure.storage.blob", "azure", self.label)

@@ -284,12 +284,16 @@ class GcpConnector(Connector):
                 source_credentials=source,
                 target_principal=self.target_principal,
                 target_scopes=self._scope_list(),
-                delegates=self.delegates or None,
+                delegates=self._delegate_names() or None,
                 lifetime=self.lifetime_s,
                 iam_endpoint_override=self._impersonation_url() if self.iam_endpoint else None,
             )
             return _Auth(creds, project, info, self.target_principal)
         raise AssertionError(method)  # pragma: no cover - the model validates the method
+
+    def _delegate_names(self) -> list[str]:
+        """The delegation chain as the IAM Credentials API names service accounts."""
+        return [f"projects/-/serviceAccounts/{email}" for email in self.delegates]
 
     def _impersonation_url(self) -> str:
         base = (self.iam_endpoint or IAM_ENDPOINT).rstrip("/")
@@ -399,7 +403,7 @@ class GcpConnector(Connector):
                 content = {
                     "type": "impersonated_service_account",
                     "service_account_impersonation_url": self._impersonation_url(),
-                    "delegates": list(self.delegates),
+                    "delegates": self._delegate_names(),
                     "source_credentials": source,
                 }
                 key_file = write_private(files / "gcp-impersonation.json", json.dumps(content))
