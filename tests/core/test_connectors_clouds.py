@@ -828,6 +828,20 @@ def test_lambda_skypilot_gets_a_private_home_with_the_key(private, monkeypatch, 
     assert conn("lambda", "implicit").skypilot_env(private) == {}
 
 
+def test_lambda_private_home_links_the_rest_of_the_real_home(private, tmp_path, monkeypatch):
+    real = tmp_path / "real-home"
+    (real / ".sky").mkdir(parents=True)
+    (real / ".ssh").mkdir()
+    (real / ".lambda_cloud").mkdir()
+    (real / ".lambda_cloud" / "lambda_keys").write_text("api_key = the-users-own\n")
+    monkeypatch.setenv("HOME", str(real))
+    monkeypatch.setenv("LAMBDA_KEY", marker("lambda-key"))
+    home = Path(conn("lambda", "api-key", api_key="env:LAMBDA_KEY").skypilot_env(private)["HOME"])
+    assert (home / ".sky").resolve() == real / ".sky" and (home / ".ssh").resolve() == real / ".ssh"
+    assert not (home / ".lambda_cloud").is_symlink() and os.environ["LAMBDA_KEY"] in (home / ".lambda_cloud" / "lambda_keys").read_text()
+    assert (real / ".lambda_cloud" / "lambda_keys").read_text() == "api_key = the-users-own\n"
+
+
 def test_lambda_implicit_reads_the_file_skypilot_reads(oauth, tmp_path, monkeypatch):
     key = marker("lambda-home-key")
     oauth.lambda_key = key

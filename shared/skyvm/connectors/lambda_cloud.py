@@ -4,11 +4,13 @@ SkyPilot reads Lambda's key only from ``~/.lambda_cloud/lambda_keys`` (a line
 ``api_key = KEY``), with no variable to point it elsewhere. skyvm never writes
 into the user's home: ``skypilot_env`` writes the file under a private
 directory (``PRIVATE/home/.lambda_cloud/lambda_keys``, mode 0600) and returns
-``HOME`` pointing there. That HOME is for the SkyPilot process that launches
-on Lambda and changes more than Lambda: SkyPilot's state (``~/.sky``), its SSH
-keys (``~/.ssh/sky-key``) and every other cloud's files in ``~`` are then read
-from the private home too. The caller decides whether to apply it (e.g. for a
-SkyPilot process of its own, or by linking ``.sky``/``.ssh`` into the private home).
+``HOME`` pointing at ``PRIVATE/home``. The trade-off: HOME is the SkyPilot
+process's for everything, not only Lambda. So that SkyPilot still finds its
+state (``~/.sky``), its SSH keys (``~/.ssh/sky-key``) and other clouds' files,
+every other entry of the real home is linked into the private one (links in
+the private directory: the real home is not changed). What SkyPilot would
+create anew at the top of HOME (a first ``~/.sky``) lands in the private home
+and goes with it. The caller decides whether to apply the variable.
 """
 
 from __future__ import annotations
@@ -105,4 +107,10 @@ class LambdaConnector(Connector):
         for folder in (home, home / KEYS_FILE.parent):
             folder.mkdir(mode=0o700, exist_ok=True)
         write_private(home / KEYS_FILE, f"api_key = {self.key()}\n")
+        real = Path(os.path.expanduser("~"))
+        if real.is_dir() and real.resolve() != home.resolve():
+            for entry in real.iterdir():
+                link = home / entry.name
+                if entry.name != KEYS_FILE.parts[0] and not link.exists() and not link.is_symlink():
+                    link.symlink_to(entry)
         return {"HOME": str(home)}
