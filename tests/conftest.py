@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -60,31 +59,16 @@ def nothing_left_running():
 @pytest.fixture(scope="session")
 def registry(docker_engine, tmp_path_factory):
     """A real registry on loopback with htpasswd auth; the password is in $SKYVM_TEST_REGISTRY_PASSWORD."""
-    import bcrypt
-
-    exe = shutil.which("docker-registry")
-    if not exe:
-        pytest.fail("docker-registry is not installed (./dev installs Debian's docker-registry package)")
-    d = tmp_path_factory.mktemp("registry")
     password = "s3cret-" + os.urandom(4).hex()
-    (d / "htpasswd").write_text("skyvm:" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode() + "\n")
-    port = free_port()
-    (d / "config.yml").write_text(
-        f"""version: 0.1
-log: {{level: error}}
-storage: {{filesystem: {{rootdirectory: {d / 'data'}}}, delete: {{enabled: true}}}}
-http: {{addr: 127.0.0.1:{port}, secret: skyvm-test}}
-auth: {{htpasswd: {{realm: skyvm, path: {d / 'htpasswd'}}}}}
-"""
-    )
-    proc = subprocess.Popen([exe, "serve", str(d / "config.yml")], stdout=open(d / "log", "w"), stderr=subprocess.STDOUT)
     try:
-        wait_http(f"http://127.0.0.1:{port}/v2/")
+        server = emulators.LocalRegistry(tmp_path_factory.mktemp("registry"), "skyvm", password)
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
+    try:
         os.environ["SKYVM_TEST_REGISTRY_PASSWORD"] = password
-        yield RegistrySettings(server=f"127.0.0.1:{port}", username="skyvm", password_env="SKYVM_TEST_REGISTRY_PASSWORD")
+        yield RegistrySettings(server=server.server, username="skyvm", password_env="SKYVM_TEST_REGISTRY_PASSWORD")
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        server.stop()
 
 
 @pytest.fixture(scope="session")

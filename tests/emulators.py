@@ -123,3 +123,31 @@ def start_azurite(workdir: Path) -> Azurite:
         raise
     os.environ["AZURE_STORAGE_CONNECTION_STRING"] = server.connection_string
     return server
+
+
+class LocalRegistry:
+    """Debian's docker-registry on loopback with htpasswd auth for one user."""
+
+    def __init__(self, d: Path, user: str, password: str):
+        import bcrypt
+
+        exe = shutil.which("docker-registry")
+        if not exe:
+            raise RuntimeError("docker-registry is not installed (./dev installs Debian's docker-registry package)")
+        (d / "htpasswd").write_text(f"{user}:" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode() + "\n")
+        port = free_port()
+        (d / "config.yml").write_text(
+            f"""version: 0.1
+log: {{level: error}}
+storage: {{filesystem: {{rootdirectory: {d / 'data'}}}, delete: {{enabled: true}}}}
+http: {{addr: 127.0.0.1:{port}, secret: skyvm-test}}
+auth: {{htpasswd: {{realm: skyvm, path: {d / 'htpasswd'}}}}}
+"""
+        )
+        self.server = f"127.0.0.1:{port}"
+        self.proc = subprocess.Popen([exe, "serve", str(d / "config.yml")], stdout=open(d / "log", "w"), stderr=subprocess.STDOUT)
+        wait_http(f"http://{self.server}/v2/")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)

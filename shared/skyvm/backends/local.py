@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from skyvm.backends.base import Job, JobState, JobStatus, LogSink
+from skyvm import redact
 from skyvm.errors import InfrastructureError, UnsatisfiableRequest
 from skyvm.payloads import DEFAULT_HOME
 from skyvm.plan import TaskSpec
@@ -236,7 +237,13 @@ class DockerBackend:
             return
         if spec.registry_auth:
             user, password = spec.registry_auth
-            docker("login", "--username", user, "--password-stdin", reg.server, input=password)
+            try:
+                docker("login", "--username", user, "--password-stdin", reg.server, input=password)
+            except InfrastructureError as exc:
+                raise InfrastructureError(
+                    f"node {spec.node!r}: registry {reg.server} refused the login of {user} ({redact.redact(str(exc))}); "
+                    "fix registry.password (or the registry's connector)"
+                ) from None
         docker("pull", "--quiet", spec.image)
 
     def _live_containers(self, signature: str) -> list[str]:

@@ -45,7 +45,8 @@ def check_syntax(value: Any, field: str) -> str:
         )
     scheme, _, rest = value.partition(":")
     if scheme not in SCHEMES or not rest:
-        raise ValueError(f"{field}: unknown secret reference scheme {scheme!r}; accepted: {ACCEPTED}")
+        # The text is not echoed: a pasted secret may hold a colon.
+        raise ValueError(f"{field} does not start with a known reference scheme (the value is not shown: it may be a pasted secret); accepted: {ACCEPTED}")
     if scheme == "prefect" and "/" not in rest:
         raise ValueError(f"{field}: a Prefect reference is prefect:BLOCK-TYPE/NAME (e.g. prefect:secret/my-key); got {value!r}")
     return value
