@@ -337,7 +337,7 @@ def gcp_sa(sa_key, oauth, **fields):
         ("oauth2-token", {}, "method oauth2-token needs token"),
         ("impersonation", {}, "method impersonation needs target_principal"),
         ("impersonation", {"target_principal": "deployer"}, "target_principal takes a service account's email"),
-        ("service-account", {"service_account_json": '{"type": "service_account"}'}, "unknown secret reference scheme"),
+        ("service-account", {"service_account_json": '{"type": "service_account"}'}, "does not start with a known reference scheme"),
         ("service-account", {"service_account_json": "file:/k.json", "user_account_json": "file:/u.json"}, "user_account_json is for method user-account"),
         ("service-account", {"service_account_json": "file:/k.json", "credentials": "airflow:gcp"}, "not both"),
         ("implicit", {"token": "env:T"}, "token is for method oauth2-token"),
