@@ -73,3 +73,32 @@ def test_a_missing_reference_is_a_failed_row_naming_the_field(tmp_path, aws_iam_
     out = run_check(path, {"CHECK_KEY": aws_iam_server.access_key, "CHECK_REGISTRY_PASSWORD": "x" * 12})
     assert out.returncode == 1
     assert "connectors.team.aws_secret_access_key" in out.stdout and "CHECK_SECRET is not set" in out.stdout
+
+
+def test_skypilots_own_check_runs_with_the_nodes_connector(standin_vm, tmp_path, aws_iam_server, team_bucket, registry, monkeypatch):
+    """The skypilot row: SkyPilot's process (the stand-in at the cloud seam) asks STS with the
+    connector's private profile, so a right key enables AWS and a wrong one does not."""
+    from skyvm.check import FAIL, OK, run_checks
+    from skyvm.settings import SkyVMConfig
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", aws_iam_server.endpoint)
+    monkeypatch.setenv("CHECK_KEY", aws_iam_server.access_key)
+    monkeypatch.setenv("CHECK_SECRET", aws_iam_server.secret_key)
+    monkeypatch.setenv("CHECK_REGISTRY_PASSWORD", os.environ["SKYVM_TEST_REGISTRY_PASSWORD"])
+    data = yaml.safe_load(write_config(tmp_path, aws_iam_server, team_bucket, registry).read_text())
+    data["defaults"].update(backend="skypilot", cloud="aws")
+    rows = {r.check: r for r in run_checks(SkyVMConfig(data))}
+    assert rows["skypilot"].result == OK, rows["skypilot"]
+    assert "aws (compute/storage)" in rows["skypilot"].detail
+    assert "with team" in rows["skypilot"].target
+    seen = next(c for c in standin_vm.calls() if c["call"] == "check")["credentials"]
+    assert seen["AWS_PROFILE"] == "skyvm" and seen["AWS_SHARED_CREDENTIALS_FILE"]["mode"] == "0o600"
+
+    from skyvm.backends import skypilot as backend_module
+
+    for backend in backend_module.all_backends():
+        backend.close()
+    backend_module._with_credentials.clear()
+    monkeypatch.setenv("CHECK_SECRET", "wrong-" + uuid.uuid4().hex)
+    rows = {r.check: r for r in run_checks(SkyVMConfig(data))}
+    assert rows["skypilot"].result == FAIL and "SkyPilot cannot use aws" in rows["skypilot"].detail

@@ -229,3 +229,21 @@ def test_cli_validate_and_settings(example_file, tmp_path):
     out = _cli("validate", str(bad))
     assert out.returncode == 2
     assert f"{bad}: nodes.train.disk_tier:" in out.stderr and "'best'" in out.stderr
+
+
+def test_connectors_from_the_file_and_from_code():
+    from skyvm.connectors import node_connectors
+    from skyvm.connectors.aws import AwsConnector
+
+    config = SkyVMConfig({"connectors": {"team": {"type": "aws", "method": "secret-key", "aws_access_key_id": "env:K", "aws_secret_access_key": "env:S"}},
+                          "defaults": {"connector": "team"}})
+    assert [c.method for c in node_connectors(config.resolve("n"))] == ["secret-key"]
+    # Objects in code join the file's by name; the settings carry only references.
+    ours = AwsConnector(name="ours", method="iam-role", role_arn="arn:aws:iam::1:role/r", aws_access_key_id="env:K", aws_secret_access_key="env:S")
+    settings = config.resolve("n", code={"connector": ours})
+    assert [c.name for c in node_connectors(settings)] == ["ours"] and "env:S" in str(settings.connector_defs)
+    assert "connector_defs" not in settings.public_dump()
+    with pytest.raises(SettingsError, match="a node uses at most one per cloud"):
+        config.resolve("n", code={"connector": ["team", ours]})
+    with pytest.raises(SettingsError, match="define connectors|top-level connectors"):
+        config.resolve("n", code={"connector_defs": {}})

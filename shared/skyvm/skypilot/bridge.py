@@ -30,7 +30,7 @@ from skyvm.errors import InfrastructureError
 log = logging.getLogger("skyvm.skypilot")
 
 LogSink = Callable[[str], None]
-CALLS = ("launch", "exec", "job_status", "tail_logs", "cancel", "down", "autostop", "status", "jobs_launch", "jobs_status", "jobs_cancel", "jobs_logs", "optimize")
+CALLS = ("launch", "exec", "job_status", "tail_logs", "cancel", "down", "autostop", "status", "jobs_launch", "jobs_status", "jobs_cancel", "jobs_logs", "optimize", "check", "api_stop")
 # Calls that stream a log (to stderr across the process boundary).
 LOGGING_CALLS = ("launch", "exec", "tail_logs", "jobs_launch", "jobs_logs")
 # SkyPilot's exit code of a failed job in tail_logs.
