@@ -98,9 +98,19 @@ async def _await(awaitable):
 
 
 def _run_command(command: str, child: list) -> tuple[int, str]:
-    """Run a shell command, passing its output through; returns (exit code, last stdout line)."""
-    proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=None, start_new_session=True, text=True, bufsize=1)
+    """Run a shell command, passing its output through (masked); returns (exit code, last stdout line)."""
+    import threading
+
+    proc = subprocess.Popen(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True, text=True, bufsize=1)
     child.append(proc)
+
+    def copy_stderr() -> None:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            sys.stderr.flush()
+
+    err = threading.Thread(target=copy_stderr, daemon=True)
+    err.start()
     last = ""
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -108,10 +118,50 @@ def _run_command(command: str, child: list) -> tuple[int, str]:
         sys.stdout.flush()
         if line.strip():
             last = line.rstrip("\n")
-    return proc.wait(), last
+    code = proc.wait()
+    err.join(timeout=5)
+    return code, last  # the value (an XCom) is the user's; only the log is masked
+
+
+class _MaskingStream:
+    """A text stream that writes through with the node's secret values replaced by ***."""
+
+    def __init__(self, stream, secrets: list[str]):
+        self._stream = stream
+        self._secrets = secrets
+
+    def write(self, text):
+        if isinstance(text, str):
+            for secret in self._secrets:
+                text = text.replace(secret, "***")
+        return self._stream.write(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _secret_values() -> list[str]:
+    names = [n for n in os.environ.get("SKYVM_SECRET_NAMES", "").split(",") if n]
+    # Longest first, so a secret that contains another is masked whole; very short values would garble the log.
+    return sorted({os.environ[n] for n in names if len(os.environ.get(n, "")) >= 6}, key=len, reverse=True)
+
+
+def _mask(text: str) -> str:
+    for secret in _secret_values():
+        text = text.replace(secret, "***")
+    return text
+
+
+def _mask_output() -> None:
+    """Whatever the node prints (user code, a command's output, tracebacks) is masked at the source."""
+    secrets = _secret_values()
+    if secrets:
+        sys.stdout = _MaskingStream(sys.stdout, secrets)
+        sys.stderr = _MaskingStream(sys.stderr, secrets)
 
 
 def cmd_run(args) -> int:
+    _mask_output()
     _touch_activity()
     pidfile = _pidfile(args.attempt)
     pidfile.write_text(str(os.getpid()))
@@ -179,7 +229,7 @@ def _run_attempt(args, pidfile: Path) -> int:
                 pickled = cloudpickle.dumps(exc)
             except Exception:  # noqa: BLE001 - an exception that cannot travel still reports its text
                 pickled = None
-            result.update(ok=False, exc=pickled, exc_type=type(exc).__qualname__, message=str(exc), traceback=tb)
+            result.update(ok=False, exc=pickled, exc_type=type(exc).__qualname__, message=_mask(str(exc)), traceback=_mask(tb))
             code = EXIT_USER_FAILURE
         result["duration_s"] = round(time.time() - started, 3)
         try:

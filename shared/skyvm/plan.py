@@ -169,6 +169,7 @@ def plan_node(
         settings = settings.model_copy(update={"max_clusters": 1})
     else:
         sig = signature(settings, image)
+    secrets = dict(settings.secrets if secrets is None else secrets)
     return TaskSpec(
         node=node,
         run_id=run_id,
@@ -180,8 +181,16 @@ def plan_node(
         docker_run_args=docker_run_args(settings),
         setup=SETUP_COMMAND,
         run=node_command(payload_url, result_url, attempt_id),
-        envs={**settings.envs, "SKYVM_NODE": node, "SKYVM_RUN_ID": run_id, "SKYVM_ATTEMPT_ID": attempt_id},
-        secrets=dict(settings.secrets if secrets is None else secrets),
+        envs={
+            **settings.envs,
+            "SKYVM_NODE": node,
+            "SKYVM_RUN_ID": run_id,
+            "SKYVM_ATTEMPT_ID": attempt_id,
+            # Names only: the node masks these variables' values in its own log, which a deferred
+            # Airflow task's trigger (a process that never saw the secrets) streams as it is.
+            "SKYVM_SECRET_NAMES": ",".join(sorted(secrets)),
+        },
+        secrets=secrets,
         resources=resources(settings),
         settings=settings,
         payload_url=payload_url,

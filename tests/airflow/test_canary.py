@@ -8,7 +8,8 @@ writes the task logs there; Airflow's log folder is read too), any row of any ta
 DB (the connections that hold them aside), ``skyvm settings``, a TaskSpec's printable form, or
 ``ps`` and ``docker inspect`` taken while the node ran; what it printed must reach the log as
 ``***``; and the process environment is left as it was. A deferrable node does the same, its log
-read back from the container by the trigger: that path is a known leak (reported as xfail).
+read back from the container by the trigger, a process that never resolved the secrets: the node
+masks them at the source (its secret variables' names travel as SKYVM_SECRET_NAMES).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import yaml
 
 from test_clouds import cloud_dags, environment_changes, put_connections  # noqa: F401 - cloud_dags is a fixture
 
-from engine_checks import Watch, canary_markers, leaked  # noqa: E402 - tests/prefect, put on the path by test_clouds
+from engine_checks import Watch, canary_markers, leaked  # noqa: E402 - tests/, shared by both engine suites
 
 PRINTED = ("CANARY_LITERAL", "CANARY_FROM_ENV", "CANARY_FROM_CONN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 OWN_CONNECTIONS = ("canary_aws", "canary_token", "skyvm_canary")
@@ -137,10 +138,8 @@ def test_a_deferred_node_leaves_no_secret_in_the_metadata_db_nor_in_its_log(cana
     db = metadata_db(airflow_db)
     assert dr.run_id in db and not leaked(markers, metadata_db=db)
     logs = captured_logs(caplog, capfd, airflow_db)
-    found = leaked(markers, logs=logs)
-    if found:
-        # The trigger (in the triggerer) and execute_complete (in a resumed worker) log the node's log as the
-        # container kept it; neither process resolved the node's secrets, so skyvm.redact cannot know them.
-        pytest.xfail(f"known bug: a deferred node's printed secrets reach the task log unredacted: {found}")
+    # The trigger (in the triggerer) and execute_complete (in a resumed worker) log the node's log as the
+    # container kept it; neither process resolved the secrets, so the node itself must have masked them.
+    assert not leaked(markers, logs=logs)
     for name in PRINTED:
         assert f"{name}=***" in logs, f"{name} not in the log; its end:\n{logs[-3000:]}"

@@ -22,8 +22,7 @@ import pytest
 from skyvm import redact
 from test_operator import run_dag, xcom
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "prefect"))  # the checks both engine suites share
-from engine_checks import check_round_trip, cloud_store  # noqa: E402
+from engine_checks import check_round_trip, cloud_store  # noqa: E402 - tests/, the checks both engine suites share
 
 DAGS = Path(__file__).resolve().parent / "dags"
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
@@ -63,3 +64,19 @@ def test_an_ecr_token_from_the_aws_connector_pushes_and_pulls_the_node_image(ecr
         assert handle.result(300)
     assert handle.spec.image.startswith(ecr_like_registry.server + "/skyvm-node:")
     assert handle.spec.registry_auth[0] == "AWS"
+
+
+def test_no_registry_password_stays_on_disk(registry, tmp_path):
+    from skyvm.payloads import DEFAULT_HOME
+
+    config = {"defaults": {"registry": registry.model_dump()}}
+    with Run(config) as run:
+        assert run.submit(where, node="no-trace").result(300)
+    password = os.environ["SKYVM_TEST_REGISTRY_PASSWORD"]
+    import base64
+
+    encoded = base64.b64encode(f"skyvm:{password}".encode()).decode()
+    for path in [*DEFAULT_HOME.rglob("*"), *(p for p in (Path.home() / ".docker").rglob("*") if (Path.home() / ".docker").exists())]:
+        if path.is_file() and path.stat().st_size < 1_000_000:
+            text = path.read_text(errors="replace")
+            assert password not in text and encoded not in text, path

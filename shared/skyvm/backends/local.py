@@ -52,18 +52,18 @@ def home_id() -> str:
     return hashlib.sha256(str(DEFAULT_HOME.resolve()).encode()).hexdigest()[:12]
 
 
-def _docker_env() -> dict:
+def _docker_env(config: Optional[str] = None) -> dict:
     # skyvm's own docker config dir: registry logins never touch the user's ~/.docker.
     env = dict(os.environ)
-    env["DOCKER_CONFIG"] = str(DEFAULT_HOME / "docker")
+    env["DOCKER_CONFIG"] = config or str(DEFAULT_HOME / "docker")
     return env
 
 
-def docker(*args: str, input: Optional[str] = None, check: bool = True, timeout: Optional[float] = 600) -> subprocess.CompletedProcess:
+def docker(*args: str, input: Optional[str] = None, check: bool = True, timeout: Optional[float] = 600, config: Optional[str] = None) -> subprocess.CompletedProcess:
     """Run the docker CLI (as SkyPilot does on a VM); raise InfrastructureError with its output on failure."""
     cmd = ["docker", *args]
     try:
-        out = subprocess.run(cmd, input=input, capture_output=True, text=True, env=_docker_env(), timeout=timeout)
+        out = subprocess.run(cmd, input=input, capture_output=True, text=True, env=_docker_env(config), timeout=timeout)
     except FileNotFoundError:
         raise InfrastructureError("the docker CLI is not installed") from None
     except subprocess.TimeoutExpired:
@@ -235,16 +235,23 @@ class DockerBackend:
         reg = spec.registry
         if reg is None or not spec.image.startswith(reg.server.rstrip("/") + "/"):
             return
-        if spec.registry_auth:
-            user, password = spec.registry_auth
-            try:
-                docker("login", "--username", user, "--password-stdin", reg.server, input=password)
-            except InfrastructureError as exc:
-                raise InfrastructureError(
-                    f"node {spec.node!r}: registry {reg.server} refused the login of {user} ({redact.redact(str(exc))}); "
-                    "fix registry.password (or the registry's connector)"
-                ) from None
-        docker("pull", "--quiet", spec.image)
+        from skyvm.connectors.files import private_dir, remove
+
+        # The login lives in a private config directory for this pull only: no password stays on disk.
+        config = private_dir("skyvm-docker-")
+        try:
+            if spec.registry_auth:
+                user, password = spec.registry_auth
+                try:
+                    docker("login", "--username", user, "--password-stdin", reg.server, input=password, config=str(config))
+                except InfrastructureError as exc:
+                    raise InfrastructureError(
+                        f"node {spec.node!r}: registry {reg.server} refused the login of {user} ({redact.redact(str(exc))}); "
+                        "fix registry.password (or the registry's connector)"
+                    ) from None
+            docker("pull", "--quiet", spec.image, config=str(config))
+        finally:
+            remove(config)
 
     def _live_containers(self, signature: str) -> list[str]:
         out = docker("ps", "--filter", f"label={L_SIG}={signature}", "--filter", "status=running", "--format", "{{.Names}}")
