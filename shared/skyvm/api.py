@@ -21,7 +21,8 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Mapping, Optional, Union
 
 import cloudpickle
@@ -29,11 +30,12 @@ import cloudpickle
 from skyvm import node as node_runtime
 from skyvm import redact
 from skyvm.connectors.base import DEFAULT_NODE_TTL_S
-from skyvm.backends.base import Job, JobState
+from skyvm.backends.base import JobState, JobStatus, NodeRef
 from skyvm.errors import InfrastructureError, NodeCancelled, NodeFailed, NodeTimeout, PayloadError, SkyVMError
 from skyvm.payloads import open_store
 from skyvm.plan import TaskSpec, plan_node
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
+from skyvm.watcher import watcher
 
 log = logging.getLogger("skyvm")
 
@@ -101,6 +103,25 @@ def new_attempt_id(node: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "-", node[:40]) + "-" + uuid.uuid4().hex[:12]
 
 
+# Launching (payload upload, image build, waiting for a cluster slot, provisioning) runs on a
+# bounded pool of threads; waiting on a running node takes none (the process's one watcher).
+LAUNCH_THREADS = int(os.environ.get("SKYVM_LAUNCH_THREADS", "32"))
+# Consecutive failed status calls before a polled node counts as gone.
+POLL_FAILURES = 5
+# How long cancel() waits for a node to stop before it says so.
+CANCEL_WAIT_S = 60.0
+_launcher: Optional[ThreadPoolExecutor] = None
+_launcher_lock = threading.Lock()
+
+
+def launcher() -> ThreadPoolExecutor:
+    global _launcher
+    with _launcher_lock:
+        if _launcher is None:
+            _launcher = ThreadPoolExecutor(max_workers=LAUNCH_THREADS, thread_name_prefix="skyvm-launch")
+        return _launcher
+
+
 class NodeHandle:
     """A submitted node: ``result()``, ``logs()``, ``cancel()``, ``done()``."""
 
@@ -113,14 +134,17 @@ class NodeHandle:
         self._on_log = on_log
         self._lines: list[str] = []
         self._future: Future = Future()
-        self._job: Optional[Job] = None
         self._cancel = threading.Event()
+        self._timed_out = False
+        self._backend = None
+        self._store = None
+        self._deadline: Optional[int] = None
+        self.ref: Optional[NodeRef] = None
         self.spec: Optional[TaskSpec] = None
         self.started_at: Optional[float] = None
         self.finished_at: Optional[float] = None
         self.result_meta: dict = {}
-        self._thread = threading.Thread(target=self._drive, daemon=True, name=f"skyvm-{node}")
-        self._thread.start()
+        launcher().submit(self._launch)
 
     # -- public ------------------------------------------------------------
 
@@ -136,7 +160,7 @@ class NodeHandle:
     def wait(self, timeout: Optional[float] = None) -> bool:
         try:
             self._future.exception(timeout)
-        except TimeoutError:
+        except (TimeoutError, FutureTimeout):
             return False
         return True
 
@@ -148,12 +172,12 @@ class NodeHandle:
 
     @property
     def cluster(self) -> Optional[str]:
-        return self._job.cluster if self._job else None
+        return self.ref.cluster if self.ref else None
 
     @property
     def hourly_price(self) -> Optional[float]:
         """The price per hour of the VM the node ran on, when the backend knows it."""
-        return self._job.backend_data.get("hourly_price") if self._job else None
+        return self.ref.hourly_price if self.ref else None
 
     @property
     def cost(self) -> Optional[float]:
@@ -168,15 +192,28 @@ class NodeHandle:
             return None
         return (self.finished_at or time.time()) - self.started_at
 
-    def cancel(self) -> bool:
-        """Stop the node. Returns False when it had already finished."""
+    def cancel(self, wait_s: float = CANCEL_WAIT_S) -> bool:
+        """Stop the node, in whatever phase it is: queued, building, provisioning or running.
+
+        A node cancelled before it started never starts. Returns False when it had already
+        finished; raises InfrastructureError when it did not stop within ``wait_s``.
+        """
         if self._future.done():
             return False
-        self._cancel.set()
-        self._thread.join()
+        self.request_cancel()
+        if not self.wait(wait_s):
+            raise InfrastructureError(f"node {self.node!r} did not stop within {wait_s:g}s of being cancelled (cluster {self.cluster})")
         return True
 
-    # -- the driver thread -------------------------------------------------
+    def request_cancel(self) -> None:
+        """Ask the node to stop without waiting (Run.close asks them all, then waits)."""
+        self._cancel.set()
+        from skyvm.pool import wake_all
+
+        wake_all()  # a node queued for a cluster looks at its flag now
+        self._stop_attempt()
+
+    # -- the node's life ------------------------------------------------------
 
     def _log(self, line: str) -> None:
         # A node that prints a credential it was given must not put it in the engine's log.
@@ -185,43 +222,89 @@ class NodeHandle:
         if self._on_log and self.settings.stream_logs:
             self._on_log(line)
 
-    def _drive(self) -> None:
-        try:
-            self._future.set_result(self._execute())
-        except BaseException as exc:  # noqa: BLE001 - everything is reported through the future
-            self._future.set_exception(exc)
-        finally:
-            self.finished_at = time.time()
+    def _stop_attempt(self) -> None:
+        ref, backend = self.ref, self._backend
+        if ref is not None and backend is not None:
+            try:
+                backend.cancel(ref)
+            except Exception as exc:  # noqa: BLE001 - the attempt's end still comes through the watcher
+                log.warning("cancelling node %s on %s: %s", self.node, ref.cluster, exc)
 
-    def _execute(self) -> Any:
+    def _fail(self, exc: BaseException) -> None:
+        self.finished_at = time.time()
+        if not self._future.done():
+            self._future.set_exception(exc)
+
+    def _launch(self) -> None:
         s = self.settings
-        if self._cancel.is_set():
-            raise NodeCancelled(f"node {self.node!r} was cancelled before it started")
-        backend = backend_for(s)
-        store, spec = prepare(self.run.run_id, self.node, self.attempt_id, s, self._payload, backend)
-        self.spec = spec
-        self.started_at = time.time()
-        deadline = None if s.timeout is None else self.started_at + s.timeout
-        self._job = job = backend.launch(spec, self._log)
         try:
-            while True:
-                status = backend.check(job)
+            if self._cancel.is_set():
+                raise NodeCancelled(f"node {self.node!r} was cancelled before it started")
+            self._backend = backend = backend_for(s)
+            self._store, spec = prepare(self.run.run_id, self.node, self.attempt_id, s, self._payload, backend)
+            self.spec = spec
+            if self._cancel.is_set():
+                raise NodeCancelled(f"node {self.node!r} was cancelled before it started")
+            self.started_at = time.time()
+            self.ref = ref = backend.launch(spec, on_log=self._log, cancelled=self._cancel.is_set)
+        except BaseException as exc:  # noqa: BLE001 - everything is reported through the future
+            self._fail(exc)
+            return
+        if self._cancel.is_set():
+            self._stop_attempt()
+        if s.timeout is not None:
+            self._deadline = watcher().add_deadline(time.monotonic() + s.timeout - (time.time() - self.started_at), self._on_timeout)
+        if not backend.watch(ref, self._log, self._on_exit):
+            offset, failures = [0], [0]
+
+            def poll() -> bool:
+                try:
+                    text, offset[0] = backend.read_log(ref, offset[0])
+                    for line in text.splitlines():
+                        self._log(line)
+                    status = backend.status(ref)
+                except Exception as exc:  # noqa: BLE001 - a busy API server, a hiccup: try again, a few times
+                    failures[0] += 1
+                    if failures[0] < POLL_FAILURES:
+                        log.debug("node %s: status failed (%d/%d): %s", self.node, failures[0], POLL_FAILURES, exc)
+                        return False
+                    status = JobStatus(JobState.GONE, None, f"{POLL_FAILURES} status calls in a row failed, the last: {exc}")
+                failures[0] = 0
                 if status.state.finished:
-                    break
-                if self._cancel.is_set():
-                    backend.terminate(job)
-                    raise NodeCancelled(f"node {self.node!r} was cancelled")
-                if deadline is not None and time.time() > deadline:
-                    backend.terminate(job)
-                    raise NodeTimeout(f"node {self.node!r} exceeded its timeout of {s.timeout:g}s and was cancelled")
-                time.sleep(0.05)
-        except BaseException:
-            if not backend.check(job).state.finished:
-                backend.terminate(job)
-            raise
-        outcome = read_outcome(store, spec.result_url, status, self.node, job.cluster, self._lines[-30:])
-        self.result_meta = outcome.meta
-        return outcome.value()
+                    self._on_exit(status)
+                return status.state.finished
+
+            watcher().add_polled(poll, getattr(backend, "poll_s", 1.0))
+
+    def _on_timeout(self) -> None:
+        if not self._future.done():
+            self._timed_out = True
+            self._stop_attempt()
+
+    def _on_exit(self, status) -> None:
+        # Reading the result may take a while (a bucket): not on the watcher's thread.
+        launcher().submit(self._complete, status)
+
+    def _complete(self, status) -> None:
+        ref, backend, s = self.ref, self._backend, self.settings
+        if self._deadline is not None:
+            watcher().cancel_deadline(self._deadline)
+        try:
+            backend.release(ref, s.down, discard=self._cancel.is_set() or self._timed_out)
+        except Exception as exc:  # noqa: BLE001 - the node's own outcome matters more
+            log.warning("releasing cluster %s: %s", ref.cluster, exc)
+        self.finished_at = time.time()
+        try:
+            if self._timed_out:
+                raise NodeTimeout(f"node {self.node!r} exceeded its timeout of {s.timeout:g}s and was cancelled")
+            if self._cancel.is_set() and status.state is not JobState.SUCCEEDED:
+                raise NodeCancelled(f"node {self.node!r} was cancelled")
+            outcome = read_outcome(self._store, self.spec.result_url, status, self.node, ref.cluster, self._lines[-30:])
+            self.result_meta = outcome.meta
+            self._future.set_result(outcome.value())
+        except BaseException as exc:  # noqa: BLE001
+            if not self._future.done():
+                self._future.set_exception(exc)
 
 
 def prepare(run_id: str, node: str, attempt_id: str, s: NodeSettings, payload: bytes, backend) -> tuple:
@@ -296,6 +379,8 @@ class Outcome:
 def read_outcome(store, result_url: str, status, node: str, cluster: str, log_tail: list[str]) -> Outcome:
     if status.state is JobState.CANCELLED:
         raise NodeCancelled(f"node {node!r} was cancelled")
+    if status.state is JobState.GONE:
+        raise InfrastructureError(f"node {node!r}: its cluster {cluster} is gone ({status.detail}); the node did not finish")
     try:
         result = cloudpickle.loads(store.get(store.key_of(result_url)))
     except PayloadError as exc:
@@ -309,8 +394,9 @@ def read_outcome(store, result_url: str, status, node: str, cluster: str, log_ta
 class DetachedNode:
     """A node launched without a process waiting on it (Airflow's deferrable mode).
 
-    Everything needed to find it again is in ``to_dict()`` (JSON), so a
-    trigger in another process can poll it, read its log, fetch its result,
+    Everything needed to find it again is in ``to_dict()`` (JSON): the backend's
+    ``NodeRef`` plus where its result goes and its settings (no secret values), so
+    a trigger in another process can poll it, read its log, fetch its result,
     cancel it and release its cluster.
     """
 
@@ -318,6 +404,7 @@ class DetachedNode:
         self.ref = dict(ref)
         self.settings = NodeSettings.model_validate(ref["settings"])
         self.node = ref["node"]
+        self.node_ref = NodeRef.from_dict(ref)
 
     def to_dict(self) -> dict:
         return dict(self.ref)
@@ -328,16 +415,16 @@ class DetachedNode:
 
     @property
     def cluster(self) -> str:
-        return self.ref["cluster"]
+        return self.node_ref.cluster
 
     def _backend(self):
         return backend_for(self.settings)
 
     def status(self):
-        return self._backend().detached_status(self.ref)
+        return self._backend().status(self.node_ref)
 
     def read_log(self, offset: int = 0) -> tuple[str, int]:
-        return self._backend().detached_log(self.ref, offset)
+        return self._backend().read_log(self.node_ref, offset)
 
     def outcome(self, status=None) -> Outcome:
         status = status or self.status()
@@ -346,11 +433,11 @@ class DetachedNode:
         return read_outcome(store, self.ref["result_url"], status, self.node, self.cluster, text.splitlines()[-30:])
 
     def cancel(self) -> None:
-        self._backend().detached_cancel(self.ref)
+        self._backend().cancel(self.node_ref)
 
     def release(self) -> None:
         """The node is done with (or abandoned): tear its cluster down if ``down`` says so."""
-        self._backend().detached_release(self.ref, self.settings.down)
+        self._backend().release(self.node_ref, self.settings.down)
 
 
 class Run:
@@ -411,14 +498,11 @@ class Run:
         backend = backend_for(settings)
         attempt_id = new_attempt_id(node)
         _store, spec = prepare(self.run_id, node, attempt_id, settings, payload, backend)
-        # What the backend needs to find the node again ({"cluster": ...}, and e.g. SkyPilot's job id).
-        where = backend.launch_detached(spec)
+        # Nobody here follows it: the reference is what finds it again.
+        ref = backend.launch(spec, follow=False)
         return DetachedNode(
             {
-                **where,
-                "node": node,
-                "run_id": self.run_id,
-                "attempt_id": attempt_id,
+                **ref.to_dict(),
                 "result_url": spec.result_url,
                 # Secrets stay out: this dict is stored by the engine (Airflow keeps triggers in its DB).
                 "settings": settings.model_dump(mode="json", exclude={"secrets"}),
@@ -450,10 +534,15 @@ class Run:
         if self._closed:
             return
         self._closed = True
-        for handle in self.handles:
-            if cancel:
-                handle.cancel()
-            else:
+        if cancel:
+            for handle in self.handles:
+                if not handle.done():
+                    handle.request_cancel()
+            for handle in self.handles:
+                if not handle.wait(CANCEL_WAIT_S):
+                    log.error("node %s did not stop within %gs of being cancelled (cluster %s)", handle.node, CANCEL_WAIT_S, handle.cluster)
+        else:
+            for handle in self.handles:
                 handle.wait()
         summary = self.cost_summary()
         if summary:
@@ -461,7 +550,7 @@ class Run:
             total = sum(r["cost"] for r in summary)
             log.info("skyvm cost summary of run %s:\n%s\n  total $%.6f", self.run_id, "\n".join(lines), total)
         for backend in self._backends:
-            backend.release(self.run_id)
+            backend.end_run(self.run_id)
         from skyvm.backends.local import run_lease
 
         run_lease(self.run_id).unlink(missing_ok=True)

@@ -123,6 +123,32 @@ def _run_command(command: str, child: list) -> tuple[int, str]:
     return code, last  # the value (an XCom) is the user's; only the log is masked
 
 
+class _Tee:
+    """Writes to a stream and to the attempt's log file (a reader that went away does not stop the node)."""
+
+    def __init__(self, stream, log_file):
+        self._stream = stream
+        self._log = log_file
+
+    def write(self, text):
+        self._log.write(text)
+        try:
+            self._stream.write(text)
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+        return len(text)
+
+    def flush(self):
+        try:
+            self._log.flush()
+            self._stream.flush()
+        except (BrokenPipeError, OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 class _MaskingStream:
     """A text stream that writes through with the node's secret values replaced by ***."""
 
@@ -161,16 +187,16 @@ def _mask_output() -> None:
 
 
 def cmd_run(args) -> int:
-    _mask_output()
     _touch_activity()
     pidfile = _pidfile(args.attempt)
     pidfile.write_text(str(os.getpid()))
     if args.detached:
-        # No process waits on a detached attempt: keep its log and exit code beside the pidfile.
-        fd = os.open(STATE_DIR / f"{args.attempt}.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        os.close(fd)
+        # Every attempt keeps its log and exit code beside its pidfile, so it can be found again by a
+        # process that did not start it; what it prints also goes to its own stdout, for a follower.
+        log_file = open(STATE_DIR / f"{args.attempt}.log", "a", buffering=1)
+        sys.stdout = _Tee(sys.stdout, log_file)
+        sys.stderr = _Tee(sys.stderr, log_file)
+        _mask_output()  # outermost: the log file and the stream both get masked text
         try:
             code = _run_attempt(args, pidfile)
             sys.stdout.flush()
@@ -180,6 +206,9 @@ def cmd_run(args) -> int:
             return code
         finally:
             pidfile.unlink(missing_ok=True)
+            sys.stdout, sys.stderr = sys.__stdout__, sys.__stderr__
+            log_file.close()
+    _mask_output()
     try:
         return _run_attempt(args, pidfile)
     finally:

@@ -108,4 +108,4 @@ def test_airflow_connections_drive_the_connector_and_the_registry_login(s3_serve
     dr, states = run_dag(cloud_dags.connections_dag)
     assert states == {"where_am_i": "failed"}
     out = capfd.readouterr()
-    assert "docker login failed" in out.out + out.err + caplog.text
+    assert "refused the login" in out.out + out.err + caplog.text

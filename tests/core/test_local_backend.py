@@ -244,7 +244,7 @@ def test_wrong_registry_password_is_a_clear_error(registry, monkeypatch):
     monkeypatch.setenv("SKYVM_WRONG_PASSWORD", "not-it")
     bad = registry.model_copy(update={"password_env": "SKYVM_WRONG_PASSWORD"})
     with Run({"defaults": {"registry": bad.model_dump(), "image": f"{registry.server}/skyvm-node:missing"}}) as run:
-        with pytest.raises(InfrastructureError, match="docker login failed"):
+        with pytest.raises(InfrastructureError, match="refused the login"):
             run.submit(limits, node="denied").result(120)
     assert "not-it" not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
 

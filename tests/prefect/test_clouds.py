@@ -142,7 +142,7 @@ def test_prefect_blocks_drive_the_connector_and_the_registry_login(s3_server, re
     assert subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0  # pulled again
 
     # The blocks are what is used: a wrong Secret fails the registry login, a missing block names itself.
-    for bad, expected in ((settings(f"wrongpw-{tag}"), "docker login failed"), (settings(f"regpw-{tag}", team="nope"), "Prefect block aws-credentials/nope cannot be read")):
+    for bad, expected in ((settings(f"wrongpw-{tag}"), "refused the login"), (settings(f"regpw-{tag}", team="nope"), "Prefect block aws-credentials/nope cannot be read")):
 
         @flow(task_runner=SkyVMTaskRunner(bad))
         def broken():

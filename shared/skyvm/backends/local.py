@@ -21,14 +21,14 @@ import shlex
 import shutil
 import subprocess
 import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from skyvm.backends.base import Job, JobState, JobStatus, LogSink
 from skyvm import redact
-from skyvm.errors import InfrastructureError, UnsatisfiableRequest
+from skyvm.backends.base import Backend, JobState, JobStatus, LogSink, NodeRef, state_of_exit
+from skyvm.errors import InfrastructureError, NodeCancelled, UnsatisfiableRequest
+from skyvm.pool import ClusterPool
+from skyvm.watcher import watcher
 from skyvm.payloads import DEFAULT_HOME
 from skyvm.plan import TaskSpec
 
@@ -122,24 +122,6 @@ def check_satisfiable(spec: TaskSpec) -> None:
         log.info("local backend: instance_type %s is not emulated; cpus/memory limits apply", s.instance_type)
 
 
-def _process_status(job: Job) -> JobStatus:
-    """A job driven by a local process (docker exec, or the runtime itself): done once it exited and its log is drained."""
-    rc = job.backend_data["proc"].poll()
-    if rc is None or job.backend_data["pump"].is_alive():
-        return JobStatus(JobState.RUNNING)
-    if job.backend_data["cancelled"]:
-        return JobStatus(JobState.CANCELLED, rc)
-    return JobStatus(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, rc)
-
-
-@dataclass
-class _Cluster:
-    name: str
-    signature: str
-    down: bool
-    runs: set = field(default_factory=set)
-
-
 class _ClusterLock:
     """Whether a cluster is busy, across processes: an flock held while a node runs in it."""
 
@@ -218,342 +200,473 @@ def run_is_live(run_id: str) -> bool:
         return False
 
 
-class DockerBackend:
-    """Clusters are containers on this machine's Docker engine."""
+def _run_options(args: list[str]) -> Optional[dict]:
+    """``docker_run_args`` as Engine API host-config options, or None when one has no mapping here
+    (the cluster is then created with the docker CLI, which takes any flag)."""
+    out: dict = {}
+    i = 0
+
+    def value() -> str:
+        nonlocal i
+        arg = args[i]
+        if "=" in arg and arg.startswith("--"):
+            return arg.split("=", 1)[1]
+        i += 1
+        if i >= len(args):
+            raise InfrastructureError(f"docker_run_args: {arg} needs a value")
+        return args[i]
+
+    while i < len(args):
+        arg = args[i]
+        flag = arg.split("=", 1)[0] if arg.startswith("--") else arg
+        if flag == "--shm-size":
+            out["shm_size"] = value()
+        elif flag == "--gpus":
+            import docker
+
+            spec = value()
+            count = -1 if spec == "all" else int(spec.removeprefix("count=")) if spec.removeprefix("count=").isdigit() else None
+            if count is None:
+                return None
+            out.setdefault("device_requests", []).append(docker.types.DeviceRequest(count=count, capabilities=[["gpu"]]))
+        elif flag in ("--network", "--net"):
+            out["network_mode"] = value()
+        elif flag == "--ipc":
+            out["ipc_mode"] = value()
+        elif flag == "--cap-add":
+            out.setdefault("cap_add", []).append(value())
+        elif flag == "--privileged":
+            out["privileged"] = True
+        elif flag in ("-v", "--volume"):
+            out.setdefault("binds", []).append(value())
+        elif flag in ("-e", "--env"):
+            out.setdefault("_env", []).append(value())
+        else:
+            return None
+        i += 1
+    return out
+
+
+class DockerBackend(Backend):
+    """Clusters are containers on this machine's Docker engine, driven through the docker SDK
+    over one connection (no CLI process per call). A node's end comes from its exec's own stream."""
 
     name = "local"
+    poll_s = 1.0
 
     def __init__(self):
+        from skyvm.images import docker_client
+
+        self.client = docker_client()
+        self.api = self.client.api
+        self.pool = ClusterPool()
         self._lock = threading.Lock()
-        self._sems: dict[str, threading.BoundedSemaphore] = {}
-        self._clusters: dict[str, _Cluster] = {}
+        self._locks: dict[str, _ClusterLock] = {}  # clusters this process has busy (flock held)
+        self._streams: dict[str, tuple] = {}  # attempt -> (socket, exec id): launched, not yet watched
+        self._exits: dict[str, JobStatus] = {}  # attempt -> how its exec ended (followed attempts)
 
     # -- clusters ----------------------------------------------------------
 
-    def _login_and_pull(self, spec: TaskSpec) -> None:
-        """Fresh registry login before every cluster start and every exec (tokens expire), then pull."""
+    def _pull(self, spec: TaskSpec) -> None:
+        """A fresh login (the attempt's token) and pull when the image comes from the node's registry."""
+        import docker
+
         reg = spec.registry
         if reg is None or not spec.image.startswith(reg.server.rstrip("/") + "/"):
-            return
-        from skyvm.connectors.files import private_dir, remove
-
-        # The login lives in a private config directory for this pull only: no password stays on disk.
-        config = private_dir("skyvm-docker-")
+            return  # a local image and no registry: nothing to log in to or pull
+        repo, _, tag = spec.image.rpartition(":")
+        auth = {"username": spec.registry_auth[0], "password": spec.registry_auth[1]} if spec.registry_auth else None
         try:
-            if spec.registry_auth:
-                user, password = spec.registry_auth
-                try:
-                    docker("login", "--username", user, "--password-stdin", reg.server, input=password, config=str(config))
-                except InfrastructureError as exc:
-                    raise InfrastructureError(
-                        f"node {spec.node!r}: registry {reg.server} refused the login of {user} ({redact.redact(str(exc))}); "
-                        "fix registry.password (or the registry's connector)"
-                    ) from None
-            docker("pull", "--quiet", spec.image, config=str(config))
-        finally:
-            remove(config)
+            # The credentials go with the request only: nothing is written to a docker config file.
+            for chunk in self.api.pull(repo, tag=tag, auth_config=auth, stream=True, decode=True):
+                if "error" in chunk:
+                    raise docker.errors.APIError(chunk["error"])
+        except docker.errors.APIError as exc:
+            text = redact.redact(str(exc))
+            if auth and any(w in text.lower() for w in ("unauthorized", "authentication", "denied", "no basic auth")):
+                raise InfrastructureError(
+                    f"node {spec.node!r}: registry {reg.server} refused the login of {auth['username']} ({text}); "
+                    "fix registry.password (or the registry's connector)"
+                ) from None
+            raise InfrastructureError(f"node {spec.node!r}: cannot pull {spec.image} from {reg.server}: {text}") from None
 
-    def _live_containers(self, signature: str) -> list[str]:
-        out = docker("ps", "--filter", f"label={L_SIG}={signature}", "--filter", "status=running", "--format", "{{.Names}}")
-        return [n for n in out.stdout.split() if n]
+    def _claim_warm(self, spec: TaskSpec, known: set) -> Optional[str]:
+        """A running cluster of the signature that another process (or an earlier run) left warm."""
+        for row in self.api.containers(filters={"label": f"{L_SIG}={spec.signature}", "status": "running"}):
+            name = row["Names"][0].lstrip("/")
+            if name in known:
+                continue
+            lock = _ClusterLock(name)
+            if lock.try_acquire():
+                if not _detached_busy(name):
+                    self._hold(name, lock, spec.run_id)
+                    return name
+                lock.release()
+        return None
+
+    def _taken(self) -> set:
+        return {row["Names"][0].lstrip("/") for row in self.api.containers(all=True)}
+
+    def _hold(self, name: str, lock: "_ClusterLock", run_id: str) -> None:
+        with self._lock:
+            self._locks[name] = lock
+        add_cluster_user(name, run_id)
+
+    def _unhold(self, name: str) -> None:
+        with self._lock:
+            lock = self._locks.pop(name, None)
+        if lock is not None:
+            lock.release()
 
     def _start_cluster(self, spec: TaskSpec, name: str) -> None:
+        import docker
+
         s = spec.settings
-        args = ["run", "--detach", "--rm", "--name", name, "--init", "--env", f"SKYVM_CLUSTER={name}"]
+        self._pull(spec)
         labels = {
-            L_MANAGED: "1",
-            L_RUN: spec.run_id,
-            L_NODE: spec.node,
-            L_SIG: spec.signature,
-            L_DOWN: str(s.down).lower(),
-            L_OWNER: str(os.getpid()),
-            L_HOME: home_id(),
-            **{f"{LABEL}.user.{k}": v for k, v in s.labels.items()},
+            L_MANAGED: "1", L_RUN: spec.run_id, L_NODE: spec.node, L_SIG: spec.signature, L_DOWN: str(s.down).lower(),
+            L_OWNER: str(os.getpid()), L_HOME: home_id(), **{f"{LABEL}.user.{k}": v for k, v in s.labels.items()},
         }
-        for key, value in labels.items():
-            args += ["--label", f"{key}={value}"]
-        user_args = list(spec.docker_run_args)
-        if not any(a == "--network" or a.startswith(("--network=", "--net=")) for a in user_args):
-            # A node reaches loopback services as it would reach them from its VM.
-            args += ["--network", "host"]
-        if s.cpus:
-            args += ["--cpus", str(_gib(s.cpus))]
-        if s.memory:
-            mem = f"{int(_gib(s.memory) * 1024)}m"
-            # No swap beyond the limit: a node sees the memory a VM of that size has.
-            args += ["--memory", mem, "--memory-swap", mem]
+        env = {"SKYVM_CLUSTER": name}
+        if os.environ.get("SKYVM_IDLE_POLL_S"):
+            env["SKYVM_IDLE_POLL_S"] = os.environ["SKYVM_IDLE_POLL_S"]
+        minutes = s.idle_minutes_to_autostop
+        watch = ["python3", "-m", "skyvm.node", "idle-watch"] + (["--minutes", str(minutes)] if minutes is not None else [])
+        binds = []
         store = s.payload_store or str(DEFAULT_HOME / "store")
         if "://" not in store or store.startswith("file://"):
             # The VM would reach a directory store through a mount; here the same path is bind-mounted.
             path = store.removeprefix("file://")
             Path(path).mkdir(parents=True, exist_ok=True)
-            args += ["--volume", f"{path}:{path}"]
-        minutes = s.idle_minutes_to_autostop
-        watch = ["python3", "-m", "skyvm.node", "idle-watch"] + (["--minutes", str(minutes)] if minutes is not None else [])
-        idle_poll = os.environ.get("SKYVM_IDLE_POLL_S")
-        if idle_poll:
-            args += ["--env", f"SKYVM_IDLE_POLL_S={idle_poll}"]
+            binds.append(f"{path}:{path}")
+        options = _run_options(list(spec.docker_run_args))
+        if options is None:
+            self._start_with_cli(spec, name, labels, env, binds, watch)
+        else:
+            host: dict = {"network_mode": "host", "init": True, "auto_remove": True, "binds": binds}
+            if s.cpus:
+                host["nano_cpus"] = int(_gib(s.cpus) * 1e9)
+            if s.memory:
+                # No swap beyond the limit: a node sees the memory a VM of that size has.
+                host["mem_limit"] = host["memswap_limit"] = f"{int(_gib(s.memory) * 1024)}m"
+            for e in options.pop("_env", []):
+                key, _, val = e.partition("=")
+                env[key] = val
+            host["binds"] = binds + options.pop("binds", [])
+            host.update(options)
+            try:
+                self.api.create_container(spec.image, command=watch, name=name, labels=labels, environment=env, host_config=self.api.create_host_config(**host), detach=True)
+                self.api.start(name)
+            except docker.errors.ImageNotFound:
+                raise InfrastructureError(f"node {spec.node!r}: image {spec.image} is not on this machine; build it, or set registry: to pull it") from None
+            except docker.errors.APIError as exc:
+                raise InfrastructureError(f"node {spec.node!r}: cannot start cluster {name}: {redact.redact(str(exc))}") from None
+        if s.image:
+            # A user's image: make sure skyvm's runtime is there before the first node (skyvm's own always has it).
+            code, out = self._exec_output(name, ["sh", "-c", spec.setup])
+            if code != 0:
+                raise InfrastructureError(f"setup failed on cluster {name} (exit {code}): {out.strip()[-2000:]}")
+
+    def _start_with_cli(self, spec: TaskSpec, name: str, labels: dict, env: dict, binds: list, watch: list) -> None:
+        s = spec.settings
+        args = ["run", "--detach", "--rm", "--name", name, "--init"]
+        for key, value in labels.items():
+            args += ["--label", f"{key}={value}"]
+        for key, value in env.items():
+            args += ["--env", f"{key}={value}"]
+        for bind in binds:
+            args += ["--volume", bind]
+        user_args = list(spec.docker_run_args)
+        if not any(a == "--network" or a.startswith(("--network=", "--net=")) for a in user_args):
+            args += ["--network", "host"]
+        if s.cpus:
+            args += ["--cpus", str(_gib(s.cpus))]
+        if s.memory:
+            mem = f"{int(_gib(s.memory) * 1024)}m"
+            args += ["--memory", mem, "--memory-swap", mem]
         docker(*args, *user_args, spec.image, *watch)
-        setup = docker("exec", name, "sh", "-c", spec.setup, check=False)
-        if setup.returncode != 0:
-            docker("rm", "--force", name, check=False)
-            raise InfrastructureError(f"setup failed on cluster {name} (exit {setup.returncode}): {(setup.stderr or setup.stdout).strip()[-2000:]}")
 
-    def _acquire(self, spec: TaskSpec) -> tuple[str, _ClusterLock]:
-        """A free warm cluster of the spec's signature, else a new one. Blocks at the per-signature limit."""
-        with self._lock:
-            sem = self._sems.setdefault(spec.signature, threading.BoundedSemaphore(spec.settings.max_clusters))
-        sem.acquire()
-        try:
-            with self._lock:
-                live = self._live_containers(spec.signature)
-                for name in live:
-                    lock = _ClusterLock(name)
-                    if lock.try_acquire():
-                        # The container may have just hit autostop, or run a detached attempt nobody holds a lock for.
-                        if docker("inspect", "--format", "{{.State.Running}}", name, check=False).stdout.strip() == "true" and not _detached_busy(name):
-                            self._track(spec, name)
-                            return name, lock
-                        lock.release()
-                # Names being started by this process count as taken too.
-                taken = set(docker("ps", "-a", "--format", "{{.Names}}").stdout.split()) | set(self._clusters)
-                slot = 0
-                while spec.cluster_name_for(slot) in taken:
-                    slot += 1
-                name = spec.cluster_name_for(slot)
-                lock = _ClusterLock(name)
-                lock.try_acquire()
-                # Reserve the name before the slow start, so parallel launches pick other slots.
-                self._track(spec, name)
-            try:
-                log.info("starting cluster %s for node %s", name, spec.node)
-                self._start_cluster(spec, name)
-            except BaseException:
-                lock.release()
-                with self._lock:
-                    self._clusters.pop(name, None)
-                raise
-            return name, lock
-        except BaseException:
-            sem.release()
-            raise
-
-    def _track(self, spec: TaskSpec, name: str) -> None:
-        cluster = self._clusters.setdefault(name, _Cluster(name, spec.signature, spec.settings.down))
-        cluster.runs.add(spec.run_id)
-        add_cluster_user(name, spec.run_id)
-
-    # -- the three methods -------------------------------------------------
-
-    def launch(self, spec: TaskSpec, on_log: LogSink) -> Job:
-        check_satisfiable(spec)
-        self._login_and_pull(spec)
-        name, lock = self._acquire(spec)
-        try:
-            self._login_and_pull(spec)  # exec on a warm cluster re-logs in too (tokens expire)
-            env = {**os.environ, **spec.envs, **spec.secrets}
-            exec_args = ["docker", "exec", "-i"]
-            for key in [*spec.envs, *spec.secrets]:
-                exec_args += ["-e", key]  # names only: values travel in the environment, never on a command line
-            exec_args += [name, "sh", "-c", spec.run]
-            proc = subprocess.Popen(exec_args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**_docker_env(), **env}, text=True, bufsize=1)
-        except BaseException:
-            self._free(spec, name, lock)
-            raise
-        job = Job(spec=spec, cluster=name, backend_data={"proc": proc, "lock": lock, "cancelled": False, "freed": False})
-        pump = threading.Thread(target=self._pump, args=(job, on_log), daemon=True, name=f"skyvm-log-{spec.node}")
-        job.backend_data["pump"] = pump
-        pump.start()
-        return job
-
-    # -- detached attempts (nobody waits on the process: Airflow's deferrable mode) --
-
-    def launch_detached(self, spec: TaskSpec) -> dict:
-        """Start the run with ``docker exec --detach``; its log and exit code stay in the container. Returns where it runs."""
-        check_satisfiable(spec)
-        self._login_and_pull(spec)
-        name, lock = self._acquire(spec)
-        try:
-            self._login_and_pull(spec)
-            _detached_marker(name).write_text(spec.attempt_id)
-            exec_args = ["exec", "--detach"]
-            for key in [*spec.envs, *spec.secrets]:
-                exec_args += ["-e", key]
-            subprocess.run(
-                ["docker", *exec_args, name, "sh", "-c", spec.run + " --detached"],
-                env={**_docker_env(), **spec.envs, **spec.secrets},
-                check=True,
-                capture_output=True,
-            )
-            # Hold the cluster's lock until the attempt shows up inside, so no other node takes the cluster meanwhile.
-            deadline = time.time() + 30
-            while time.time() < deadline and not self.detached_status({"cluster": name, "attempt_id": spec.attempt_id}).detail.startswith("known"):
-                time.sleep(0.1)
-        except subprocess.CalledProcessError as exc:
-            raise InfrastructureError(f"docker exec failed on {name}: {exc.stderr.decode(errors='replace')[-2000:]}") from None
-        finally:
-            self._free(spec, name, lock)
-        return {"cluster": name}
-
-    def detached_status(self, ref: dict) -> JobStatus:
-        cluster, attempt_id = ref["cluster"], ref["attempt_id"]
-        out = docker("exec", cluster, "python3", "-m", "skyvm.node", "status", "--attempt", attempt_id, check=False, timeout=60)
-        if out.returncode != 0:
-            return JobStatus(JobState.FAILED, None, f"cluster {cluster} is gone or unreachable: {(out.stderr or out.stdout).strip()[-500:]}")
-        state = json.loads(out.stdout)
-        if state["running"]:
-            return JobStatus(JobState.RUNNING, None, "known")
-        if state["rc"] is None:
-            return JobStatus(JobState.PENDING, None, "known" if state["known"] else "not started")
-        rc = state["rc"]
-        if rc == 143:
-            return JobStatus(JobState.CANCELLED, rc, "known")
-        return JobStatus(JobState.SUCCEEDED if rc == 0 else JobState.FAILED, rc, "known")
-
-    def detached_log(self, ref: dict, offset: int = 0) -> tuple[str, int]:
-        cluster, attempt_id = ref["cluster"], ref["attempt_id"]
-        out = subprocess.run(
-            ["docker", "exec", cluster, "python3", "-m", "skyvm.node", "log", "--attempt", attempt_id, "--offset", str(offset)],
-            capture_output=True,
-            env=_docker_env(),
-        )
-        data = out.stdout if out.returncode == 0 else b""
-        return data.decode(errors="replace"), offset + len(data)
-
-    def detached_cancel(self, ref: dict) -> None:
-        docker("exec", ref["cluster"], "python3", "-m", "skyvm.node", "cancel", "--attempt", ref["attempt_id"], check=False, timeout=60)
-
-    def detached_release(self, ref: dict, down: bool) -> None:
-        """The attempt is over: a ``down`` cluster goes unless another node runs in it."""
-        cluster, run_id = ref["cluster"], ref["run_id"]
-        if not down:
-            return
-        lock = _ClusterLock(cluster)
-        if lock.try_acquire():
-            try:
-                if not _detached_busy(cluster):
-                    self._remove(cluster)
-            finally:
-                lock.release()
-        run_lease(run_id).unlink(missing_ok=True)
-
-    def _pump(self, job: Job, on_log: LogSink) -> None:
-        proc = job.backend_data["proc"]
-        for line in proc.stdout:
-            try:
-                on_log(line.rstrip("\n"))
-            except Exception:  # noqa: BLE001 - a broken log sink must not stop the node
-                log.exception("log sink failed")
-        proc.wait()
-        self._free(job.spec, job.cluster, job.backend_data["lock"], job)
-
-    def _free(self, spec: TaskSpec, name: str, lock: _ClusterLock, job: Optional[Job] = None) -> None:
-        if job is not None:
-            with self._lock:
-                if job.backend_data["freed"]:
-                    return
-                job.backend_data["freed"] = True
-        lock.release()
-        self._sems[spec.signature].release()
-
-    def check(self, job: Job) -> JobStatus:
-        return _process_status(job)
-
-    def terminate(self, job: Job) -> None:
-        job.backend_data["cancelled"] = True
-        proc = job.backend_data["proc"]
-        if proc.poll() is None:
-            # Killing the docker CLI would leave the process running in the container: stop it there.
-            docker("exec", job.cluster, "python3", "-m", "skyvm.node", "cancel", "--attempt", job.spec.attempt_id, check=False, timeout=60)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        job.backend_data["pump"].join(timeout=15)
-        if job.spec.settings.down:
-            # A cancelled run does not keep its cluster around.
-            self._remove(job.cluster)
-
-    def release(self, run_id: str) -> None:
-        with self._lock:
-            mine = [c for c in self._clusters.values() if run_id in c.runs]
-        for cluster in mine:
-            cluster.runs.discard(run_id)
-            if cluster.down and not cluster.runs:
-                lock = _ClusterLock(cluster.name)
-                if lock.try_acquire():  # only when no node runs in it
-                    try:
-                        self._remove(cluster.name)
-                    finally:
-                        lock.release()
-        run_lease(run_id).unlink(missing_ok=True)
+    def _exec_output(self, name: str, cmd: list[str], timeout: float = 120) -> tuple[int, str]:
+        """A short command in a cluster: (exit code, output). A gone cluster raises docker's NotFound."""
+        eid = self.api.exec_create(name, cmd)["Id"]
+        out = self.api.exec_start(eid)
+        return self.api.exec_inspect(eid)["ExitCode"], out.decode(errors="replace")
 
     def _remove(self, name: str) -> None:
-        docker("rm", "--force", name, check=False)
+        import docker
+
+        try:
+            self.api.remove_container(name, force=True)
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError as exc:
+            if "already in progress" not in str(exc):
+                log.warning("removing cluster %s: %s", name, exc)
         _users_file(name).unlink(missing_ok=True)
         _detached_marker(name).unlink(missing_ok=True)
+        self.pool.forget(name)
+
+    # -- the launch path ---------------------------------------------------------
+
+    def launch(self, spec: TaskSpec, *, on_log: Optional[LogSink] = None, cancelled=None, follow: bool = True) -> NodeRef:
+        import docker
+
+        check_satisfiable(spec)
+        while True:
+            cluster, fresh = self.pool.acquire(spec, claim_warm=self._claim_warm, taken=self._taken, cancelled=cancelled)
+            name = cluster.name
+            if name in self._locks:
+                break
+            lock = _ClusterLock(name)
+            if lock.try_acquire():
+                self._hold(name, lock, spec.run_id)
+                break
+            # Another process took this warm cluster meanwhile: it is theirs now.
+            self.pool.forget(name)
+        try:
+            if fresh:
+                log.info("starting cluster %s for node %s", name, spec.node)
+                self._start_cluster(spec, name)
+            if cancelled is not None and cancelled():
+                raise NodeCancelled(f"node {spec.node!r} was cancelled before it started")
+            run = spec.run + " --detached"
+            try:
+                eid = self.api.exec_create(name, ["sh", "-c", run], environment={**spec.envs, **spec.secrets})["Id"]
+            except docker.errors.NotFound:
+                raise _ClusterGone(name) from None
+            if follow:
+                sock = self.api.exec_start(eid, socket=True)
+                with self._lock:
+                    self._streams[spec.attempt_id] = (sock, eid)
+            else:
+                _detached_marker(name).write_text(spec.attempt_id)
+                self.api.exec_start(eid, detach=True)
+        except _ClusterGone:
+            # A warm cluster hit its autostop just now: forget it and take another.
+            self._unhold(name)
+            self.pool.forget(name)
+            return self.launch(spec, on_log=on_log, cancelled=cancelled, follow=follow)
+        except BaseException as exc:
+            if fresh:
+                self._remove(name)
+            else:
+                self.pool.free(name)
+            self._unhold(name)
+            if isinstance(exc, docker.errors.APIError):
+                raise InfrastructureError(f"node {spec.node!r}: cannot run on cluster {name}: {redact.redact(str(exc))}") from None
+            raise
+        extra = {}
+        if not follow:
+            # Nobody here waits on it: the cluster leaves this process's pool (its marker says an attempt
+            # may run there, which a later claim checks); its reference's release decides its end.
+            extra["detached"] = True
+            self._unhold(name)
+            self.pool.forget(name)
+        return NodeRef(backend=self.name, cluster=name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id, fresh=fresh, extra=extra)
+
+    def watch(self, ref: NodeRef, on_log: LogSink, on_exit) -> bool:
         with self._lock:
-            self._clusters.pop(name, None)
+            stream = self._streams.pop(ref.attempt_id, None)
+        if stream is None:
+            return False
+        sock, eid = stream
+        raw = getattr(sock, "_sock", sock)
+        raw.setblocking(False)
+
+        def ended() -> None:
+            try:
+                code = self.api.exec_inspect(eid)["ExitCode"]
+            except Exception as exc:  # noqa: BLE001 - the engine is gone: so is the node
+                status = JobStatus(JobState.GONE, None, f"the Docker engine lost the exec on {ref.cluster}: {exc}")
+            else:
+                status = JobStatus(state_of_exit(code), code) if code is not None else JobStatus(JobState.GONE, None, "the exec ended with no exit code")
+            try:
+                sock.close()
+            except OSError:
+                pass
+            with self._lock:
+                self._exits[ref.attempt_id] = status
+            on_exit(status)
+
+        watcher().add_stream(raw, raw.recv, on_log, ended, docker_frames=True)
+        return True
+
+    def status(self, ref: NodeRef) -> JobStatus:
+        import docker
+
+        with self._lock:
+            known = self._exits.get(ref.attempt_id)
+        if known is not None:
+            return known
+        try:
+            code, out = self._exec_output(ref.cluster, ["python3", "-m", "skyvm.node", "status", "--attempt", ref.attempt_id])
+        except docker.errors.NotFound:
+            return JobStatus(JobState.GONE, None, f"cluster {ref.cluster} is gone")
+        except docker.errors.APIError as exc:
+            if "is not running" in str(exc):
+                return JobStatus(JobState.GONE, None, f"cluster {ref.cluster} stopped")
+            raise InfrastructureError(f"node {ref.node!r}: cannot ask cluster {ref.cluster} for its status: {exc}") from None
+        if code != 0:
+            raise InfrastructureError(f"node {ref.node!r}: status in cluster {ref.cluster} failed (exit {code}): {out.strip()[-500:]}")
+        state = json.loads(out)
+        if state["running"]:
+            return JobStatus(JobState.RUNNING, None, "running")
+        if state["rc"] is None:
+            return JobStatus(JobState.PENDING, None, "starting" if state["known"] else "not started")
+        return JobStatus(state_of_exit(state["rc"]), state["rc"], "exited")
+
+    def read_log(self, ref: NodeRef, offset: int = 0) -> tuple[str, int]:
+        import docker
+
+        try:
+            eid = self.api.exec_create(ref.cluster, ["python3", "-m", "skyvm.node", "log", "--attempt", ref.attempt_id, "--offset", str(offset)])["Id"]
+            data = self.api.exec_start(eid, demux=True)[0] or b""
+        except docker.errors.APIError:
+            return "", offset
+        return data.decode(errors="replace"), offset + len(data)
+
+    def cancel(self, ref: NodeRef) -> None:
+        import docker
+
+        try:
+            self._exec_output(ref.cluster, ["python3", "-m", "skyvm.node", "cancel", "--attempt", ref.attempt_id, "--grace", "10"])
+        except docker.errors.APIError:
+            pass  # the cluster is gone: so is the attempt
+
+    def release(self, ref: NodeRef, down: bool, discard: bool = False) -> None:
+        with self._lock:
+            self._exits.pop(ref.attempt_id, None)
+        if not ref.extra.get("detached") and self.pool.get(ref.cluster) is not None:
+            if discard and down:
+                # A cancelled run does not keep its cluster around.
+                self.pool.forget(ref.cluster)
+                self._remove(ref.cluster)
+            else:
+                self.pool.free(ref.cluster)
+            self._unhold(ref.cluster)
+            return
+        # Found again from its reference (a trigger): its cluster goes when down says so and nothing runs there.
+        if down:
+            lock = _ClusterLock(ref.cluster)
+            if lock.try_acquire():
+                try:
+                    if not _detached_busy(ref.cluster):
+                        self._remove(ref.cluster)
+                finally:
+                    lock.release()
+        run_lease(ref.run_id).unlink(missing_ok=True)
+
+    def end_run(self, run_id: str) -> None:
+        for cluster in self.pool.end_run(run_id):
+            lock = _ClusterLock(cluster.name)
+            if lock.try_acquire():  # only when no node runs in it
+                try:
+                    if not _detached_busy(cluster.name):
+                        self._remove(cluster.name)
+                finally:
+                    lock.release()
+        run_lease(run_id).unlink(missing_ok=True)
 
 
-class ProcessBackend:
+class _ClusterGone(Exception):
+    pass
+
+
+class ProcessBackend(Backend):
     """No Docker engine: run the node runtime as a plain host process, with the same contract.
 
-    There is no isolation and no resource limit beyond what the OS gives; it
-    warns once.
+    There is no isolation and no resource limit beyond what the OS gives; it warns once.
     """
 
     name = "local-process"
     needs_image = False
+    poll_s = 0.5
     _warned = False
 
     def __init__(self):
+        self._lock = threading.Lock()
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._exits: dict[str, JobStatus] = {}
+        self.state = DEFAULT_HOME / "node-state"
         if not ProcessBackend._warned:
             ProcessBackend._warned = True
             log.warning("no Docker engine reachable: the local backend runs nodes as plain processes (no container, no limits)")
 
-    def launch(self, spec: TaskSpec, on_log: LogSink) -> Job:
+    def launch(self, spec: TaskSpec, *, on_log: Optional[LogSink] = None, cancelled=None, follow: bool = True) -> NodeRef:
         import sys
 
         check_satisfiable(spec)
-        env = {**os.environ, **spec.envs, **spec.secrets, "PYTHONUNBUFFERED": "1", "SKYVM_NODE_STATE": str(DEFAULT_HOME / "node-state")}
-        cmd = shlex.split(spec.run)
+        if not follow:
+            raise InfrastructureError("detached nodes (Airflow's deferrable mode) need a Docker engine; none is reachable")
+        env = {**os.environ, **spec.envs, **spec.secrets, "PYTHONUNBUFFERED": "1", "SKYVM_NODE_STATE": str(self.state)}
+        cmd = shlex.split(spec.run) + ["--detached"]
         cmd[0] = sys.executable
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, text=True, bufsize=1, start_new_session=True)
-        job = Job(spec=spec, cluster=f"process-{proc.pid}", backend_data={"proc": proc, "cancelled": False})
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        with self._lock:
+            self._procs[spec.attempt_id] = proc
+        return NodeRef(backend=self.name, cluster=f"process-{proc.pid}", attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id, fresh=True)
 
-        def pump():
-            for line in proc.stdout:
-                on_log(line.rstrip("\n"))
-            proc.wait()
+    def watch(self, ref: NodeRef, on_log: LogSink, on_exit) -> bool:
+        with self._lock:
+            proc = self._procs.get(ref.attempt_id)
+        if proc is None:
+            return False
+        fd = proc.stdout.fileno()
+        os.set_blocking(fd, False)
 
-        thread = threading.Thread(target=pump, daemon=True)
-        job.backend_data["pump"] = thread
-        thread.start()
-        return job
+        def ended() -> None:
+            code = proc.wait()
+            proc.stdout.close()
+            # SIGTERM before the runtime's own handler was in place counts as the cancel it was.
+            status = JobStatus(JobState.CANCELLED, 143) if code == -15 else JobStatus(state_of_exit(code), code)
+            with self._lock:
+                self._exits[ref.attempt_id] = status
+                self._procs.pop(ref.attempt_id, None)
+            on_exit(status)
 
-    def check(self, job: Job) -> JobStatus:
-        return _process_status(job)
+        watcher().add_stream(proc.stdout, lambda n: os.read(fd, n), on_log, ended, docker_frames=False)
+        return True
 
-    def terminate(self, job: Job) -> None:
+    def status(self, ref: NodeRef) -> JobStatus:
+        with self._lock:
+            if ref.attempt_id in self._exits:
+                return self._exits[ref.attempt_id]
+            if ref.attempt_id in self._procs:
+                return JobStatus(JobState.RUNNING)
+        rc = self.state / f"{ref.attempt_id}.rc"
+        if rc.is_file():
+            code = int(rc.read_text())
+            return JobStatus(state_of_exit(code), code)
+        return JobStatus(JobState.GONE, None, "no such attempt on this machine")
+
+    def read_log(self, ref: NodeRef, offset: int = 0) -> tuple[str, int]:
+        try:
+            with open(self.state / f"{ref.attempt_id}.log", "rb") as fh:
+                fh.seek(offset)
+                data = fh.read()
+        except FileNotFoundError:
+            return "", offset
+        return data.decode(errors="replace"), offset + len(data)
+
+    def cancel(self, ref: NodeRef) -> None:
         import signal
 
-        job.backend_data["cancelled"] = True
-        proc = job.backend_data["proc"]
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-        job.backend_data["pump"].join(timeout=10)
+        with self._lock:
+            proc = self._procs.get(ref.attempt_id)
+        if proc is None or proc.poll() is not None:
+            return
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
 
-    def release(self, run_id: str) -> None:
+    def release(self, ref: NodeRef, down: bool, discard: bool = False) -> None:
+        with self._lock:
+            self._exits.pop(ref.attempt_id, None)
+
+    def end_run(self, run_id: str) -> None:
         run_lease(run_id).unlink(missing_ok=True)
-
-    def launch_detached(self, spec: TaskSpec) -> dict:
-        raise InfrastructureError("detached nodes (Airflow's deferrable mode) need a Docker engine; none is reachable")
-
 
 def list_managed(all_states: bool = True) -> list[dict]:
     """Every container skyvm started on this engine, with its labels."""

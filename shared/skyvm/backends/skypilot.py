@@ -16,12 +16,12 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-from dataclasses import dataclass, field
 from typing import NoReturn, Optional
 
-from skyvm.backends.base import Job, JobState, JobStatus, LogSink
+from skyvm.backends.base import Backend, JobState, JobStatus, LogSink, NodeRef
 from skyvm.errors import InfrastructureError
 from skyvm.plan import TaskSpec
+from skyvm.pool import ClusterPool
 from skyvm.settings import NodeSettings
 from skyvm.skypilot.bridge import FAILED_JOB_EXIT, SkyBridge, get_bridge
 from skyvm.skypilot.credentials import CredentialSet, credential_set
@@ -39,27 +39,18 @@ def is_managed(spec: TaskSpec) -> bool:
     return bool(s.use_spot) and s.job_recovery is not None and str(s.job_recovery).upper() != "NONE"
 
 
-@dataclass
-class _Cluster:
-    name: str
-    signature: str
-    down: bool
-    busy: bool = False
-    runs: set = field(default_factory=set)
-    placement: dict = field(default_factory=dict)
-
-
-class SkyPilotBackend:
+class SkyPilotBackend(Backend):
     name = "skypilot"
     needs_image = True
+    # A SkyPilot job is polled (status and log) by the process's watcher: no thread per node.
+    poll_s = 2.0
 
     def __init__(self, bridge: Optional[SkyBridge] = None, credentials: Optional[CredentialSet] = None):
         self._bridge = bridge
         # The connectors this backend's SkyPilot process launches with (None: SkyPilot's own).
         self.credentials = credentials
         self._lock = threading.Lock()
-        self._clusters: dict[str, _Cluster] = {}
-        self._sems: dict[str, threading.BoundedSemaphore] = {}
+        self.pool = ClusterPool()
 
     @property
     def bridge(self) -> SkyBridge:
@@ -85,46 +76,38 @@ class SkyPilotBackend:
     # -- launch --------------------------------------------------------------
 
     def _task(self, spec: TaskSpec) -> dict:
-        if not spec.payload_url.startswith(("s3://", "gs://", "gcs://", "az://", "abfs://")):
-            raise InfrastructureError(
-                f"node {spec.node!r}: backend 'skypilot' needs a payload store the VM can reach; "
-                f"set payload_store: s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX] (got {spec.payload_url.split('/payloads/')[0]})"
-            )
-        if spec.registry is None and spec.image.startswith("skyvm-node:"):
-            raise InfrastructureError(
-                f"node {spec.node!r}: a VM cannot pull the locally built image {spec.image}; "
-                "set registry: {server, username, password_env} to push it, or image: to one the VM can pull"
-            )
         # spec.registry_auth was minted for this attempt: fresh for every launch and exec (tokens expire).
+        require_reachable(spec)
         return task_config(spec)
 
-    def launch(self, spec: TaskSpec, on_log: LogSink) -> Job:
+    def launch(self, spec: TaskSpec, *, on_log: Optional[LogSink] = None, cancelled=None, follow: bool = True) -> NodeRef:
         task = self._task(spec)
+        base = dict(backend=self.name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id)
         if is_managed(spec):
             job_id = self.bridge.jobs_launch(task, spec.cluster_name, on_log=on_log)["job_id"]
             log.info("node %s: managed job %s", spec.node, job_id)
-            job = Job(spec=spec, cluster=f"managed-job-{job_id}", backend_data={"managed": True, "job_id": job_id, "cancelled": False})
-            self._follow(job, lambda: self.bridge.jobs_logs(job_id, on_log=on_log))
-            return job
-        cluster, fresh = self._acquire(spec)
+            return NodeRef(cluster=f"managed-job-{job_id}", job_id=job_id, managed=True, **base)
+        if not follow:
+            # Nobody in this process waits on it: a cluster of its own, never a warm one another process may hold.
+            cluster = spec.cluster_name_for(0)
+            try:
+                answer, placement = self._launch_fresh(spec, task, cluster, on_log)
+            except BaseException as exc:
+                _raise_infra(spec, cluster, exc)
+            return NodeRef(cluster=cluster, job_id=answer["job_id"], fresh=True, hourly_price=placement.get("hourly_price"), extra={"detached": True}, **base)
+        cluster, fresh = self.pool.acquire(spec, cancelled=cancelled)
         try:
             if fresh:
                 answer, cluster.placement = self._launch_fresh(spec, task, cluster.name, on_log)
             else:
                 answer = self.bridge.exec(task, cluster.name, on_log=on_log)
         except BaseException as exc:
-            if fresh:
-                with self._lock:  # torn down (or never made): not a warm cluster a later node may exec on
-                    self._clusters.pop(cluster.name, None)
-            self._release_cluster(cluster)
+            if fresh:  # torn down (or never made): not a warm cluster a later node may exec on
+                self.pool.forget(cluster.name)
+            else:
+                self.pool.free(cluster.name)
             _raise_infra(spec, cluster.name, exc)
-        job = Job(
-            spec=spec,
-            cluster=cluster.name,
-            backend_data={"managed": False, "job_id": answer["job_id"], "cancelled": False, "cluster_state": cluster, "hourly_price": cluster.placement.get("hourly_price")},
-        )
-        self._follow(job, lambda: self.bridge.tail_logs(cluster.name, answer["job_id"], on_log=on_log))
-        return job
+        return NodeRef(cluster=cluster.name, job_id=answer["job_id"], fresh=fresh, hourly_price=cluster.placement.get("hourly_price"), **base)
 
     def _launch_fresh(self, spec: TaskSpec, task: dict, cluster_name: str, on_log: Optional[LogSink]) -> tuple[dict, dict]:
         """``sky.launch`` on a new cluster: SkyPilot's answer and where it landed. A failed launch
@@ -146,165 +129,89 @@ class SkyPilotBackend:
                 on_log(line)
         return answer, placement
 
-    def _follow(self, job: Job, tail) -> None:
-        def run():
-            try:
-                job.backend_data["exit_code"] = tail()
-            except Exception as exc:  # noqa: BLE001 - reported through check()
-                job.backend_data["error"] = str(exc)
-            finally:
-                cluster = job.backend_data.get("cluster_state")
-                if cluster is not None:
-                    self._release_cluster(cluster)
+    # -- following -------------------------------------------------------------
 
-        thread = threading.Thread(target=run, daemon=True, name=f"skyvm-sky-{job.spec.node}")
-        job.backend_data["follower"] = thread
-        thread.start()
+    def _job_status(self, ref: NodeRef) -> Optional[str]:
+        if ref.managed:
+            return self.bridge.jobs_status(ref.job_id).get("status")
+        return self.bridge.job_status(ref.cluster, ref.job_id)
 
-    def _acquire(self, spec: TaskSpec) -> tuple[_Cluster, bool]:
-        with self._lock:
-            sem = self._sems.setdefault(spec.signature, threading.BoundedSemaphore(spec.settings.max_clusters))
-        sem.acquire()
-        with self._lock:
-            for cluster in self._clusters.values():
-                if cluster.signature == spec.signature and not cluster.busy:
-                    cluster.busy = True
-                    cluster.runs.add(spec.run_id)
-                    return cluster, False
-            slot = 0
-            while spec.cluster_name_for(slot) in self._clusters:
-                slot += 1
-            cluster = _Cluster(spec.cluster_name_for(slot), spec.signature, spec.settings.down, busy=True, runs={spec.run_id})
-            self._clusters[cluster.name] = cluster
-            return cluster, True
+    def _exit_code(self, ref: NodeRef) -> int:
+        if ref.managed:
+            return self.bridge.jobs_logs(ref.job_id, on_log=lambda _line: None, follow=False)
+        return self.bridge.tail_logs(ref.cluster, ref.job_id, on_log=lambda _line: None, follow=False)
 
-    def _release_cluster(self, cluster: _Cluster) -> None:
-        with self._lock:
-            if not cluster.busy:
-                return
-            cluster.busy = False
-        self._sems[cluster.signature].release()
-
-    # -- check / terminate / release -------------------------------------------
-
-    def check(self, job: Job) -> JobStatus:
-        data = job.backend_data
-        if data["follower"].is_alive():
-            return JobStatus(JobState.RUNNING)
-        if data["cancelled"]:
-            return JobStatus(JobState.CANCELLED, data.get("exit_code"))
-        if "error" in data:
-            return JobStatus(JobState.FAILED, None, f"following the job failed: {data['error']}")
-        code = data.get("exit_code")
-        # tail_logs' exit code alone decides nothing: confirm with the job's own status.
-        if data["managed"]:
-            status = self.bridge.jobs_status(data["job_id"]).get("status")
-        else:
-            status = self.bridge.job_status(job.cluster, data["job_id"])
-        if code == 0 and status in _DONE_OK:
-            return JobStatus(JobState.SUCCEEDED, 0, status)
-        return JobStatus(JobState.FAILED, code if code not in (None, 0) else FAILED_JOB_EXIT, f"job status {status}")
-
-    def terminate(self, job: Job) -> None:
-        data = job.backend_data
-        data["cancelled"] = True
-        if data["managed"]:
-            self.bridge.jobs_cancel(data["job_id"])
-        else:
-            self.bridge.cancel(job.cluster, data["job_id"])
-        data["follower"].join(timeout=60)
-        cluster = data.get("cluster_state")
-        if cluster is not None:
-            self._release_cluster(cluster)
-            if cluster.down:
-                # A cancelled node's VM goes too when down says so.
-                self._forget_and_down(cluster)
-
-    def release(self, run_id: str) -> None:
-        """The run is over: tear down its ``down`` clusters, in parallel."""
-        with self._lock:
-            mine = [c for c in self._clusters.values() if run_id in c.runs]
-        threads = []
-        for cluster in mine:
-            cluster.runs.discard(run_id)
-            if cluster.down and not cluster.runs and not cluster.busy:
-                t = threading.Thread(target=self._forget_and_down, args=(cluster,), daemon=True)
-                t.start()
-                threads.append(t)
-        for t in threads:
-            t.join()
-
-    def _forget_and_down(self, cluster: _Cluster) -> None:
-        with self._lock:
-            self._clusters.pop(cluster.name, None)
-        self._down(cluster.name)
-
-    # -- detached nodes (Airflow's deferrable mode: a trigger in another process polls) --------
-
-    def launch_detached(self, spec: TaskSpec) -> dict:
-        """Launch the node and return at once: where it runs and SkyPilot's job id, for the trigger.
-
-        Nobody in this process waits on it, so it gets a cluster of its own (named for its run),
-        never a warm one another process might hold.
-        """
-        task = self._task(spec)
-        if is_managed(spec):
-            job_id = self.bridge.jobs_launch(task, spec.cluster_name)["job_id"]
-            return {"cluster": f"managed-job-{job_id}", "job_id": job_id, "managed": True}
-        cluster = spec.cluster_name_for(0)
-        try:
-            answer, _placement = self._launch_fresh(spec, task, cluster, None)
-        except BaseException as exc:
-            _raise_infra(spec, cluster, exc)
-        return {"cluster": cluster, "job_id": answer["job_id"], "managed": False, "hourly_price": answer.get("hourly_price")}
-
-    def detached_status(self, ref: dict) -> JobStatus:
-        if ref.get("managed"):
-            status = self.bridge.jobs_status(ref["job_id"]).get("status")
-        else:
-            try:
-                status = self.bridge.job_status(ref["cluster"], ref["job_id"])
-            except InfrastructureError as exc:
-                return JobStatus(JobState.FAILED, None, f"cluster {ref['cluster']} is gone or unreachable: {exc}")
-        if status in _DONE_OK:
-            return JobStatus(JobState.SUCCEEDED, 0, status)
+    def status(self, ref: NodeRef) -> JobStatus:
+        status = self._job_status(ref)
+        if status is None:
+            return JobStatus(JobState.GONE, None, f"cluster {ref.cluster} has no job {ref.job_id}")
         if status in ("CANCELLED", "CANCELLING"):
             return JobStatus(JobState.CANCELLED, None, status)
+        if status in _DONE_OK:
+            # The job's status alone decides nothing: tail_logs' exit code must agree (never ignore it).
+            code = self._exit_code(ref)
+            if code == 0:
+                return JobStatus(JobState.SUCCEEDED, 0, status)
+            return JobStatus(JobState.FAILED, code or FAILED_JOB_EXIT, f"job status {status} but tail_logs exit code {code}")
         if status in _DONE_BAD:
             return JobStatus(JobState.FAILED, FAILED_JOB_EXIT, f"job status {status}")
-        if status is None:
-            return JobStatus(JobState.FAILED, None, f"cluster {ref['cluster']} has no job {ref['job_id']}")
         return JobStatus(JobState.RUNNING, None, str(status))
 
-    def detached_log(self, ref: dict, offset: int = 0) -> tuple[str, int]:
-        """The job's log from ``offset`` (characters) on: what the trigger has not shown yet."""
+    def read_log(self, ref: NodeRef, offset: int = 0) -> tuple[str, int]:
+        """The job's log from ``offset`` (characters) on: what has not been shown yet."""
         lines: list[str] = []
-        try:
-            if ref.get("managed"):
-                self.bridge.jobs_logs(ref["job_id"], on_log=lines.append, follow=False)
-            else:
-                self.bridge.tail_logs(ref["cluster"], ref["job_id"], on_log=lines.append, follow=False)
-        except InfrastructureError:
-            return "", offset
+        if ref.managed:
+            self.bridge.jobs_logs(ref.job_id, on_log=lines.append, follow=False)
+        else:
+            self.bridge.tail_logs(ref.cluster, ref.job_id, on_log=lines.append, follow=False)
         text = "".join(line + "\n" for line in lines)
         return text[offset:], max(offset, len(text))
 
-    def detached_cancel(self, ref: dict) -> None:
-        if ref.get("managed"):
-            self.bridge.jobs_cancel(ref["job_id"])
+    def cancel(self, ref: NodeRef) -> None:
+        if ref.managed:
+            self.bridge.jobs_cancel(ref.job_id)
         else:
-            self.bridge.cancel(ref["cluster"], ref["job_id"])
+            self.bridge.cancel(ref.cluster, ref.job_id)
 
-    def detached_release(self, ref: dict, down: bool) -> None:
-        """The node is over: its own cluster goes when ``down`` says so (a managed job's went with the job)."""
-        if down and not ref.get("managed"):
-            self._down(ref["cluster"])
+    def release(self, ref: NodeRef, down: bool, discard: bool = False) -> None:
+        if ref.managed:
+            return  # a managed job's cluster went with the job
+        if not ref.extra.get("detached") and self.pool.get(ref.cluster) is not None:
+            if not (discard and down):
+                self.pool.free(ref.cluster)
+                return
+            # A cancelled node's VM goes now when down says so.
+            self.pool.forget(ref.cluster)
+        if down:
+            self._down(ref.cluster)
+
+    def end_run(self, run_id: str) -> None:
+        """The run is over: tear down its ``down`` clusters, in parallel."""
+        threads = [threading.Thread(target=self._down, args=(c.name,), daemon=True) for c in self.pool.end_run(run_id)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
     def _down(self, name: str) -> None:
         try:
             self.bridge.down(name)
         except Exception as exc:  # noqa: BLE001 - report, do not hide the original error
             log.error("could not tear down cluster %s: %s (run `sky down %s`)", name, exc, name)
+
+
+def require_reachable(spec: TaskSpec) -> None:
+    """What a VM needs that a laptop does not: a bucket store and a pushed image."""
+    if not spec.payload_url.startswith(("s3://", "gs://", "gcs://", "az://", "abfs://")):
+        raise InfrastructureError(
+            f"node {spec.node!r}: backend 'skypilot' needs a payload store the VM can reach; "
+            f"set payload_store: s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX] (got {spec.payload_url.split('/payloads/')[0]})"
+        )
+    if spec.registry is None and spec.image.startswith("skyvm-node:"):
+        raise InfrastructureError(
+            f"node {spec.node!r}: a VM cannot pull the locally built image {spec.image}; "
+            "set registry: {server, username, password} to push it, or image: to one the VM can pull"
+        )
 
 
 def _raise_infra(spec: TaskSpec, cluster: str, exc: BaseException) -> NoReturn:
