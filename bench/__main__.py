@@ -1,4 +1,7 @@
-"""python -m bench SCENARIO|all|list [--n N] [--reps R] [--smoke] [--set KEY=VALUE ...] [--out DIR]"""
+"""python -m bench SCENARIO|all|list [--n N] [--reps R] [--smoke] [--set KEY=VALUE ...] [--out DIR]
+
+(or ``python PATH/TO/bench ...`` from any directory)
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,12 @@ import time
 import traceback
 from pathlib import Path
 
-from bench import common  # stdlib only: safe before skyvm's home is chosen
+if not __package__:  # `python bench ...` (the folder) from anywhere: import it as the package it is
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]  # its modules are not top-level ones
+    sys.path.insert(0, str(_here.parent))
+
+from bench import common  # noqa: E402 - stdlib only: safe before skyvm's home is chosen
 
 # skyvm reads SKYVM_HOME when first imported: choose the private one before anything imports it.
 _HOME = common.private_home()
@@ -40,6 +48,7 @@ def run_one(name: str, args, env: str, extra: dict) -> str:
     if sc.env != env:
         print(f"  note: {name} belongs to the '{sc.env}' environment (./dev run {sc.env} -- python -m bench {name}); this is '{env}'", flush=True)
     status, error = "ok", None
+    saved_env = dict(os.environ)  # a scenario's servers and stand-ins set variables: none outlives it
     try:
         sc(bench)
     except common.Skip as exc:
@@ -55,6 +64,8 @@ def run_one(name: str, args, env: str, extra: dict) -> str:
             except Exception:  # noqa: BLE001 - the next cleanup still runs
                 traceback.print_exc()
         bench.remove_kept()
+        os.environ.clear()
+        os.environ.update(saved_env)
         left = bench.leftovers()
         if left:
             common.sh("docker", "rm", "-f", *left, check=False)
@@ -69,10 +80,48 @@ def run_one(name: str, args, env: str, extra: dict) -> str:
     return status
 
 
+def report(scenarios: dict, results: Path) -> str:
+    """Markdown of the latest (non-smoke) result of every scenario: targets first, then medians."""
+    import json
+
+    latest = {}
+    for path in sorted(results.glob("*.json")):
+        data = json.loads(path.read_text())
+        if data.get("status") == "ok" and not data["params"].get("smoke"):
+            latest[data["scenario"]] = (path, data)
+    if not latest:
+        return f"no results in {results}"
+    first = next(iter(latest.values()))[1]
+    m = first["machine"]
+    commits = sorted({d["git"]["commit"][:10] + ("+" if d["git"].get("dirty") else "") for _, d in latest.values() if d["git"]["commit"]})
+    dates = sorted(d["date"][:16].replace("T", " ") for _, d in latest.values())
+    out = [
+        f"Machine: {m['cpus']} CPUs, {m['memory_gib']} GiB, Linux {m['kernel']}, Docker {m['docker']}, Python {m['python']}; "
+        f"run {dates[0]} to {dates[-1]}, commit {', '.join(commits)} (+: with uncommitted changes in the tree).",
+        "",
+        "| scenario | target | measured | limit | met |",
+        "|---|---|---|---|---|",
+    ]
+    for name, (path, d) in latest.items():
+        for t in d["targets"]:
+            out.append(f"| {name} | {t['name']} | {common.fmt(t['measured'], t['unit'])} | {t['op']} {common.fmt(t['limit'], t['unit'])} | {t['result']} |")
+    for name, (path, d) in latest.items():
+        p = d["params"]
+        out += ["", f"`{name}` (n={p['n']}, reps={p['reps']}; {path.name}):", "", "| series | n | median | min | max |", "|---|---|---|---|---|"]
+        for sname, s in d["series"].items():
+            out.append(f"| {sname} | {s['n']} | {common.fmt(s['median'], s['unit'])} | {common.fmt(s['min'], s['unit'])} | {common.fmt(s['max'], s['unit'])} |")
+        comps = [f"{c['name']}: {common.fmt(c['value'], c['unit'])}" for c in d["comparisons"] if c.get("kind") != "throughput"]
+        if comps:
+            out += ["", "; ".join(comps) + "."]
+        for note in d["notes"]:
+            out += ["", f"Note: {note}"]
+    return "\n".join(out)
+
+
 def main(argv=None) -> int:
     scenarios = load()
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("scenario", help="a scenario, 'all' (those of this environment) or 'list'")
+    parser.add_argument("scenario", help="a scenario, 'all' (those of this environment), 'list', or 'report' (markdown of the latest results)")
     parser.add_argument("--n", type=int, help="size: nodes (or MiB for payloads); default per scenario")
     parser.add_argument("--reps", type=int, help="repetitions; default per scenario")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition: checks that it runs and results are right, asserts no timing")
@@ -85,6 +134,9 @@ def main(argv=None) -> int:
         for sc in sorted(scenarios.values(), key=lambda s: (ENVS.index(s.env), s.name)):
             opts = " ".join(f"{k}={v}" for k, v in sc.options.items())
             print(f"{sc.name:<10} [{sc.env}] {sc.help}; n={sc.n} {sc.n_means}, reps={sc.reps}; smoke n={sc.smoke_n}" + (f"; --set {opts}" if opts else "") + ("" if sc.in_all else " (not in 'all')"))
+        return 0
+    if args.scenario == "report":
+        print(report(scenarios, Path(args.out) if args.out else common.RESULTS))
         return 0
     if args.scenario == "all":
         names = [s.name for s in scenarios.values() if s.env == env and s.in_all]

@@ -171,7 +171,7 @@ def fmt(value: Optional[float], unit: str) -> str:
     if unit == "MiB":
         return f"{value:.0f} MiB"
     if unit == "ms":
-        return f"{value:+.0f} ms"
+        return f"{value:+.0f} ms" if abs(value) < 1000 else f"{value / 1000:+.2f} s"
     if unit == "count":
         return f"{value:g}"
     return f"{value:g} {unit}"

@@ -142,8 +142,9 @@ def floor(b) -> None:
         "<=",
         50,
         "ms",
-        "skyvm's cold path is docker run -d, a setup exec and the node's exec (see 'docker by hand'), "
-        "plus the payload and result through the store; docker run --rm is one process start",
+        "skyvm's cold path is docker run -d, a setup exec and the node's exec ('docker by hand' is that floor), "
+        "plus skyvm's docker ps / ps -a / inspect calls, the node runtime's import and the payload and result through the store; "
+        "docker run --rm is one container start",
     )
     b.target(
         "warm / docker exec",

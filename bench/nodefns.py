@@ -22,3 +22,17 @@ def nap(x, seconds=0.0):
 
     time.sleep(seconds)
     return x * x
+
+
+def after(path, x, timeout=600.0):
+    """Wait until ``path`` exists (the launcher's "all submitted"), then return x*x: every node
+    stays in flight until the last one is submitted."""
+    import os
+    import time
+
+    deadline = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > deadline:
+            raise TimeoutError(f"{path} never appeared")
+        time.sleep(0.2)
+    return x * x

@@ -252,7 +252,8 @@ def payloads(b) -> None:
             ">=",
             0.8,
             "x",
-            "skyvm goes through fsspec and frames every object with its SHA-256 (hashed on put and on get, and a copy each way)",
+            "skyvm goes through fsspec (s3fs, gcsfs, adlfs), not the cloud's own client, and frames every object "
+            "with its SHA-256 (a hash and a copy on put and on get)",
         )
     if e2e:
         b.ratio("s3 node end to end / raw four transfers", "skyvm s3 node echo (end to end)", "raw s3 put+get+put+get")

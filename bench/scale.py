@@ -7,11 +7,13 @@ nodes at once in one ``skyvm.Run`` and waits for every result, while a sampler t
 
 - process: the local backend's process fallback (the child gets ``DOCKER_HOST`` pointing nowhere
   and no ``SKYVM_REQUIRE_DOCKER``): every node a plain process on this host; default 1,000 nodes.
+  Every node waits until the launcher has submitted the last one (a file it then makes), so all
+  N are in flight at once; ``--set sleep=S`` holds them S seconds more.
 - docker: the local backend on Docker with skyvm's default ``max_clusters`` (``--set
   max_clusters=K`` to change): nodes queue for clusters; default 100 nodes (``--set docker_n=``).
 
 Every result is checked (node i returns i*i). A node process of the fallback holds about 12 MiB
-of its own: the child caps N to what half of the available memory holds, and cancels the nodes
+of its own: the child caps N to what 60% of the available memory holds, and cancels the nodes
 if available memory falls under 1.5 GiB, saying so (this machine is shared).
 
 Targets (issue): launching process at most 300 MiB peak RSS and at most 50 threads.
@@ -48,19 +50,29 @@ def child(mode: str, n: int, sleep: float, session: str, max_clusters: int) -> d
     after_import = rss_mib()
     notes = []
     if mode == "process":
-        room = int(_mem_available_mib() * 0.5 / NODE_MIB)
+        room = int(_mem_available_mib() * 0.6 / NODE_MIB)
         if n > room:
-            notes.append(f"capped {n} nodes to {room}: half the available memory holds {room} node processes of ~{NODE_MIB} MiB")
+            notes.append(f"capped {n} nodes to {room}: 60% of the available memory holds {room} node processes of ~{NODE_MIB} MiB")
             n = room
     defaults = {"labels": {"skyvm-bench": session}}
     if max_clusters:
         defaults["max_clusters"] = max_clusters
     aborted = False
+    # Every node waits for this file, made once the last node is submitted: all N are in flight at once.
+    # In the store directory, which the local backend mounts into its containers at the same path.
+    from pathlib import Path
+
+    barrier = Path(os.environ["SKYVM_HOME"]) / "store" / f"all-submitted-{session}-{mode}"
+    barrier.parent.mkdir(parents=True, exist_ok=True)
+    barrier.unlink(missing_ok=True)
     with Sampler() as sampler:
         t0 = time.perf_counter()
         with skyvm.Run({"defaults": defaults}) as run:
-            handles = [run.submit(nodefns.nap, i, sleep, node=f"n{i}") for i in range(n)]
+            handles = [run.submit(nodefns.after, str(barrier), i, node=f"n{i}") for i in range(n)]
             t_submit = time.perf_counter() - t0
+            if sleep:
+                time.sleep(sleep)
+            barrier.touch()
             while not all(h.done() for h in handles):
                 if mode == "process" and _mem_available_mib() < 1536:
                     aborted = True
@@ -72,6 +84,7 @@ def child(mode: str, n: int, sleep: float, session: str, max_clusters: int) -> d
             right = sum(1 for i, h in enumerate(handles) if h.done() and not h.exception() and h.result() == i * i)
             clusters = sorted({h.cluster or "" for h in handles})
         wall = time.perf_counter() - t0
+    barrier.unlink(missing_ok=True)
     return {
         "mode": mode,
         "n": n,
@@ -148,7 +161,8 @@ def scale(b) -> None:
         b.target(f"{mode} ({b.params.get(f'{mode}_n_run', n)} nodes): launcher peak RSS", max(s_rss), "<=", 300, "MiB",
                  "every node keeps its payload, its handle, its log lines and its threads' stacks in the launcher")
         b.target(f"{mode} ({b.params.get(f'{mode}_n_run', n)} nodes): launcher peak threads", max(s_thr), "<=", 50, "count",
-                 "two threads per node in flight: the handle's driver (polls the job) and the backend's log pump")
+                 "a thread per node in flight (the handle's driver, polling its job; queued nodes too) "
+                 "plus a log pump per running node")
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["--child"]:
