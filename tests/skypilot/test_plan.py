@@ -90,4 +90,4 @@ def test_bad_catalog_dir_is_a_clear_error(tmp_path):
 
 def test_entries_cover_profiles_and_nodes():
     config = SkyVMConfig.load(ROOT / "dags" / "skyvm.yaml")
-    assert [n for n, _ in entries_of_config(config)] == ["profile:heavy", "profile:gpu-spot", "count_words", "crunch"]
+    assert [n for n, _ in entries_of_config(config)] == ["profile:heavy", "profile:on-s3", "profile:gpu-spot", "count_words", "crunch"]
