@@ -49,7 +49,7 @@ def put_connections(*connections) -> None:
 
 def environment_changes(before: dict) -> set[str]:
     """Variables of this process set, changed or removed since ``before``, but Airflow's own task context."""
-    return {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k) and not k.startswith("AIRFLOW_CTX_")}
+    return {k for k in set(before) | set(os.environ) if before.get(k) != os.environ.get(k) and not k.startswith(("AIRFLOW_CTX_", "_AIRFLOW_"))}
 
 
 @pytest.mark.parametrize("scheme", ["s3", "gs", "az"])

@@ -63,11 +63,11 @@ def test_skyvm_plan_on_the_example_yaml(catalog_dir):
     out = _cli(str(ROOT / "dags" / "skyvm.yaml"), "--catalog-dir", catalog_dir, "--json")
     assert out.returncode == 0, out.stderr
     rows = {r["node"]: r for r in json.loads(out.stdout)}
-    assert set(rows) == {"profile:heavy", "profile:gpu-spot", "count_words", "crunch"}
+    assert set(rows) == {"profile:heavy", "profile:on-s3", "profile:gpu-spot", "count_words", "crunch"}
     assert (rows["profile:gpu-spot"]["instance_type"], rows["profile:gpu-spot"]["use_spot"]) == ("a2-highgpu-1g", True)
     assert (rows["crunch"]["cloud"], rows["crunch"]["instance_type"], rows["crunch"]["hourly_price"]) == ("aws", "c7i.large", 0.0892)
     table = _cli(str(ROOT / "dags" / "skyvm.yaml"), "--catalog-dir", catalog_dir)
-    assert "TOTAL (every node above running at once): $1.7549/hour" in table.stdout
+    assert "TOTAL (every node above running at once): $1.8441/hour" in table.stdout
 
 
 def test_skyvm_plan_on_the_example_dag_file(catalog_dir):
@@ -90,4 +90,4 @@ def test_bad_catalog_dir_is_a_clear_error(tmp_path):
 
 def test_entries_cover_profiles_and_nodes():
     config = SkyVMConfig.load(ROOT / "dags" / "skyvm.yaml")
-    assert [n for n, _ in entries_of_config(config)] == ["profile:heavy", "profile:gpu-spot", "count_words", "crunch"]
+    assert [n for n, _ in entries_of_config(config)] == ["profile:heavy", "profile:on-s3", "profile:gpu-spot", "count_words", "crunch"]

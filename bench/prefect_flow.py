@@ -1,0 +1,91 @@
+"""prefect: one flow mapping N trivial tasks, on SkyVMTaskRunner and on Prefect's own runners.
+
+Against a real Prefect API (``prefect_test_harness``: a temporary server, as the Prefect test
+suite uses), the same flow (``square.map(range(N))``, results checked) runs with:
+
+- SkyVMTaskRunner cold: ``down: true``: each flow run starts its clusters (up to skyvm's
+  default ``max_clusters`` = 4 for the one signature) and removes them at its end;
+- SkyVMTaskRunner warm: ``down: false``: the clusters a first (uncounted) flow run left are
+  reused by every later flow run;
+- ThreadPoolTaskRunner and ProcessPoolTaskRunner (Prefect's defaults for each).
+
+Wall time of the flow call, alternately. Target (issue): SkyVMTaskRunner warm at most 1.5x
+ThreadPoolTaskRunner. Run it in the Prefect environment:
+``./dev run prefect -- python -m bench prefect``.
+"""
+
+from __future__ import annotations
+
+import time
+
+from bench import scenario
+from bench.common import Skip, build_node_image, need_docker, package_version
+
+
+@scenario(
+    "prefect",
+    env="prefect",
+    help="a flow mapping N trivial tasks: SkyVMTaskRunner cold and warm vs ThreadPool and ProcessPool",
+    n=20,
+    reps=3,
+    smoke_n=2,
+)
+def prefect_bench(b) -> None:
+    import os
+
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")  # task-run lines for every node drown the table
+    try:
+        from prefect import flow, task
+        from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+        from prefect.testing.utilities import prefect_test_harness
+
+        from prefect_skyvm import SkyVMTaskRunner
+    except ImportError as exc:
+        raise Skip(f"needs Prefect and prefect_skyvm (./dev run prefect -- python -m bench prefect): {exc}") from None
+    need_docker()
+    from bench import nodefns
+
+    b.params["prefect"] = package_version("prefect")
+    build_node_image(b)
+    square = task(nodefns.square, name="square")
+
+    @flow(name="bench-fan-out", log_prints=False)
+    def fan_out(n: int) -> list:
+        return [f.result() for f in square.map(range(n))]
+
+    runners = {
+        "SkyVMTaskRunner cold": lambda: SkyVMTaskRunner({"defaults": {"labels": b.labels(kind="cold"), "down": True}}),
+        "SkyVMTaskRunner warm": lambda: SkyVMTaskRunner({"defaults": {"labels": b.labels(keep=True, kind="warm"), "down": False, "idle_minutes_to_autostop": 10}}),
+        "ThreadPoolTaskRunner": ThreadPoolTaskRunner,
+        "ProcessPoolTaskRunner": ProcessPoolTaskRunner,
+    }
+
+    def run_flow(name: str) -> float:
+        t0 = time.perf_counter()
+        result = fan_out.with_options(task_runner=runners[name]())(b.n)
+        elapsed = time.perf_counter() - t0
+        b.check(result == [i * i for i in range(b.n)], f"{name}: the flow returned {result!r}")
+        return elapsed
+
+    with prefect_test_harness(server_startup_timeout=180):
+        # Uncounted: the API's first flow run, and the warm clusters started.
+        for name in ("ThreadPoolTaskRunner", "SkyVMTaskRunner warm"):
+            print(f"  warm-up {name}: {run_flow(name):.2f} s (not counted)", flush=True)
+
+        def arm(name: str):
+            return lambda rep: b.add(name, run_flow(name))
+
+        b.alternate({name: arm(name) for name in runners})
+
+    b.ratio("SkyVM warm / ThreadPool", "SkyVMTaskRunner warm", "ThreadPoolTaskRunner")
+    b.ratio("SkyVM cold / ThreadPool", "SkyVMTaskRunner cold", "ThreadPoolTaskRunner")
+    b.ratio("SkyVM warm / ProcessPool", "SkyVMTaskRunner warm", "ProcessPoolTaskRunner")
+    b.target(
+        "SkyVMTaskRunner warm / ThreadPoolTaskRunner",
+        b.med("SkyVMTaskRunner warm") / b.med("ThreadPoolTaskRunner"),
+        "<=",
+        1.5,
+        "x",
+        "each task is a docker exec of the node runtime on one of 4 warm clusters (nodes queue for them), "
+        "with payload and result through the store; a thread runs the task body in-process",
+    )
