@@ -150,7 +150,13 @@ class Watch:
         names = subprocess.run(["docker", "ps", "-q", "--filter", "label=dev.skyvm.managed=1"], capture_output=True, text=True).stdout.split()
         inspect = subprocess.run(["docker", "inspect", *names], capture_output=True, text=True).stdout if names else ""
         api = docker.from_env().api
-        execs = [api.exec_inspect(e) for c in json.loads(inspect or "[]") for e in c.get("ExecIDs") or []]
+        execs = []
+        for container in json.loads(inspect or "[]"):
+            for exec_id in container.get("ExecIDs") or []:
+                try:
+                    execs.append(api.exec_inspect(exec_id))
+                except docker.errors.NotFound:
+                    pass  # an exec that ended meanwhile (a status or log call)
         assert names and execs, "the watch found no node running"
         return "\n".join([ps, inspect, json.dumps(execs, default=str)])
 

@@ -142,7 +142,12 @@ class SkyPilotBackend(Backend):
         return self.bridge.tail_logs(ref.cluster, ref.job_id, on_log=lambda _line: None, follow=False)
 
     def status(self, ref: NodeRef) -> JobStatus:
-        status = self._job_status(ref)
+        try:
+            status = self._job_status(ref)
+        except InfrastructureError as exc:
+            if "ClusterDoesNotExist" in str(exc) or "does not exist" in str(exc):
+                return JobStatus(JobState.GONE, None, f"cluster {ref.cluster} is gone: {exc}")
+            raise  # anything else may pass (a busy API server): the caller retries
         if status is None:
             return JobStatus(JobState.GONE, None, f"cluster {ref.cluster} has no job {ref.job_id}")
         if status in ("CANCELLED", "CANCELLING"):
