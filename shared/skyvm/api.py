@@ -122,6 +122,19 @@ def launcher() -> ThreadPoolExecutor:
         return _launcher
 
 
+_finisher: Optional[ThreadPoolExecutor] = None
+
+
+def finisher() -> ThreadPoolExecutor:
+    """Where a finished node's result is read and its cluster released: never behind launches, which
+    may all be waiting for the very clusters these releases free."""
+    global _finisher
+    with _launcher_lock:
+        if _finisher is None:
+            _finisher = ThreadPoolExecutor(max_workers=4, thread_name_prefix="skyvm-finish")
+        return _finisher
+
+
 class NodeHandle:
     """A submitted node: ``result()``, ``logs()``, ``cancel()``, ``done()``."""
 
@@ -283,7 +296,7 @@ class NodeHandle:
 
     def _on_exit(self, status) -> None:
         # Reading the result may take a while (a bucket): not on the watcher's thread.
-        launcher().submit(self._complete, status)
+        finisher().submit(self._complete, status)
 
     def _complete(self, status) -> None:
         ref, backend, s = self.ref, self._backend, self.settings

@@ -326,3 +326,18 @@ def test_single_vm_runs_every_node_of_a_run_on_one_cluster_in_turn():
     a, b = sorted(results, key=lambda r: r["start"])
     assert b["start"] >= a["end"] - 0.2  # nodes take turns on it
     assert containers_of(run.run_id) == []
+
+
+def test_more_queued_nodes_than_launch_threads_all_finish(monkeypatch):
+    """Nodes queued for a cluster hold launch threads; the ones that finish must still free theirs."""
+    import skyvm.api as api
+
+    monkeypatch.setattr(api, "_launcher", None)
+    monkeypatch.setattr(api, "LAUNCH_THREADS", 2)
+    try:
+        with Run({"defaults": {"cpus": 0.5, "max_clusters": 1}}) as run:
+            handles = [run.submit(pow, i, 2, node=f"q{i}") for i in range(5)]
+            assert [h.result(300) for h in handles] == [0, 1, 4, 9, 16]
+            assert len({h.cluster for h in handles}) == 1
+    finally:
+        api._launcher = None
