@@ -34,6 +34,8 @@ FAR_SIDE = textwrap.dedent(
             return 100 if job_id == 7 else 0
 
         def job_status(self, cluster_name, job_id):
+            if job_id == 99:
+                time.sleep(30)  # an API server that does not answer
             if job_id == 13:
                 print("far side: giving up on job 13", file=sys.stderr, flush=True)
                 os._exit(3)
@@ -99,3 +101,26 @@ def test_a_missing_skypilot_is_every_calls_answer(far_python, monkeypatch):
             bridge.status()
     finally:
         bridge.close()
+
+
+def test_a_call_past_its_bound_is_an_error_naming_the_call(far_python, monkeypatch):
+    monkeypatch.setenv("SKYVM_SKYPILOT_CALL_TIMEOUT_S", "1")
+    bridge = SubprocessBridge(far_python)
+    try:
+        assert bridge.status()[0]["name"] == "c1"
+        with pytest.raises(InfrastructureError, match=r"SkyPilot job_status did not answer within 1s"):
+            bridge.job_status("c1", 99)
+        assert bridge.status()[0]["name"] == "c1"  # the process still serves other calls
+    finally:
+        bridge.close()
+
+
+def test_every_bridge_call_is_bounded(monkeypatch):
+    from skyvm.skypilot.bridge import call_bound
+
+    assert call_bound("job_status", {}) == 600.0
+    assert call_bound("launch", {"retry_until_up": False}) == 3600.0
+    assert call_bound("launch", {"retry_until_up": True}) is None  # as long as it takes, by request
+    assert call_bound("tail_logs", {"follow": False}) == 600.0
+    monkeypatch.setenv("SKYVM_SKYPILOT_CALL_TIMEOUT_S", "5")
+    assert call_bound("launch", {"retry_until_up": True}) == 5.0

@@ -33,6 +33,24 @@ LogSink = Callable[[str], None]
 CALLS = ("launch", "exec", "job_status", "tail_logs", "cancel", "down", "autostop", "status", "jobs_launch", "jobs_status", "jobs_cancel", "jobs_logs", "optimize", "check", "api_stop")
 # Calls that stream a log (to stderr across the process boundary).
 LOGGING_CALLS = ("launch", "exec", "tail_logs", "jobs_launch", "jobs_logs")
+# Every call is bounded: a SkyPilot API server that hangs must not hang a flow. Provisioning may take
+# long (and retry_until_up as long as it takes); everything else answers in minutes at most.
+BOUND_ENV = "SKYVM_SKYPILOT_CALL_TIMEOUT_S"
+_PROVISIONING = ("launch", "exec", "jobs_launch")
+
+
+def call_bound(name: str, kwargs: dict) -> Optional[float]:
+    """Seconds a bridge call may take (None: unbounded, only for a launch told to retry until up,
+    or a log followed to its end)."""
+    if os.environ.get(BOUND_ENV):
+        return float(os.environ[BOUND_ENV])
+    if name in _PROVISIONING:
+        return None if kwargs.get("retry_until_up") else 3600.0
+    if kwargs.get("follow", False) and name in ("tail_logs", "jobs_logs"):
+        return None
+    return 600.0
+
+
 # SkyPilot's exit code of a failed job in tail_logs.
 FAILED_JOB_EXIT = 100
 
@@ -302,7 +320,12 @@ class SubprocessBridge:
                     proc.stdin.flush()
             except (BrokenPipeError, OSError) as exc:
                 raise InfrastructureError(f"the SkyPilot bridge process ({self.python}) is gone: {exc}\n" + "\n".join(self._stderr_tail)) from None
-            pending.done.wait()
+            bound = call_bound(name, kwargs)
+            if not pending.done.wait(bound):
+                raise InfrastructureError(
+                    f"SkyPilot {name} did not answer within {bound:g}s (the bridge process {self.python}); "
+                    f"set {BOUND_ENV} to wait longer. Its last words:\n" + "\n".join(self._stderr_tail)
+                )
         finally:
             with self._lock:
                 self._pending.pop(call_id, None)
