@@ -133,7 +133,8 @@ def test_skypilot_gets_private_files_and_the_users_aws_dir_is_untouched(account,
         path = Path(env[name])
         assert path.parent == private and stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "role_arn = arn:aws:iam::123456789012:role/skyvm" in Path(env["AWS_CONFIG_FILE"]).read_text()
-    assert account.access_key not in "".join(env.values())
+    assert account.access_key not in "".join(v for v in env.values() if v)
+    assert env["AWS_ACCESS_KEY_ID"] is None  # the engine's own keys are taken away from SkyPilot's process
     # SkyPilot's boto3 reads the private profile and assumes the role itself.
     import botocore.session
 

@@ -238,6 +238,9 @@ class AwsConnector(Connector):
         else:
             write_private(files / "aws-credentials", _credentials_file("skyvm", creds))
             write_private(files / "aws-config", f"[profile skyvm]\nregion = {self._region()}\n")
+        # The engine's own ambient keys would win over the profile in boto3's chain: SkyPilot must not see them.
+        for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_PROFILE"):
+            env[var] = None
         env.update(AWS_CONFIG_FILE=str(files / "aws-config"), AWS_PROFILE="skyvm")
         if (files / "aws-credentials").exists():
             env["AWS_SHARED_CREDENTIALS_FILE"] = str(files / "aws-credentials")

@@ -93,7 +93,7 @@ class Connector(BaseModel):
     def identity(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def skypilot_env(self, private_dir: Path) -> dict[str, str]:  # pragma: no cover - interface
+    def skypilot_env(self, private_dir: Path) -> dict[str, Optional[str]]:  # pragma: no cover - interface (None: unset it)
         raise NotImplementedError
 
     def fs_options(self, url: str, endpoint: Optional[str] = None) -> dict[str, Any]:

@@ -377,6 +377,11 @@ def sky_importable() -> bool:
     return importlib.util.find_spec("sky") is not None
 
 
+def _merged(env: dict) -> dict:
+    """This process's environment with a credential set's on top; a None value removes a variable."""
+    return {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+
+
 def get_bridge(env: Optional[dict] = None) -> SkyBridge:
     """In-process when ``sky`` imports here, else SkyPilot's own environment through a subprocess.
 
@@ -387,7 +392,7 @@ def get_bridge(env: Optional[dict] = None) -> SkyBridge:
         if env is None:
             return InProcessBridge()
         if sky_importable() and not os.environ.get("SKYVM_SKYPILOT_PYTHON"):
-            return SubprocessBridge(sys.executable, env={**os.environ, **env})
+            return SubprocessBridge(sys.executable, env=_merged(env))
         raise ImportError
     except ImportError:
         python = skypilot_python()
@@ -396,7 +401,7 @@ def get_bridge(env: Optional[dict] = None) -> SkyBridge:
                 "backend 'skypilot' needs SkyPilot: `pip install 'skyvm[skypilot]'` here, or `skyvm skypilot install` "
                 "to make its own environment (SkyPilot cannot share one with Airflow >= 3.1.3)"
             ) from None
-        return SubprocessBridge(python, env=None if env is None else {**os.environ, **env})
+        return SubprocessBridge(python, env=None if env is None else _merged(env))
 
 
 def serve(make_bridge: Callable[[], Any]) -> int:
