@@ -114,30 +114,3 @@ def test_bad_settings_fail_at_parse_time():
         SkyVMOperator(task_id="typo", python_callable=double, sky_settings={"cpu": 2})
     with pytest.raises(ValueError, match="exactly one of python_callable or bash_command"):
         SkyVMOperator(task_id="neither")
-
-
-def test_trigger_serializes_and_its_cleanup_stops_an_unfinished_node():
-    import asyncio
-
-    from airflow_skyvm.triggers.skyvm import SkyVMTrigger
-    from skyvm.api import Run
-    from skyvm.node import make_command_payload
-
-    run = Run(run_id="af-trigger-cleanup-test")
-    node = run.launch_detached("trigger-cleanup", run.resolve("trigger-cleanup"), make_command_payload("echo up; sleep 300"))
-    trigger = SkyVMTrigger(node=node.to_dict(), poll_interval=0.2)
-    classpath, kwargs = trigger.serialize()
-    assert classpath == "airflow_skyvm.triggers.skyvm.SkyVMTrigger"
-    revived = SkyVMTrigger(**kwargs)  # what the triggerer builds from the DB row
-
-    async def poll_then_stop():
-        gen = revived.run()
-        task = asyncio.ensure_future(gen.__anext__())
-        await asyncio.sleep(2)
-        assert not task.done()  # still running: no event yet
-        task.cancel()
-        await revived.cleanup()  # the task was cleared / marked failed meanwhile
-
-    asyncio.run(poll_then_stop())
-    assert not [r for r in list_managed() if r["name"] == node.cluster]
-    run.close()

@@ -15,10 +15,13 @@ called ``resources``: that is BaseOperator's own.
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any, Optional
 
 from airflow_skyvm.hooks.skyvm import SkyVMHook
 from skyvm.api import DetachedNode, Run, teardown
+from skyvm.backends.base import JobState
+from skyvm.errors import InfrastructureError
 from skyvm.node import make_call_payload, make_command_payload
 from skyvm.settings import NodeSettings, validate_layer
 
@@ -32,6 +35,15 @@ def node_name(ti) -> str:
     """A task instance's node name: its task_id, plus the map index of a mapped task."""
     map_index = getattr(ti, "map_index", -1)
     return ti.task_id if map_index in (-1, None) else f"{ti.task_id}-{map_index}"
+
+
+def _status_of(event: Mapping[str, Any]) -> Any:
+    """The node's final status as the trigger saw it, or None (an event without one: ask the node)."""
+    try:
+        state = JobState(event["status"])
+    except (KeyError, ValueError):
+        return None
+    return SimpleNamespace(state=state, exit_code=event.get("exit_code"), detail=event.get("detail") or "")
 
 
 def _has_template(value: Any) -> bool:
@@ -147,15 +159,29 @@ class SkyVMOperator(BaseOperator):
             self._node = None
 
     def execute_complete(self, context, event: dict) -> Any:
-        """Back from the trigger: log the rest of the node's output, fetch the result, release the cluster."""
+        """Back from the trigger: log what it did not, fetch the result, release the cluster.
+
+        An ``error`` event (the node is gone, or waiting on it failed) fails the task with the
+        trigger's message, which names the node and the fix.
+        """
         node = DetachedNode.from_dict(event["node"])
+        self._node = node  # until the cluster is released, on_kill tears it down
         try:
-            text, _ = node.read_log(0)
+            if event.get("status") == "error":
+                raise InfrastructureError(event.get("message") or f"skyvm: waiting on node {node.node!r} on cluster {node.cluster} failed")
+            if event.get("unanswered_checks"):
+                self.log.info("skyvm: while deferred, node %r's cluster did not answer %d status checks (retried)", node.node, event["unanswered_checks"])
+            # The trigger streamed the log up to log_offset into this task's log already.
+            text, _ = node.read_log(int(event.get("log_offset") or 0))
             for line in text.splitlines():
-                self.log.info(line)
-            return node.outcome().value()
+                self.log.info("%s", line)
+            return node.outcome(_status_of(event)).value()
         finally:
-            teardown(node)
+            self._node = None
+            try:
+                teardown(node)
+            except Exception:  # noqa: BLE001 - the task's own error (or result) matters more
+                self.log.exception("skyvm: releasing cluster %s of node %r failed", node.cluster, node.node)
 
     def on_kill(self) -> None:
         """Killed, marked failed or timed out: stop the node and release its cluster (the same teardown as success)."""

@@ -24,6 +24,14 @@ def limits():
     return container_limits()
 
 
+def slow_double(x, seconds, marker):
+    import time
+
+    print(marker, flush=True)
+    time.sleep(seconds)
+    return 2 * int(x)
+
+
 def count_and_fail(marker_dir):
     marker = Path(marker_dir) / "attempts"
     with open(marker, "a") as fh:
@@ -56,6 +64,22 @@ with DAG("skyvm_fails", schedule=None, start_date=START) as fails_dag:
 with DAG("skyvm_deferred", schedule=None, start_date=START) as deferred_dag:
     SkyVMOperator(task_id="deferred", bash_command="echo deferred start; sleep 2; echo 99", deferrable=True, poll_interval=0.5)
     SkyVMOperator(task_id="deferred_py", python_callable=double, op_args=[5], deferrable=True, poll_interval=0.5)
+
+# Deferred tasks that tests/airflow/test_trigger.py runs through a triggerer's stops, kills and faults.
+with DAG("skyvm_deferred_restart", schedule=None, start_date=START) as deferred_restart_dag:
+    SkyVMOperator(task_id="waits", python_callable=slow_double, op_args=[21, 10, "restart-marker"], deferrable=True, poll_interval=0.5)
+
+with DAG("skyvm_deferred_marked_failed", schedule=None, start_date=START) as deferred_marked_failed_dag:
+    SkyVMOperator(task_id="sleeper", bash_command="echo started; sleep 300", deferrable=True, poll_interval=0.5)
+
+with DAG("skyvm_deferred_log_once", schedule=None, start_date=START) as deferred_log_once_dag:
+    SkyVMOperator(task_id="chatty", bash_command="echo skyvm-log-once-marker; sleep 2; echo 5", deferrable=True, poll_interval=0.5)
+
+with DAG("skyvm_deferred_unreachable", schedule=None, start_date=START) as deferred_unreachable_dag:
+    SkyVMOperator(task_id="unreachable", python_callable=slow_double, op_args=[4, 10, "unreachable-marker"], deferrable=True, poll_interval=0.5)
+
+with DAG("skyvm_deferred_gone", schedule=None, start_date=START) as deferred_gone_dag:
+    SkyVMOperator(task_id="vanishes", bash_command="echo here; sleep 300", deferrable=True, poll_interval=0.5)
 
 with DAG("skyvm_killed", schedule=None, start_date=START) as killed_dag:
     SkyVMOperator(task_id="sleeper", bash_command="echo started; sleep 300", execution_timeout=datetime.timedelta(seconds=4))
