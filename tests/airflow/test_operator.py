@@ -9,7 +9,7 @@ import pytest
 
 from airflow_skyvm import get_provider_info
 from airflow_skyvm.operators.skyvm import SkyVMOperator
-from skyvm.backends.local import list_managed
+from skyvm.backends.local import home_id, list_managed
 from skyvm.errors import SettingsError
 
 def run_dag(dag):
@@ -33,7 +33,8 @@ def xcom(dr, task_id):
 
 
 def af_containers(dag_id):
-    return [r for r in list_managed() if r["run_id"].startswith(f"af-{dag_id}")]
+    # This run's containers only (its skyvm home): another run on the same engine is not ours to judge.
+    return [r for r in list_managed() if r["run_id"].startswith(f"af-{dag_id}-") and r["home"] == home_id()]
 
 
 def double(x):
