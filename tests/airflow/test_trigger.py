@@ -36,7 +36,7 @@ def running_containers(**match):
 
 
 def containers_of(dag_id):
-    return [r for r in list_managed() if r["run_id"].startswith(f"af-{dag_id}")]
+    return [r for r in list_managed() if r["run_id"].startswith(f"af-{dag_id}-") and r["home"] == home_id()]
 
 
 # -- a triggerer, as Airflow runs one ----------------------------------------------------------
