@@ -50,10 +50,6 @@ def selected_settings(config: SkyVMConfig, profile: Optional[str] = None, node: 
     return out
 
 
-def _identity(conn: connectors.Connector) -> Callable[[], str]:
-    return conn.identity
-
-
 def _store_probe(settings: NodeSettings) -> Callable[[], str]:
     def probe() -> str:
         from skyvm.api import node_store
@@ -143,11 +139,11 @@ def run_checks(config: SkyVMConfig, profile: Optional[str] = None, node: Optiona
 
     for _where, s in selection:
         for conn in connectors.node_connectors(s):
-            once(("connector", conn.name), lambda conn=conn: _attempt("connector", f"{conn.name} ({conn.type}/{conn.method})", _identity(conn)))
+            once(("connector", conn.name), lambda conn=conn: _attempt("connector", f"{conn.name} ({conn.type}/{conn.method})", conn.identity))
         cloud = s.effective_cloud
         if cloud and s.backend == "skypilot" and not any(c.type == cloud for c in connectors.node_connectors(s)):
             conn = connectors.implicit(cloud)
-            once(("connector", f"implicit-{cloud}"), lambda conn=conn, cloud=cloud: _attempt("connector", f"{cloud} (implicit)", _identity(conn)))
+            once(("connector", f"implicit-{cloud}"), lambda conn=conn, cloud=cloud: _attempt("connector", f"{cloud} (implicit)", conn.identity))
         if s.payload_store and "://" in s.payload_store and not s.payload_store.startswith("file://"):
             key = ("store", s.payload_store, s.payload_store_endpoint, s.payload_store_connector, tuple(s.connector_names))
             once(key, lambda s=s: _attempt("store", s.payload_store, _store_probe(s)))
@@ -158,9 +154,9 @@ def run_checks(config: SkyVMConfig, profile: Optional[str] = None, node: Optiona
         if sky_nodes and not _skypilot_available():
             rows.append(Row("skypilot", "sky check", SKIP, "SkyPilot is not installed here: `skyvm skypilot install` (or pip install 'skyvm[skypilot]')"))
         elif sky_nodes:
-            for s in sky_nodes:
-                from skyvm.skypilot.credentials import credential_set
+            from skyvm.skypilot.credentials import credential_set
 
+            for s in sky_nodes:
                 creds = credential_set(s)
                 clouds = sorted({c.type for c in connectors.node_connectors(s)} | ({s.effective_cloud} if s.effective_cloud else set()))
                 target = "sky check " + (f"with {', '.join(creds.names)}" if creds else "(SkyPilot's own credentials)")
