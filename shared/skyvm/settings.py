@@ -17,6 +17,8 @@ from typing import Any, Literal, Mapping, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from skyvm import candidates as _cands
+from skyvm.candidates import FieldError
 from skyvm.errors import SettingsError
 
 CLOUDS = ("aws", "gcp", "azure", "lambda", "kubernetes")
@@ -29,7 +31,7 @@ STORE_PREFIXES = ("file://", "s3://", "gs://", "gcs://", "az://", "abfs://")
 
 # Lambda Cloud has no spot market, no custom images, no zones, fixed disks and
 # no autostop: SkyPilot would refuse these only at launch time.
-LAMBDA_UNSUPPORTED = ("use_spot", "job_recovery", "image_id", "zone", "disk_size", "disk_tier", "idle_minutes_to_autostop")
+LAMBDA_UNSUPPORTED = ("use_spot", "spot_fallback", "job_recovery", "image_id", "zone", "disk_size", "disk_tier", "idle_minutes_to_autostop", "autostop")
 
 _QUANTITY = re.compile(r"^\d+(\.\d+)?\+?$")
 _ACCEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*(:\d+(\.\d+)?)?$")
@@ -135,6 +137,26 @@ class NodeSettings(BaseModel):
     # time; the cluster has the resources of the node that started it.
     single_vm: bool = False
 
+    # Placement choices (SkyPilot's resource candidates): any_of (the cheapest feasible one wins)
+    # or ordered (the first feasible one wins), each a mapping of resource fields over the node's own;
+    # spot_fallback: spot first, then on demand. max_hourly_cost refuses a placement that costs more.
+    any_of: Optional[list[dict[str, Any]]] = None
+    ordered: Optional[list[dict[str, Any]]] = None
+    spot_fallback: bool = False
+    max_hourly_cost: Optional[float] = Field(default=None, gt=0)
+    network_tier: Optional[Literal["standard", "best"]] = None
+    # VMs in the cluster: a command node runs on each (SkyPilot's SKYPILOT_NODE_RANK and friends
+    # set); a callable node runs on rank 0 unless all_ranks is true.
+    num_nodes: int = Field(default=1, ge=1)
+    all_ranks: bool = False
+    workdir: Optional[str] = None
+    file_mounts: dict[str, Union[str, dict[str, Any]]] = Field(default_factory=dict)
+    # SkyPilot's own autostop form ({idle_minutes, down, wait_for, hook, hook_timeout}, a number
+    # of minutes, or false); when given it wins over idle_minutes_to_autostop for the cluster.
+    autostop: Optional[Union[bool, int, dict[str, Any]]] = None
+    # Fields skyvm does not model, handed to SkyPilot as they are: {resources, task, launch}.
+    skypilot: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
     # The container the node runs in.
     image: Optional[str] = None
     requirements: list[str] = Field(default_factory=list)
@@ -168,6 +190,21 @@ class NodeSettings(BaseModel):
                 raise ValueError("give job_recovery only; spot_recovery is its deprecated alias")
             data["job_recovery"] = data.pop("spot_recovery")
         return data
+
+    @field_validator("any_of", "ordered", mode="before")
+    @classmethod
+    def _check_candidates(cls, value: Any, info) -> Any:
+        return _cands.check_candidates(value, info.field_name)
+
+    @field_validator("autostop", mode="before")
+    @classmethod
+    def _check_autostop(cls, value: Any) -> Any:
+        return _cands.check_autostop(value)
+
+    @field_validator("skypilot", mode="before")
+    @classmethod
+    def _check_pass_through(cls, value: Any) -> Any:
+        return _cands.check_pass_through(value)
 
     @field_validator("cpus", "memory", mode="before")
     @classmethod
@@ -295,19 +332,36 @@ class NodeSettings(BaseModel):
         if info.context and info.context.get("partial"):
             return self  # one layer alone; the merged settings are checked whole
         if self.infra and (self.region or self.zone):
-            raise ValueError("infra conflicts with region/zone: give infra='CLOUD/REGION/ZONE' or cloud + region + zone, not both")
+            raise FieldError("region" if self.region else "zone", f"infra ({self.infra!r}) conflicts with region/zone: give infra='CLOUD/REGION/ZONE' or cloud + region + zone, not both")
         infra_cloud = _INFRA_CLOUDS[self.infra.split("/")[0].lower()] if self.infra else None
         if infra_cloud and self.cloud and infra_cloud != self.cloud:
-            raise ValueError(f"cloud={self.cloud!r} conflicts with infra={self.infra!r}")
+            raise FieldError("cloud", f"cloud={self.cloud!r} conflicts with infra={self.infra!r}")
         self._check_connectors()
         if self.effective_cloud == "lambda":
             bad = [f for f in LAMBDA_UNSUPPORTED if f in self.model_fields_set and getattr(self, f) not in (None, False)]
             if bad:
-                raise ValueError(
+                raise FieldError(
+                    bad[0],
                     f"Lambda Cloud does not support {', '.join(bad)}; "
                     f"drop {'it' if len(bad) == 1 else 'them'} or choose another cloud ({', '.join(c for c in CLOUDS if c != 'lambda')})"
                 )
+        self._check_candidates_whole()
+        if self.num_nodes > 1 and self.backend != "skypilot":
+            raise FieldError("num_nodes", f"num_nodes={self.num_nodes} needs backend: skypilot (the local backend runs one container per node)")
         return self
+
+    def _check_candidates_whole(self) -> None:
+        """Each candidate over the node's own fields is checked as a whole node (Lambda limits, infra
+        against region), so a bad candidate is named before SkyPilot sees it."""
+        fields = {k: getattr(self, k) for k in self.model_fields_set}
+        _cands.check_combination(fields)
+        which = "spot_fallback" if self.spot_fallback else ("any_of" if self.any_of else "ordered")
+        for i, layer in enumerate(_cands.candidate_layers(fields)):
+            try:
+                NodeSettings.model_validate({**layer, "backend": self.backend})
+            except ValidationError as exc:
+                where, msg = _problems(exc, "")[0]
+                raise FieldError(f"{which}.{i}.{where}" if which != "spot_fallback" else which, f"candidate {i}: {msg}") from None
 
     @property
     def connector_names(self) -> list[str]:
@@ -373,6 +427,9 @@ def _problems(exc: ValidationError, prefix: str) -> list[tuple[str, str]]:
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
         path = ".".join([prefix] + loc if prefix else loc)
+        found = (err.get("ctx") or {}).get("error")
+        if isinstance(found, FieldError):
+            path = ".".join(p for p in (prefix, found.field) if p)
         if err["type"] == "extra_forbidden":
             name = loc[-1]
             accepted = FIELD_NAMES if len(loc) == 1 else RegistrySettings.model_fields
@@ -381,6 +438,10 @@ def _problems(exc: ValidationError, prefix: str) -> list[tuple[str, str]]:
             msg = err["msg"].removeprefix("Value error, ")
             if err["type"].startswith(("string_type", "int_", "float_", "bool_", "dict_", "list_")):
                 msg += f" (got {err.get('input')!r})"
+            elif err["type"] == "literal_error":
+                # An enum: repeat what was given, and the nearest accepted value when one is close.
+                accepted = re.findall(r"'([^']*)'", (err.get("ctx") or {}).get("expected", ""))
+                msg = f"got {err.get('input')!r}{_suggest(str(err.get('input')), accepted)}; accepted: {', '.join(repr(a) for a in accepted)}"
         out.append((path, msg))
     return out
 
@@ -449,9 +510,11 @@ class SkyVMConfig:
                 self.node_profiles[name] = self._check_profile(layer.pop("profile"), f"nodes.{name}.profile")
             self.nodes[name] = _validated_layer(layer, f"nodes.{name}", source)
         # Resolve everything once so cross-field mistakes (infra vs region,
-        # Lambda limits) in any profile or node surface now, not at launch.
+        # Lambda limits) in the defaults, any profile or node surface now, not at launch; each
+        # names the layer that set the bad field.
+        self._resolve_layers([self.defaults], "defaults", paths=["defaults"])
         for name in self.profiles:
-            self._resolve_layers([self.defaults, self.profiles[name]], f"profiles.{name}")
+            self._resolve_layers([self.defaults, self.profiles[name]], f"profiles.{name}", paths=["defaults", f"profiles.{name}"])
         for name in self.nodes:
             self.resolve(name)
 
@@ -485,12 +548,12 @@ class SkyVMConfig:
             raise SettingsError([("", f"not valid YAML: {exc}")], str(file)) from None
         return cls(data, source=str(file))
 
-    def _resolve_layers(self, layers: list[Mapping[str, Any]], path: str, extra_connectors: Optional[dict] = None) -> NodeSettings:
+    def _resolve_layers(self, layers: list[Mapping[str, Any]], path: str, extra_connectors: Optional[dict] = None, paths: Optional[list[str]] = None) -> NodeSettings:
         defs = {name: c.public_dump() for name, c in {**self.connectors, **(extra_connectors or {})}.items()}
         try:
             return NodeSettings.model_validate({**merge_layers(*layers), "connector_defs": defs})
         except ValidationError as exc:
-            raise SettingsError(_problems(exc, path), self.source) from None
+            raise SettingsError([(_layer_of(where, layers, paths, path), msg) for where, msg in _problems(exc, "")], self.source) from None
 
     def resolve(
         self,
@@ -522,7 +585,19 @@ class SkyVMConfig:
             _validated_layer(code, "arguments", "code"),
             _validated_layer(override, "override", "code"),
         ]
-        return self._resolve_layers(layers, f"nodes.{node}", extra)
+        paths = ["defaults", f"profiles.{chosen}", f"nodes.{node}", "arguments", "override"]
+        return self._resolve_layers(layers, f"nodes.{node}", extra, paths=paths)
+
+
+def _layer_of(where: str, layers: list[Mapping[str, Any]], paths: Optional[list[str]], default: str) -> str:
+    """``where`` (a field path inside a node) under the last layer that set its field: an error
+    points at the line to change, not at the node that merely inherited it."""
+    field = where.split(".")[0]
+    if field and paths:
+        for layer, layer_path in reversed(list(zip(layers, paths))):
+            if field in layer:
+                return f"{layer_path}.{where}"
+    return f"{default}.{where}" if where else default
 
 
 def _connector_objects(value: Any) -> tuple[Any, dict]:

@@ -101,13 +101,35 @@ def test_spot_recovery_is_a_deprecated_alias():
         ({"nodes": {"a": {"cpus": -1}}}, "nodes.a.cpus", "positive"),
         ({"nodes": {"a": {"accelerators": "V100:0"}}}, "nodes.a.accelerators", "positive"),
         ({"nodes": {"a": {"accelerators": {"V100": 1, "T4": 1}}}}, "nodes.a.accelerators", "exactly one"),
-        ({"nodes": {"a": {"disk_tier": "fast"}}}, "nodes.a.disk_tier", "'low', 'medium', 'high', 'ultra' or 'best'"),
+        ({"nodes": {"a": {"disk_tier": "fast"}}}, "nodes.a.disk_tier", "got 'fast'; accepted: 'low', 'medium', 'high', 'ultra', 'best'"),
+        ({"nodes": {"a": {"disk_tier": "hihg"}}}, "nodes.a.disk_tier", "got 'hihg' (did you mean 'high'?)"),
         ({"nodes": {"a": {"cloud": "oracle"}}}, "nodes.a.cloud", "'aws'"),
-        ({"nodes": {"a": {"backend": "k8s"}}}, "nodes.a.backend", "'local' or 'skypilot'"),
+        ({"defaults": {"cloud": "digitalocean"}}, "defaults.cloud", "got 'digitalocean'; accepted: 'aws', 'gcp'"),
+        ({"nodes": {"a": {"backend": "k8s"}}}, "nodes.a.backend", "got 'k8s'; accepted: 'local', 'skypilot'"),
         ({"nodes": {"a": {"job_recovery": "RETRY"}}}, "nodes.a.job_recovery", "FAILOVER, EAGER_NEXT_REGION, NONE"),
-        ({"nodes": {"a": {"infra": "aws/us-east-1", "region": "us-west-2"}}}, "nodes.a", "infra conflicts with region/zone"),
+        ({"nodes": {"a": {"infra": "aws/us-east-1", "region": "us-west-2"}}}, "nodes.a.region", "conflicts with region/zone"),
         ({"nodes": {"a": {"infra": "oracle/x"}}}, "nodes.a.infra", "CLOUD[/REGION[/ZONE]]"),
-        ({"nodes": {"a": {"cloud": "gcp", "infra": "aws"}}}, "nodes.a", "conflicts with infra"),
+        ({"nodes": {"a": {"cloud": "gcp", "infra": "aws"}}}, "nodes.a.cloud", "conflicts with infra"),
+        # Defaults alone are a whole node: checked with no profiles or nodes, named at the defaults.
+        ({"defaults": {"cloud": "lambda", "use_spot": True}}, "defaults.use_spot", "Lambda Cloud does not support use_spot"),
+        ({"defaults": {"infra": "aws", "region": "us-east-1"}}, "defaults.region", "conflicts with region/zone"),
+        # A profile merged over the defaults: the error names the layer holding the bad field.
+        ({"defaults": {"cloud": "lambda"}, "profiles": {"gpu": {"use_spot": True}}}, "profiles.gpu.use_spot", "Lambda"),
+        ({"defaults": {"region": "us-east-1"}, "profiles": {"k": {"infra": "aws"}}, "nodes": {"a": {"profile": "k"}}}, "defaults.region", "conflicts"),
+        # Candidates, autostop and the pass-through, checked like the node's own fields.
+        ({"nodes": {"a": {"backend": "skypilot", "any_of": [{"cpus": 2}, {"cpu": 4}]}}}, "nodes.a.any_of.1.cpu", "did you mean 'cpus'"),
+        ({"nodes": {"a": {"backend": "skypilot", "ordered": [{"cloud": "lambda", "use_spot": True}]}}}, "nodes.a.ordered.0.use_spot", "Lambda Cloud does not support use_spot"),
+        ({"nodes": {"a": {"any_of": [{"cpus": 2}], "ordered": [{"cpus": 4}]}}}, "nodes.a.ordered", "not both"),
+        ({"nodes": {"a": {"any_of": []}}}, "nodes.a.any_of", "non-empty list"),
+        ({"nodes": {"a": {"spot_fallback": True, "use_spot": True}}}, "nodes.a.spot_fallback", "drop use_spot"),
+        ({"nodes": {"a": {"cloud": "lambda", "spot_fallback": True}}}, "nodes.a.spot_fallback", "Lambda Cloud does not support spot_fallback"),
+        ({"nodes": {"a": {"max_hourly_cost": 0}}}, "nodes.a.max_hourly_cost", "greater than 0"),
+        ({"nodes": {"a": {"network_tier": "fast"}}}, "nodes.a.network_tier", "got 'fast'; accepted: 'standard', 'best'"),
+        ({"nodes": {"a": {"num_nodes": 2}}}, "nodes.a.num_nodes", "needs backend: skypilot"),
+        ({"nodes": {"a": {"autostop": {"idle_minute": 5}}}}, "nodes.a.autostop.idle_minute", "did you mean 'idle_minutes'"),
+        ({"nodes": {"a": {"autostop": {"wait_for": "job"}}}}, "nodes.a.autostop.wait_for", "got 'job' (did you mean 'jobs'?)"),
+        ({"nodes": {"a": {"skypilot": {"resource": {}}}}}, "nodes.a.skypilot.resource", "did you mean 'resources'"),
+        ({"nodes": {"a": {"skypilot": {"resources": {"cpus": 4}}}}}, "nodes.a.skypilot.resources.cpus", "use cpus instead"),
         ({"nodes": {"a": {"cluster_name": "My_Cluster"}}}, "nodes.a.cluster_name", "lowercase"),
         ({"nodes": {"a": {"ports": ["http"]}}}, "nodes.a.ports", "port numbers"),
         ({"nodes": {"a": {"envs": {"1BAD": "x"}}}}, "nodes.a.envs", "not a valid environment variable name"),
@@ -247,3 +269,28 @@ def test_connectors_from_the_file_and_from_code():
         config.resolve("n", code={"connector": ["team", ours]})
     with pytest.raises(SettingsError, match="define connectors|top-level connectors"):
         config.resolve("n", code={"connector_defs": {}})
+
+
+def test_skyvm_validate_rejects_a_defaults_only_file(tmp_path, capsys):
+    from skyvm.cli import main
+
+    file = tmp_path / "defaults-only.yaml"
+    file.write_text("defaults:\n  backend: skypilot\n  cloud: lambda\n  use_spot: true\n")
+    assert main(["validate", str(file)]) == 2
+    err = capsys.readouterr().err
+    assert f"{file}: defaults.use_spot: Lambda Cloud does not support use_spot" in err
+
+
+@pytest.mark.parametrize(
+    "field,value,expected",
+    [
+        ("any_of", [{"accelerators": "A100", "use_spot": True}, {"accelerators": "H100"}], [{"accelerators": "A100", "use_spot": True}, {"accelerators": "H100"}]),
+        ("autostop", {"idle_minutes": 10, "down": True, "wait_for": "jobs"}, {"idle_minutes": 10, "down": True, "wait_for": "jobs"}),
+        ("autostop", False, False),
+        ("autostop", 15, 15),
+        ("file_mounts", {"/data": "s3://bucket/data"}, {"/data": "s3://bucket/data"}),
+        ("skypilot", {"launch": {"fast": True}}, {"launch": {"fast": True}}),
+    ],
+)
+def test_new_skypilot_forms(field, value, expected):
+    assert getattr(NodeSettings(backend="skypilot", **{field: value}), field) == expected
