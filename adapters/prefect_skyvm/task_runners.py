@@ -28,7 +28,7 @@ from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from prefect_skyvm.context import current_options, profile_from_tags
-from skyvm.api import NodeHandle, Run
+from skyvm.api import NodeHandle, Run, check_launchable
 from skyvm.errors import InfrastructureError, NodeFailed
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
 
@@ -189,7 +189,9 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         options = current_options()
         tags = set(task.tags or ()) | set(TagsContext.get().current_tags or ())
         profile = options.pop("profile", None) or profile_from_tags(tags) or self.profile
-        return self._config.resolve(task.name, profile=profile, code=self.overrides, override=options)
+        settings = self._config.resolve(task.name, profile=profile, code=self.overrides, override=options)
+        check_launchable(task.name, settings)
+        return settings
 
     def _remote_task(self, task, settings: NodeSettings):
         """A copy of the task whose function ships the call to a node and returns its result."""

@@ -31,7 +31,7 @@ from skyvm import node as node_runtime
 from skyvm import redact
 from skyvm.connectors.base import DEFAULT_NODE_TTL_S
 from skyvm.backends.base import JobState, JobStatus, NodeRef
-from skyvm.errors import InfrastructureError, NodeCancelled, NodeFailed, NodeTimeout, PayloadError, SkyVMError
+from skyvm.errors import InfrastructureError, NodeCancelled, NodeFailed, NodeTimeout, PayloadError, SettingsError, SkyVMError
 from skyvm.payloads import open_store
 from skyvm.plan import TaskSpec, plan_node
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
@@ -62,6 +62,21 @@ def node_store(settings: NodeSettings, node: str):
     return open_store(settings.payload_store, settings.payload_store_endpoint, storage_options=options, node=node), conn
 
 
+def check_launchable(node: str, settings: NodeSettings) -> None:
+    """Refuse, before any image build or upload, a node its backend could not run.
+
+    Settings validate one file; what a backend needs (a VM reaches no local
+    directory and no local image) is checked here, where the backend is known.
+    """
+    if settings.backend != "skypilot":
+        return
+    from skyvm.backends.skypilot import missing_for_vms
+
+    problems = missing_for_vms(settings)
+    if problems:
+        raise SettingsError([(f"nodes.{node}.{field}", msg) for field, msg in problems], source=f"node '{node}'")
+
+
 def backend_for(settings: NodeSettings):
     if settings.backend == "local":
         from skyvm.backends.local import local_backend
@@ -80,6 +95,10 @@ def node_image(settings: NodeSettings) -> str:
     """The image a node runs in: ``image`` as given, else skyvm's node image built for its requirements."""
     if settings.image:
         return settings.image
+    if os.environ.get("SKYVM_NODE_IMAGE") and not settings.requirements and not settings.registry:
+        # A node started from a node (a flow on a node whose tasks use SkyVMTaskRunner) has no source
+        # checkout to build skyvm's image from: its nodes run in the image it runs in.
+        return os.environ["SKYVM_NODE_IMAGE"]
     key = (tuple(settings.requirements), settings.registry)
     with _image_lock:
         if key not in _image_cache:
@@ -501,13 +520,14 @@ class Run:
 
     # Adapters resolve settings themselves (to fail at submit time), then start with these.
     def start_call(self, node: str, settings: NodeSettings, fn: Callable, args=(), kwargs=None, *, on_log=None) -> NodeHandle:
-        return self._start(node, settings, node_runtime.make_call_payload(fn, args, kwargs), on_log)
+        return self._start(node, settings, node_runtime.make_call_payload(fn, args, kwargs, node=node), on_log)
 
     def start_command(self, node: str, settings: NodeSettings, command: str, *, on_log=None) -> NodeHandle:
         return self._start(node, settings, node_runtime.make_command_payload(command), on_log)
 
     def launch_detached(self, node: str, settings: NodeSettings, payload: bytes) -> DetachedNode:
         """Start a node that runs on without this process; returns what finds it again."""
+        check_launchable(node, settings)
         backend = backend_for(settings)
         attempt_id = new_attempt_id(node)
         _store, spec = prepare(self.run_id, node, attempt_id, settings, payload, backend)
@@ -529,6 +549,7 @@ class Run:
     def _start(self, node: str, settings: NodeSettings, payload: bytes, on_log) -> NodeHandle:
         if self._closed:
             raise SkyVMError(f"run {self.run_id} is closed")
+        check_launchable(node, settings)
         self._backends.add(backend_for(settings))
         handle = NodeHandle(self, node, settings, payload, on_log)
         self.handles.append(handle)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Optional
 
 import cloudpickle
 
+from skyvm.errors import PayloadError
 from skyvm.payloads import store_for_object
 
 STATE_DIR = Path(os.environ.get("SKYVM_NODE_STATE", "/tmp/skyvm-node"))
@@ -62,9 +63,36 @@ def ship_by_value(fn: Callable) -> None:
         pass
 
 
-def make_call_payload(fn, args=(), kwargs=None) -> bytes:
+def make_call_payload(fn, args=(), kwargs=None, *, node: str = "") -> bytes:
     ship_by_value(fn)
-    return cloudpickle.dumps({"kind": "call", "fn": fn, "args": tuple(args), "kwargs": dict(kwargs or {})})
+    call = {"kind": "call", "fn": fn, "args": tuple(args), "kwargs": dict(kwargs or {})}
+    try:
+        return cloudpickle.dumps(call)
+    except Exception as exc:
+        raise PayloadError(_unpicklable(node, fn, call, exc)) from exc
+
+
+def _unpicklable(node: str, fn, call: dict, exc: Exception) -> str:
+    """Name the part of a call that cannot travel, since cloudpickle's own error names none.
+
+    A lock, an open file, a client or a connection cannot be sent to another
+    machine; the fix is to pass what makes it (a path, a URL) and make it on the node.
+    """
+    parts = [("the function", fn)] + [(f"argument {i}", a) for i, a in enumerate(call["args"])]
+    parts += [(f"argument '{k}'", v) for k, v in call["kwargs"].items()]
+    culprit = "the call"
+    for label, value in parts:
+        try:
+            cloudpickle.dumps(value)
+        except Exception:
+            culprit = f"{label} ({type(value).__module__}.{type(value).__qualname__})"
+            break
+    where = f"node '{node}': " if node else ""
+    return (
+        f"{where}{culprit} of {getattr(fn, '__qualname__', fn)!r} cannot be sent to the node: {type(exc).__name__}: {exc}. "
+        "Locks, open files, clients and connections cannot travel to another machine: "
+        "pass what makes them (a path, a URL, settings) and create them inside the function."
+    )
 
 
 def make_command_payload(command: str) -> bytes:
@@ -265,7 +293,7 @@ def _run_attempt(args, pidfile: Path) -> int:
             blob = cloudpickle.dumps(result)
         except Exception as exc:  # noqa: BLE001
             blob = cloudpickle.dumps(
-                {"attempt": args.attempt, "ok": False, "exc": None, "exc_type": "UnpicklableResult", "message": f"the node's return value cannot be pickled: {exc}", "traceback": ""}
+                {"attempt": args.attempt, "ok": False, "exc": None, "exc_type": "UnpicklableResult", "message": f"the node's return value cannot be sent back ({type(exc).__name__}: {exc}): return plain data (numbers, strings, lists, dicts, arrays) or write large objects to a bucket and return their URL", "traceback": ""}
             )
             code = EXIT_USER_FAILURE
         result_store.put(result_key, blob)

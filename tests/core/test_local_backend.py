@@ -341,3 +341,17 @@ def test_more_queued_nodes_than_launch_threads_all_finish(monkeypatch):
             assert len({h.cluster for h in handles}) == 1
     finally:
         api._launcher = None
+
+
+def test_an_unpicklable_argument_names_the_node_and_the_argument_and_nothing_starts():
+    import threading
+
+    from skyvm import PayloadError
+
+    with Run({"defaults": {"down": True}}) as run:
+        with pytest.raises(PayloadError) as info:
+            run.submit(env_of, "HOME", guard=threading.Lock(), node="locked")
+        assert containers_of(run.run_id) == []
+    text = str(info.value)
+    assert "node 'locked'" in text and "argument 'guard'" in text and "lock" in text.lower()
+    assert "create them inside the function" in text

@@ -129,7 +129,7 @@ class SkyVMOperator(BaseOperator):
     def _payload(self) -> bytes:
         if self.bash_command is not None:
             return make_command_payload(self.bash_command)
-        return make_call_payload(self.python_callable, self.op_args, self.op_kwargs)
+        return make_call_payload(self.python_callable, self.op_args, self.op_kwargs, node=self.task_id)
 
     # -- the two paths -----------------------------------------------------------
 

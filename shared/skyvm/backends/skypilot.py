@@ -16,19 +16,23 @@ from __future__ import annotations
 import atexit
 import logging
 import threading
-from typing import NoReturn, Optional
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Callable, NoReturn, Optional
 
 from skyvm.backends.base import Backend, JobState, JobStatus, LogSink, NodeRef
-from skyvm.errors import InfrastructureError
-from skyvm.plan import TaskSpec
+from skyvm.errors import InfrastructureError, NodeCancelled
+from skyvm.plan import TaskSpec, pool_name
 from skyvm.pool import ClusterPool
 from skyvm.settings import NodeSettings
 from skyvm.skypilot.bridge import FAILED_JOB_EXIT, SkyBridge, get_bridge
 from skyvm.skypilot.credentials import CredentialSet, credential_set
-from skyvm.skypilot.task_config import task_config
+from skyvm.skypilot.task_config import pool_job_config, pool_task_config, task_config
 
 log = logging.getLogger("skyvm.skypilot")
 
+# How often a node waiting for its cluster to provision looks at its cancel flag.
+CANCEL_POLL_S = 0.25
 _DONE_OK = {"SUCCEEDED"}
 _DONE_BAD = {"FAILED", "FAILED_SETUP", "FAILED_DRIVER", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE", "FAILED_CONTROLLER", "CANCELLED", "CANCELLING"}
 
@@ -51,6 +55,10 @@ class SkyPilotBackend(Backend):
         self.credentials = credentials
         self._lock = threading.Lock()
         self.pool = ClusterPool()
+        # SkyPilot pools this process made or found, by name: the runs using them, and whether the
+        # last run's end takes them down (a per-run pool with down: true; never a shared one).
+        self._pools: dict[str, dict] = {}
+        self._pool_locks: dict[str, threading.Lock] = {}
 
     @property
     def bridge(self) -> SkyBridge:
@@ -77,12 +85,13 @@ class SkyPilotBackend(Backend):
 
     def _task(self, spec: TaskSpec) -> dict:
         # spec.registry_auth was minted for this attempt: fresh for every launch and exec (tokens expire).
-        require_reachable(spec)
         return task_config(spec)
 
     def launch(self, spec: TaskSpec, *, on_log: Optional[LogSink] = None, cancelled=None, follow: bool = True) -> NodeRef:
         task = self._task(spec)
         base = dict(backend=self.name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id)
+        if spec.settings.pool is not None:
+            return self._launch_on_pool(spec, base, on_log)
         if is_managed(spec):
             job_id = self.bridge.jobs_launch(task, spec.cluster_name, on_log=on_log)["job_id"]
             log.info("node %s: managed job %s", spec.node, job_id)
@@ -98,7 +107,7 @@ class SkyPilotBackend(Backend):
         cluster, fresh = self.pool.acquire(spec, cancelled=cancelled)
         try:
             if fresh:
-                answer, cluster.placement = self._launch_fresh(spec, task, cluster.name, on_log)
+                answer, cluster.placement = self._provision(spec, cluster.name, cancelled, lambda: self._launch_fresh(spec, task, cluster.name, on_log))
             else:
                 answer = self.bridge.exec(task, cluster.name, on_log=on_log)
         except BaseException as exc:
@@ -108,6 +117,63 @@ class SkyPilotBackend(Backend):
                 self.pool.free(cluster.name)
             _raise_infra(spec, cluster.name, exc)
         return NodeRef(cluster=cluster.name, job_id=answer["job_id"], fresh=fresh, hourly_price=cluster.placement.get("hourly_price"), **base)
+
+    def _launch_on_pool(self, spec: TaskSpec, base: dict, on_log: Optional[LogSink]) -> NodeRef:
+        """The node as a managed job on its signature's pool: warm workers that already pulled the
+        image start it in seconds, where a fresh VM takes minutes. The pool is made once per
+        signature and run (or found, when shared or made by another process of the run)."""
+        name = pool_name(spec.settings, spec.signature, spec.run_id)
+        try:
+            self._ensure_pool(spec, name, on_log)
+            job_id = self.bridge.jobs_launch(pool_job_config(spec, name), spec.cluster_name, on_log=on_log, pool=name)["job_id"]
+        except BaseException as exc:
+            _raise_infra(spec, f"pool {name}", exc)
+        log.info("node %s: managed job %s on pool %s", spec.node, job_id, name)
+        if on_log:
+            on_log(f"skyvm: {spec.node} runs as managed job {job_id} on pool {name}")
+        return NodeRef(cluster=name, job_id=job_id, managed=True, extra={"pool": name}, **base)
+
+    def _ensure_pool(self, spec: TaskSpec, name: str, on_log: Optional[LogSink]) -> None:
+        pool = spec.settings.pool
+        with self._lock:
+            lock = self._pool_locks.setdefault(name, threading.Lock())
+        with lock:  # nodes of one signature start in parallel: one pool_apply among them
+            known = self._pools.get(name)
+            if known is None:
+                if not self.bridge.pool_status([name]):
+                    line = f"skyvm: making pool {name} ({pool.workers} worker(s)) for node {spec.node}"
+                    log.info(line)
+                    if on_log:
+                        on_log(line)
+                    self.bridge.pool_apply(pool_task_config(spec, name, pool.workers), name, on_log=on_log)
+                known = self._pools[name] = {"runs": set(), "down": spec.settings.down and not pool.shared}
+            known["runs"].add(spec.run_id)
+
+    def _provision(self, spec: TaskSpec, cluster_name: str, cancelled, launch: Callable[[], tuple]) -> tuple:
+        """Provisioning can take as long as a cloud does: a cancel meanwhile tears the half-made cluster
+        down now and returns, rather than after ``sky.launch`` does. The abandoned launch runs on in
+        its thread; whatever it made by the time it ends is torn down too."""
+        if cancelled is None:
+            return launch()
+        done: Future = Future()
+
+        def provision() -> None:
+            try:
+                done.set_result(launch())
+            except BaseException as exc:  # noqa: BLE001 - handed to the waiting node below
+                done.set_exception(exc)
+
+        threading.Thread(target=provision, daemon=True, name=f"skyvm-provision-{cluster_name}").start()
+        while True:
+            try:
+                return done.result(timeout=CANCEL_POLL_S)
+            except FutureTimeout:
+                if cancelled():
+                    break
+        self._down(cluster_name)
+        # A launch that got through in spite of the down left a VM: it goes as soon as the launch returns.
+        done.add_done_callback(lambda f: f.exception() is None and self._down(cluster_name))
+        raise NodeCancelled(f"node {spec.node!r} was cancelled while its cluster {cluster_name} was provisioning; the cluster is torn down")
 
     def _launch_fresh(self, spec: TaskSpec, task: dict, cluster_name: str, on_log: Optional[LogSink]) -> tuple[dict, dict]:
         """``sky.launch`` on a new cluster: SkyPilot's answer and where it landed. A failed launch
@@ -193,10 +259,29 @@ class SkyPilotBackend(Backend):
     def end_run(self, run_id: str) -> None:
         """The run is over: tear down its ``down`` clusters, in parallel."""
         threads = [threading.Thread(target=self._down, args=(c.name,), daemon=True) for c in self.pool.end_run(run_id)]
+        threads += [threading.Thread(target=self._pool_down, args=(name,), daemon=True) for name in self._pools_ending(run_id)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
+
+    def _pools_ending(self, run_id: str) -> list[str]:
+        """The run is over: its ``down`` pools no other run of this process uses, forgotten."""
+        with self._lock:
+            doomed = []
+            for name, known in list(self._pools.items()):
+                if run_id in known["runs"]:
+                    known["runs"].discard(run_id)
+                    if known["down"] and not known["runs"]:
+                        doomed.append(name)
+                        del self._pools[name]
+            return doomed
+
+    def _pool_down(self, name: str) -> None:
+        try:
+            self.bridge.pool_down(name)
+        except Exception as exc:  # noqa: BLE001 - report, do not hide the original error
+            log.error("could not tear down pool %s: %s (run `sky jobs pool down %s`)", name, exc, name)
 
     def _down(self, name: str) -> None:
         try:
@@ -205,23 +290,32 @@ class SkyPilotBackend(Backend):
             log.error("could not tear down cluster %s: %s (run `sky down %s`)", name, exc, name)
 
 
-def require_reachable(spec: TaskSpec) -> None:
-    """What a VM needs that a laptop does not: a bucket store and a pushed image."""
-    if not spec.payload_url.startswith(("s3://", "gs://", "gcs://", "az://", "abfs://")):
-        raise InfrastructureError(
-            f"node {spec.node!r}: backend 'skypilot' needs a payload store the VM can reach; "
-            f"set payload_store: s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX] (got {spec.payload_url.split('/payloads/')[0]})"
+BUCKET_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
+
+
+def missing_for_vms(settings: NodeSettings) -> list[tuple[str, str]]:
+    """What a VM needs that a laptop does not, as (field, problem): a bucket store and a pullable image.
+
+    Read from the settings alone, so the run refuses before it builds an image or uploads a payload.
+    """
+    problems = []
+    store = settings.payload_store or "a local directory (the default)"
+    if not store.startswith(BUCKET_SCHEMES):
+        problems.append(
+            ("payload_store", f"backend 'skypilot' needs a payload store the VM can reach; got {store}; "
+             "set payload_store: s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX]")
         )
-    if spec.registry is None and spec.image.startswith("skyvm-node:"):
-        raise InfrastructureError(
-            f"node {spec.node!r}: a VM cannot pull the locally built image {spec.image}; "
-            "set registry: {server, username, password} to push it, or image: to one the VM can pull"
+    if settings.image is None and settings.registry is None:
+        problems.append(
+            ("registry", "a VM cannot pull skyvm's locally built node image; "
+             "set registry: {server, username, password} to push it, or image: to one the VM can pull")
         )
+    return problems
 
 
 def _raise_infra(spec: TaskSpec, cluster: str, exc: BaseException) -> NoReturn:
     """Every failure to get a node running reaches the engine as an InfrastructureError (not a user failure)."""
-    if isinstance(exc, InfrastructureError):
+    if isinstance(exc, (InfrastructureError, NodeCancelled)):
         raise exc
     raise InfrastructureError(f"node {spec.node!r}: SkyPilot could not run it on {cluster}: {exc}") from exc
 
