@@ -39,20 +39,21 @@ def _table(rows: list[dict], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
-def _skypilot_rows() -> list[dict]:
+def _skypilot_rows() -> tuple[list[dict], list[dict]]:
     from skyvm.skypilot.bridge import get_bridge
-    from skyvm.skypilot.clusters import skyvm_clusters
+    from skyvm.skypilot.clusters import skyvm_clusters, skyvm_pools
 
-    return skyvm_clusters(get_bridge())
+    bridge = get_bridge()
+    return skyvm_clusters(bridge), skyvm_pools(bridge)
 
 
 def cmd_status(args) -> int:
     from skyvm.backends.local import docker_available, list_managed
 
     rows = [{"backend": "local", **r} for r in list_managed()]
-    sky_rows = _skypilot_rows() if args.skypilot else []
+    sky_rows, pool_rows = _skypilot_rows() if args.skypilot else ([], [])
     if args.json:
-        print(json.dumps(rows + sky_rows, indent=2))
+        print(json.dumps(rows + sky_rows + pool_rows, indent=2))
         return 0
     if not docker_available():
         print("no Docker engine reachable: nothing to list for the local backend")
@@ -66,6 +67,9 @@ def cmd_status(args) -> int:
             print(_table(sky_rows, ["name", "state", "run_id", "node", "resources", "autostop_min", "down"]))
         else:
             print("no SkyPilot clusters launched by skyvm")
+        if pool_rows:
+            print("\nSkyPilot pools (skyvm's labels):")
+            print(_table(pool_rows, ["name", "state", "kind", "run_id", "run_live", "workers", "resources"]))
     return 0
 
 
@@ -80,12 +84,16 @@ def cmd_gc(args) -> int:
         print(f"{verb} {len(images)} old node image tag(s)")
     if args.skypilot or args.all_skypilot:
         from skyvm.skypilot.bridge import get_bridge
-        from skyvm.skypilot.clusters import gc_clusters
+        from skyvm.skypilot.clusters import gc_clusters, gc_pools
 
-        downed = gc_clusters(get_bridge(), everything=args.all_skypilot, dry_run=args.dry_run)
+        bridge = get_bridge()
+        downed = gc_clusters(bridge, everything=args.all_skypilot, dry_run=args.dry_run)
         which = "" if args.all_skypilot else " idle (INIT/STOPPED)"
         verb_down = "would tear down" if args.dry_run else "tore down"
         print(f"{verb_down} {len(downed)}{which} SkyPilot cluster(s)" + (": " + ", ".join(downed) if downed else ""))
+        pools = gc_pools(bridge, everything=args.all_skypilot, dry_run=args.dry_run)
+        which = "" if args.all_skypilot else " per-run (their run is over)"
+        print(f"{verb_down} {len(pools)}{which} SkyPilot pool(s)" + (": " + ", ".join(pools) if pools else ""))
     return 0
 
 
@@ -169,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("gc", help="remove clusters that no live run owns")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--images", type=int, metavar="KEEP", help="also remove node images but the newest KEEP")
-    p.add_argument("--skypilot", action="store_true", help="also tear down skyvm's idle SkyPilot clusters (INIT or STOPPED)")
-    p.add_argument("--all-skypilot", action="store_true", help="tear down every SkyPilot cluster skyvm launched, running nodes included")
+    p.add_argument("--skypilot", action="store_true", help="also tear down skyvm's idle SkyPilot clusters (INIT or STOPPED) and the pools of runs that are over")
+    p.add_argument("--all-skypilot", action="store_true", help="tear down every SkyPilot cluster and pool skyvm launched, running nodes and shared pools included")
     p.set_defaults(fn=cmd_gc)
     return parser
 

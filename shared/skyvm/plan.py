@@ -99,6 +99,9 @@ def signature(settings: NodeSettings, image: str) -> str:
     """A stable hash of what makes a node's cluster: its VM fields and its container image."""
     data = {name: getattr(settings, name) for name in SIGNATURE_FIELDS}
     data["image"] = image
+    if settings.pool is not None:
+        # Pool nodes run on the pool's workers, never on a plain cluster of the same resources.
+        data["pool"] = settings.pool.model_dump()
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -118,6 +121,15 @@ def cluster_name(settings: NodeSettings, sig: str, run_id: str) -> str:
         return settings.cluster_name
     name = f"skyvm-{_slug(run_id, 24)}-{sig[:8]}"
     return name[:MAX_NAME].rstrip("-")
+
+
+def pool_name(settings: NodeSettings, sig: str, run_id: str) -> Optional[str]:
+    """The SkyPilot pool a node runs on: the shared one it names, else one of this signature and run."""
+    if settings.pool is None:
+        return None
+    if settings.pool.name:
+        return settings.pool.name
+    return f"skyvm-pool-{_slug(run_id, 24)}-{sig[:8]}"[:MAX_NAME].rstrip("-")
 
 
 def docker_run_args(settings: NodeSettings) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ A backend only starts, execs in and removes clusters.
 
 from __future__ import annotations
 
+import logging
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -29,7 +30,16 @@ class Cluster:
     placement: dict = field(default_factory=dict)
 
 
+log = logging.getLogger("skyvm.pool")
+
 _pools: "weakref.WeakSet[ClusterPool]" = weakref.WeakSet()
+
+
+def slots(spec: TaskSpec) -> int:
+    """Clusters of the node's signature that may be busy at once: a pool's workers (one node each
+    at a time), else the node's own ``max_clusters``."""
+    pool = spec.settings.pool
+    return pool.workers if pool is not None else spec.settings.max_clusters
 
 
 def wake_all() -> None:
@@ -42,6 +52,7 @@ class ClusterPool:
     def __init__(self):
         self._cond = threading.Condition()
         self._clusters: dict[str, Cluster] = {}
+        self._warmed: set[tuple[str, str]] = set()  # (run, signature) whose pool was started ahead
         _pools.add(self)
 
     def acquire(
@@ -58,7 +69,7 @@ class ClusterPool:
         ``claim_warm(spec, known)`` may offer a warm cluster this process does not know (another
         process's, locally); ``taken()`` names clusters that exist but are not in the pool.
         """
-        limit = spec.settings.max_clusters
+        limit = slots(spec)
         with self._cond:
             while True:
                 if cancelled is not None and cancelled():
@@ -80,6 +91,46 @@ class ClusterPool:
                         slot += 1
                     return self._add(spec.cluster_name_for(slot), spec), True
                 self._cond.wait(timeout=wake_s)
+
+    def start_ahead(self, spec: TaskSpec, start: Callable[[str], None], *, taken: Optional[Callable[[], set]] = None) -> list[str]:
+        """``pool: {workers: N}``: the signature's N clusters started now, in parallel, before its
+        first node takes one, so no node of the run waits for a cold start. Once per run and
+        signature; nodes asking meanwhile wait for these rather than start their own. The names
+        started (a failed start is forgotten: a node then starts its cluster itself, and says why)."""
+        pool = spec.settings.pool
+        if pool is None:
+            return []
+        with self._cond:
+            if (spec.run_id, spec.signature) in self._warmed:
+                return []
+            self._warmed.add((spec.run_id, spec.signature))
+            mine = sum(1 for c in self._clusters.values() if c.signature == spec.signature)
+            exists = set(self._clusters) | (taken() if taken else set())
+            names, slot = [], 0
+            while len(names) < pool.workers - mine:
+                name = spec.cluster_name_for(slot)
+                slot += 1
+                if name not in exists:
+                    names.append(name)
+                    self._add(name, spec)  # busy while it starts
+        started: list[str] = []
+
+        def one(name: str) -> None:
+            try:
+                start(name)
+            except Exception as exc:  # noqa: BLE001 - the node that needs it starts one itself
+                log.warning("pool of %s: starting %s ahead failed: %s", spec.node, name, exc)
+                self.forget(name)
+                return
+            started.append(name)
+            self.free(name)
+
+        threads = [threading.Thread(target=one, args=(n,), daemon=True, name=f"skyvm-ahead-{n}") for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        return sorted(started)
 
     def _add(self, name: str, spec: TaskSpec) -> Cluster:
         cluster = Cluster(name, spec.signature, spec.settings.down, busy=True, runs={spec.run_id})

@@ -56,6 +56,15 @@ def _quantity(value: Any, what: str) -> Optional[str]:
     raise ValueError(f"{what} accepts a positive number or a string like '2' or '2+' (meaning at least 2); got {value!r}")
 
 
+def _cluster_name_field(value: Optional[str], field: str) -> Optional[str]:
+    if value is not None and not _CLUSTER_NAME.match(value):
+        raise ValueError(
+            f"{field} must be 1-63 characters of lowercase letters, digits and '-', "
+            f"starting with a letter and not ending with '-' (valid on every cloud); got {value!r}"
+        )
+    return value
+
+
 class RegistrySettings(BaseModel):
     """A container registry and the credentials to reach it, by reference.
 
@@ -101,6 +110,34 @@ class RegistrySettings(BaseModel):
         return None
 
 
+class PoolSettings(BaseModel):
+    """Warm workers for a signature: ``{workers: N}`` (a pool skyvm makes per signature and run)
+    or ``{name: NAME[, workers: N]}`` (a long-lived pool a team shares; ``pool: NAME`` for short)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: Optional[str] = None
+    workers: int = 1
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _check_workers(cls, value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1000:
+            raise ValueError(f"pool.workers accepts a whole number from 1 to 1000 (warm workers kept for the nodes); got {value!r}")
+        return value
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: Optional[str]) -> Optional[str]:
+        # SkyPilot names a pool's workers <pool>-<id>, so a pool name must be a valid cluster name too.
+        return _cluster_name_field(value, "pool.name")
+
+    @property
+    def shared(self) -> bool:
+        """A named pool outlives runs: skyvm never tears it down at a run's end."""
+        return self.name is not None
+
+
 class NodeSettings(BaseModel):
     """Everything that decides where and how one node runs."""
 
@@ -136,6 +173,9 @@ class NodeSettings(BaseModel):
     # The seed's disable_step_based_settings: every node of a run on one cluster, one node at a
     # time; the cluster has the resources of the node that started it.
     single_vm: bool = False
+    # Warm workers ahead of the nodes of this signature (SkyPilot: a managed-jobs pool; local:
+    # clusters started ahead). A cloud VM's cold start is minutes; a pool worker's job starts in seconds.
+    pool: Optional[PoolSettings] = None
 
     # Placement choices (SkyPilot's resource candidates): any_of (the cheapest feasible one wins)
     # or ordered (the first feasible one wins), each a mapping of resource fields over the node's own;
@@ -190,6 +230,15 @@ class NodeSettings(BaseModel):
                 raise ValueError("give job_recovery only; spot_recovery is its deprecated alias")
             data["job_recovery"] = data.pop("spot_recovery")
         return data
+
+    @field_validator("pool", mode="before")
+    @classmethod
+    def _pool_forms(cls, value: Any) -> Any:
+        if value is None or isinstance(value, (Mapping, PoolSettings)):
+            return value
+        if isinstance(value, str):
+            return {"name": value}
+        raise ValueError(f"pool accepts {{workers: N}}, a pool name, or {{name: NAME, workers: N}}; got {value!r}")
 
     @field_validator("any_of", "ordered", mode="before")
     @classmethod
@@ -271,12 +320,7 @@ class NodeSettings(BaseModel):
     @field_validator("cluster_name")
     @classmethod
     def _check_cluster_name(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and not _CLUSTER_NAME.match(value):
-            raise ValueError(
-                "cluster_name must be 1-63 characters of lowercase letters, digits and '-', "
-                f"starting with a letter and not ending with '-' (valid on every cloud); got {value!r}"
-            )
-        return value
+        return _cluster_name_field(value, "cluster_name")
 
     @field_validator("ports", mode="before")
     @classmethod
@@ -337,6 +381,8 @@ class NodeSettings(BaseModel):
         if infra_cloud and self.cloud and infra_cloud != self.cloud:
             raise FieldError("cloud", f"cloud={self.cloud!r} conflicts with infra={self.infra!r}")
         self._check_connectors()
+        if self.pool is not None:
+            self._check_pool()
         if self.effective_cloud == "lambda":
             bad = [f for f in LAMBDA_UNSUPPORTED if f in self.model_fields_set and getattr(self, f) not in (None, False)]
             if bad:
@@ -362,6 +408,14 @@ class NodeSettings(BaseModel):
             except ValidationError as exc:
                 where, msg = _problems(exc, "")[0]
                 raise FieldError(f"{which}.{i}.{where}" if which != "spot_fallback" else which, f"candidate {i}: {msg}") from None
+
+    def _check_pool(self) -> None:
+        # SkyPilot refuses both for pools: a pool replaces preempted workers itself, and its workers
+        # are the signature's clusters (single_vm puts every node on one cluster instead).
+        if self.job_recovery is not None and str(self.job_recovery).upper() != "NONE":
+            raise ValueError(f"pool: a pool replaces preempted spot workers itself, so job_recovery ({self.job_recovery!r}) cannot be set with it; drop one of them")
+        if self.single_vm:
+            raise ValueError("pool conflicts with single_vm: true (one cluster for the whole run); drop one of them")
 
     @property
     def connector_names(self) -> list[str]:
@@ -432,7 +486,7 @@ def _problems(exc: ValidationError, prefix: str) -> list[tuple[str, str]]:
             path = ".".join(p for p in (prefix, found.field) if p)
         if err["type"] == "extra_forbidden":
             name = loc[-1]
-            accepted = FIELD_NAMES if len(loc) == 1 else RegistrySettings.model_fields
+            accepted = FIELD_NAMES if len(loc) == 1 else {"pool": PoolSettings.model_fields}.get(loc[0], RegistrySettings.model_fields)
             msg = f"unknown field {name!r}{_suggest(name, accepted)}; accepted fields: {', '.join(sorted(accepted))}"
         else:
             msg = err["msg"].removeprefix("Value error, ")

@@ -247,6 +247,36 @@ def _run_options(args: list[str]) -> Optional[dict]:
     return out
 
 
+class _EngineAPI:
+    """The docker SDK's low-level client, whose waits are bounded (``SKYVM_DOCKER_CALL_TIMEOUT_S``) and whose
+    timeouts and dropped connections become errors naming the call, not a bare ``ReadTimeout``."""
+
+    def __init__(self, api):
+        self._api = api
+
+    def __getattr__(self, name: str):
+        import requests
+
+        attr = getattr(self._api, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            from skyvm.images import DOCKER_CALL_TIMEOUT_S
+
+            try:
+                return attr(*args, **kwargs)
+            except requests.exceptions.Timeout:
+                raise InfrastructureError(
+                    f"the Docker engine did not answer {name} within {DOCKER_CALL_TIMEOUT_S:g}s "
+                    "(SKYVM_DOCKER_CALL_TIMEOUT_S): is dockerd overloaded or stuck?"
+                ) from None
+            except requests.exceptions.ConnectionError as exc:
+                raise InfrastructureError(f"the Docker engine dropped {name} ({exc}): is dockerd running? (restarted mid-node?)") from None
+
+        return call
+
+
 class DockerBackend(Backend):
     """Clusters are containers on this machine's Docker engine, driven through the docker SDK
     over one connection (no CLI process per call). A node's end comes from its exec's own stream."""
@@ -258,7 +288,7 @@ class DockerBackend(Backend):
         from skyvm.images import docker_client
 
         self.client = docker_client()
-        self.api = self.client.api
+        self.api = _EngineAPI(self.client.api)
         self.pool = ClusterPool()
         self._lock = threading.Lock()
         self._locks: dict[str, _ClusterLock] = {}  # clusters this process has busy (flock held)
@@ -367,6 +397,22 @@ class DockerBackend(Backend):
             if code != 0:
                 raise InfrastructureError(f"setup failed on cluster {name} (exit {code}): {out.strip()[-2000:]}")
 
+    def _start_ahead(self, spec: TaskSpec, name: str) -> None:
+        """A pool's cluster, started before any node needs it; held (flock) while it starts, so no
+        other process takes it half-made."""
+        lock = _ClusterLock(name)
+        if not lock.try_acquire():
+            raise InfrastructureError(f"cluster {name} is held by another process")
+        try:
+            log.info("starting cluster %s ahead (pool of node %s)", name, spec.node)
+            self._start_cluster(spec, name)
+            add_cluster_user(name, spec.run_id)
+        except BaseException:
+            self._remove(name)
+            raise
+        finally:
+            lock.release()
+
     def _start_with_cli(self, spec: TaskSpec, name: str, labels: dict, env: dict, binds: list, watch: list) -> None:
         s = spec.settings
         args = ["run", "--detach", "--rm", "--name", name, "--init"]
@@ -412,6 +458,9 @@ class DockerBackend(Backend):
         import docker
 
         check_satisfiable(spec)
+        ahead = self.pool.start_ahead(spec, lambda name: self._start_ahead(spec, name), taken=self._taken)
+        if ahead and on_log:
+            on_log(f"skyvm: pool of {len(ahead)} warm cluster(s) started ahead for {spec.node}'s signature: {', '.join(ahead)}")
         while True:
             cluster, fresh = self.pool.acquire(spec, claim_warm=self._claim_warm, taken=self._taken, cancelled=cancelled)
             name = cluster.name

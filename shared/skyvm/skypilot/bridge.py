@@ -7,7 +7,8 @@ skyvm.skypilot.bridge`` in SkyPilot's own environment: SkyPilot cannot share
 an environment with Airflow >= 3.1.3 or some Prefect releases).
 
 Calls: launch, exec, job_status, tail_logs, cancel, down, autostop, status,
-jobs_launch, jobs_status, jobs_cancel, jobs_logs, optimize.
+jobs_launch (on a pool too), jobs_status, jobs_cancel, jobs_logs, pool_apply,
+pool_status, pool_down, optimize.
 """
 
 from __future__ import annotations
@@ -30,13 +31,13 @@ from skyvm.errors import InfrastructureError
 log = logging.getLogger("skyvm.skypilot")
 
 LogSink = Callable[[str], None]
-CALLS = ("launch", "exec", "job_status", "tail_logs", "cancel", "down", "autostop", "status", "jobs_launch", "jobs_status", "jobs_cancel", "jobs_logs", "optimize", "check", "api_stop")
+CALLS = ("launch", "exec", "job_status", "tail_logs", "cancel", "down", "autostop", "status", "jobs_launch", "jobs_status", "jobs_cancel", "jobs_logs", "optimize", "check", "api_stop", "pool_apply", "pool_status", "pool_down")
 # Calls that stream a log (to stderr across the process boundary).
-LOGGING_CALLS = ("launch", "exec", "tail_logs", "jobs_launch", "jobs_logs")
+LOGGING_CALLS = ("launch", "exec", "tail_logs", "jobs_launch", "jobs_logs", "pool_apply")
 # Every call is bounded: a SkyPilot API server that hangs must not hang a flow. Provisioning may take
 # long (and retry_until_up as long as it takes); everything else answers in minutes at most.
 BOUND_ENV = "SKYVM_SKYPILOT_CALL_TIMEOUT_S"
-_PROVISIONING = ("launch", "exec", "jobs_launch")
+_PROVISIONING = ("launch", "exec", "jobs_launch", "pool_apply")
 
 
 def call_bound(name: str, kwargs: dict) -> Optional[float]:
@@ -64,13 +65,16 @@ class SkyBridge(Protocol):
     def down(self, cluster_name: str) -> None: ...
     def autostop(self, cluster_name: str, idle_minutes: int, down: bool) -> None: ...
     def status(self, cluster_names: Optional[list[str]] = None) -> list[dict]: ...
-    def jobs_launch(self, task: dict, name: str, on_log: Optional[LogSink] = None) -> dict: ...
+    def jobs_launch(self, task: dict, name: str, on_log: Optional[LogSink] = None, pool: Optional[str] = None) -> dict: ...
     def jobs_status(self, job_id: int) -> dict: ...
     def jobs_cancel(self, job_id: int) -> None: ...
     def jobs_logs(self, job_id: int, on_log: Optional[LogSink] = None, follow: bool = True) -> int: ...
     def optimize(self, tasks: list[dict], clouds: Optional[list[str]] = None) -> list[dict]: ...
     def check(self, clouds: Optional[list[str]] = None) -> dict: ...
     def api_stop(self) -> None: ...
+    def pool_apply(self, task: dict, pool_name: str, on_log: Optional[LogSink] = None) -> None: ...
+    def pool_status(self, pool_names: Optional[list[str]] = None) -> list[dict]: ...
+    def pool_down(self, pool_name: str) -> None: ...
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
@@ -191,8 +195,8 @@ class InProcessBridge:
             })
         return out
 
-    def jobs_launch(self, task, name, on_log=None):
-        job_ids, _handle = self._stream_and_get(self.sky.jobs.launch(self._task(task), name=name), on_log)
+    def jobs_launch(self, task, name, on_log=None, pool=None):
+        job_ids, _handle = self._stream_and_get(self.sky.jobs.launch(self._task(task), name=name, pool=pool), on_log)
         job_id = job_ids[0] if isinstance(job_ids, list) else job_ids
         return {"job_id": job_id}
 
@@ -226,6 +230,38 @@ class InProcessBridge:
 
     def api_stop(self):
         self.sky.api_stop()
+
+    def pool_apply(self, task, pool_name, on_log=None):
+        """Make the pool (or apply the same config to it again: a rolling update changes nothing)."""
+        from sky.serve import UpdateMode
+
+        self._stream_and_get(self.sky.jobs.pool_apply(self._task(task), pool_name, mode=UpdateMode.ROLLING), on_log)
+
+    def pool_status(self, pool_names=None):
+        import yaml
+
+        out = []
+        for r in self.sky.get(self.sky.jobs.pool_status(pool_names)) or []:
+            # The pool's labels live in its task (the workers' resources): read them from its YAML.
+            config = yaml.safe_load(r.get("pool_yaml") or "") or {}
+            resources = config.get("resources") or {}
+            status = r.get("status")
+            out.append({
+                "name": r.get("name"),
+                "status": getattr(status, "value", status),
+                "labels": dict(resources.get("labels") or {}) if isinstance(resources, dict) else {},
+                "workers": len(r.get("replica_info") or []),
+                "target_workers": r.get("target_num_replicas"),
+                "resources": r.get("requested_resources_str") or "",
+            })
+        return out
+
+    def pool_down(self, pool_name):
+        try:
+            self.sky.get(self.sky.jobs.pool_down(pool_name))
+        except ValueError as exc:
+            if "not found" not in str(exc).lower() and "does not exist" not in str(exc).lower():
+                raise  # a pool already gone leaves nothing to pay for
 
     def optimize(self, tasks, clouds=None):
         from skyvm.skypilot import offline

@@ -97,3 +97,40 @@ def task_config(spec: TaskSpec, *, registry_password: Optional[str] = None) -> d
         config["run"] = f"{docker_login}sudo --preserve-env docker run --rm --network host {run_args} {names} {spec.image} sh -c '{spec.setup} && {spec.run}'"
     config["resources"] = resources
     return config
+
+
+def _pool_labels(spec: TaskSpec, pool: str) -> dict[str, str]:
+    # The pool's and its jobs' resources must match, so they carry the same labels: the run and
+    # signature the pool was made for (skyvm status / gc read them), never one node's name.
+    return {
+        **spec.resources.get("labels", {}),
+        "skyvm-run-id": _label_value(spec.run_id),
+        "skyvm-signature": spec.signature[:12],
+        "skyvm-pool": "shared" if spec.settings.pool and spec.settings.pool.shared else "run",
+    }
+
+
+def pool_task_config(spec: TaskSpec, pool: str, workers: int) -> dict[str, Any]:
+    """The task that makes a SkyPilot pool for a node's signature: ``pool: {workers}``, the node's
+    resources and image, setup only (a pool's task has no run: its jobs bring theirs)."""
+    config = task_config(spec)
+    config.pop("run", None)
+    config["name"] = pool
+    config["pool"] = {"workers": workers}
+    # The pool pulls the image when a worker starts; the jobs' own envs and secrets go with each job.
+    config["envs"] = {}
+    config["secrets"] = {k: v for k, v in config["secrets"].items() if k.startswith("SKYPILOT_DOCKER_") or k == "SKYVM_REGISTRY_PASSWORD"}
+    config["resources"] = {k: v for k, v in config["resources"].items() if k != "job_recovery"}
+    config["resources"]["labels"] = _pool_labels(spec, pool)
+    return config
+
+
+def pool_job_config(spec: TaskSpec, pool: str) -> dict[str, Any]:
+    """One node attempt as a job on a pool: run only (jobs on a pool cannot have their own setup,
+    workdir or file mounts), resources exactly the pool's."""
+    config = task_config(spec)
+    config.pop("setup", None)
+    config.pop("config", None)  # docker run options are the pool's: its workers' containers already run
+    config["resources"] = {k: v for k, v in config["resources"].items() if k != "job_recovery"}
+    config["resources"]["labels"] = _pool_labels(spec, pool)
+    return config
