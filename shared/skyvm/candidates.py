@@ -23,9 +23,10 @@ class FieldError(ValueError):
 
 
 # What a candidate may set: where the VM is and what it has. The rest (image, envs, cluster life) is the node's.
+# Not image_id or labels: the node's container image and skyvm's labels are the same on every candidate.
 CANDIDATE_FIELDS = (
     "cloud", "infra", "region", "zone", "instance_type", "cpus", "memory", "accelerators", "accelerator_args",
-    "use_spot", "job_recovery", "image_id", "disk_size", "disk_tier", "network_tier", "ports", "labels",
+    "use_spot", "job_recovery", "disk_size", "disk_tier", "network_tier", "ports",
 )
 LOCATION_FIELDS = ("cloud", "infra", "region", "zone")
 CANDIDATE_LISTS = ("any_of", "ordered")

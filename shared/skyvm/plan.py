@@ -40,7 +40,20 @@ SIGNATURE_FIELDS = (
     "idle_minutes_to_autostop",
     "down",
     "docker_run_args",
+    # SkyPilot's placement choices and cluster shape (issue 13).
+    "any_of",
+    "ordered",
+    "spot_fallback",
+    "max_hourly_cost",
+    "network_tier",
+    "autostop",
+    "num_nodes",
+    "workdir",
+    "file_mounts",
+    "skypilot",
 )
+# Signature fields that are the task's (or the launch's), not its resources'.
+_TASK_FIELDS = ("backend", "idle_minutes_to_autostop", "down", "docker_run_args", "num_nodes", "workdir", "file_mounts", "skypilot")
 
 # Shared memory PyTorch data loaders need; Docker's default 64 MB breaks them.
 GPU_SHM_SIZE = "--shm-size=8g"
@@ -144,7 +157,7 @@ def docker_run_args(settings: NodeSettings) -> tuple[str, ...]:
 
 def resources(settings: NodeSettings) -> dict[str, Any]:
     """The VM fields SkyPilot's Resources takes, only those set."""
-    names = [n for n in SIGNATURE_FIELDS if n not in ("backend", "idle_minutes_to_autostop", "down", "docker_run_args")]
+    names = [n for n in SIGNATURE_FIELDS if n not in _TASK_FIELDS and (n != "spot_fallback" or settings.spot_fallback)]
     return {n: getattr(settings, n) for n in names if getattr(settings, n) not in (None, {}, [])}
 
 

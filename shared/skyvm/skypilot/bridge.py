@@ -6,6 +6,9 @@ a process boundary (``SubprocessBridge``, running ``python -m
 skyvm.skypilot.bridge`` in SkyPilot's own environment: SkyPilot cannot share
 an environment with Airflow >= 3.1.3 or some Prefect releases).
 
+``optimize`` is planning (``skyvm plan``, the cost cap before a launch): SkyPilot's optimizer on
+its catalogs with no cloud access; the one stand-in it needs is ``_clouds_assumed_enabled``.
+
 Calls: launch, exec, job_status, tail_logs, cancel, down, autostop, status,
 jobs_launch (on a pool too), jobs_status, jobs_cancel, jobs_logs, pool_apply,
 pool_status, pool_down, optimize.
@@ -14,6 +17,7 @@ pool_status, pool_down, optimize.
 from __future__ import annotations
 
 import collections
+import contextlib
 import inspect
 import itertools
 import json
@@ -264,9 +268,78 @@ class InProcessBridge:
                 raise  # a pool already gone leaves nothing to pay for
 
     def optimize(self, tasks, clouds=None):
-        from skyvm.skypilot import offline
+        """Where SkyPilot's optimizer would put each task and its $/h (or SkyPilot's reason), from
+        the catalogs of this process's SkyPilot, with no cloud access. Equal tasks are optimized once:
+        a plan of 1,000 nodes of 5 signatures asks SkyPilot 5 times."""
+        answers: dict[str, dict] = {}
+        out = []
+        for task in tasks:
+            key = json.dumps(task, sort_keys=True, default=str)
+            if key not in answers:
+                answers[key] = self._optimize_one(task, clouds)
+            out.append(answers[key])
+        return out
 
-        return [offline.optimize(self.sky, task, clouds=clouds) for task in tasks]
+    def _optimize_one(self, task, clouds):
+        named = _clouds_named(task.get("resources") or {})
+        with _clouds_assumed_enabled(self.sky, clouds or named or list(PLANNING_CLOUDS)):
+            t = self._task(task)
+            with self.sky.Dag() as dag:
+                dag.add(t)
+            try:
+                self.sky.optimizer.Optimizer.optimize(dag, quiet=True)
+            except Exception as exc:  # noqa: BLE001 - SkyPilot's reason is the answer
+                reason = _ANSI.sub("", " ".join(str(exc).split()))
+                return {"error": reason[:600] or type(exc).__name__}
+            best = t.best_resources
+            return {**placement(best), "accelerators": dict(best.accelerators or {})}
+
+
+# The clouds a plan may place a node on when it names none (Kubernetes only when named: it has no catalog prices).
+PLANNING_CLOUDS = ("aws", "gcp", "azure", "lambda")
+_INFRA_CLOUD = {"k8s": "kubernetes"}
+_ENABLED_LOCK = threading.Lock()
+
+
+def _clouds_named(resources: dict) -> Optional[list[str]]:
+    """The clouds a task's resources (each candidate over the rest) are pinned to; None when any is free."""
+    candidates = resources.get("any_of") or resources.get("ordered") or [{}]
+    named = set()
+    for cand in candidates:
+        infra = cand["infra"] if "infra" in cand else resources.get("infra")
+        if not infra:
+            return None
+        cloud = infra.split("/")[0].lower()
+        named.add(_INFRA_CLOUD.get(cloud, cloud))
+    return sorted(named)
+
+
+@contextlib.contextmanager
+def _clouds_assumed_enabled(sky, clouds):
+    """The one stand-in for cloud access in skyvm's production code, and why it is needed:
+    planning must work with no credentials (a laptop, CI, a plan before an account exists), yet
+    SkyPilot's optimizer asks ``sky.check`` which clouds this user may use, and that check calls
+    each cloud's API. For a plan, the clouds it may place on count as enabled: the same two
+    functions SkyPilot's own tests replace (their ``enable_all_clouds`` fixture). Everything else
+    (catalogs, feasibility, prices, the pick) is SkyPilot's. The originals are back when the plan is
+    made; the lock keeps concurrent plans in this process from restoring each other's.
+    tests/skypilot/test_plan.py::test_what_planning_relies_on_in_skypilot fails loudly when a
+    SkyPilot upgrade moves these."""
+    import sky.check as sky_check
+
+    registry = {"aws": sky.AWS, "gcp": sky.GCP, "azure": sky.Azure, "lambda": sky.Lambda, "kubernetes": sky.Kubernetes}
+    unknown = [c for c in clouds if c not in registry]
+    if unknown:
+        raise ValueError(f"cannot plan for cloud(s) {unknown}; skyvm plans for {', '.join(registry)}")
+    enabled = [registry[c]() for c in clouds]
+    with _ENABLED_LOCK:
+        saved = sky_check.get_cached_enabled_clouds_or_refresh, sky_check.check_capability
+        sky_check.get_cached_enabled_clouds_or_refresh = lambda *_a, **_k: list(enabled)
+        sky_check.check_capability = lambda *_a, **_k: None
+        try:
+            yield
+        finally:
+            sky_check.get_cached_enabled_clouds_or_refresh, sky_check.check_capability = saved
 
 
 class _Pending:

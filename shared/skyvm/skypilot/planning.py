@@ -17,6 +17,7 @@ from skyvm.errors import InfrastructureError
 from skyvm.plan import resources as node_resources
 from skyvm.settings import NodeSettings, SkyVMConfig
 from skyvm.skypilot.bridge import SubprocessBridge, sky_importable, skypilot_python
+from skyvm.skypilot.placing import place
 from skyvm.skypilot.task_config import resources_config
 
 
@@ -51,7 +52,7 @@ def plan(entries: list[tuple[str, NodeSettings]], *, catalog_dir: Optional[str] 
     tasks = [{"name": "plan", "run": "true", "resources": resources_config(node_resources(s))} for _, s in entries]
     bridge, tmp = _optimizer_bridge(catalog_dir)
     try:
-        answers = bridge.optimize(tasks) if tasks else []
+        answers = place(bridge, [t["resources"] for t in tasks])
     finally:
         bridge.close()
         if tmp is not None:
@@ -65,7 +66,8 @@ def plan(entries: list[tuple[str, NodeSettings]], *, catalog_dir: Optional[str] 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
     def req(r):
-        return ", ".join(f"{k}={v}" for k, v in r["requested"].items()) or "(defaults)"
+        shown = {k: (f"[{len(v)} candidates]" if k in ("any_of", "ordered") else v) for k, v in r["requested"].items()}
+        return ", ".join(f"{k}={v}" for k, v in shown.items()) or "(defaults)"
 
     header = ("NODE", "REQUESTED", "CLOUD", "REGION", "ZONE", "INSTANCE", "SPOT", "$/HOUR")
     table = []
@@ -83,6 +85,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if "error" in r:
             lines.append(f"{r['node']}: not placeable: {r['error']}")
+    for r in rows:
+        for c in r.get("candidates", []):
+            asked = ", ".join(f"{k}={v}" for k, v in c["requested"].items())
+            at = f" ({c['instance_type']}{' spot' if c['use_spot'] else ''} on {c['cloud']} {c['region']}, ${c['hourly_price']:.4f}/hour)" if "hourly_price" in c else ""
+            lines.append(f"{r['node']}: candidate {c['candidate']} [{asked}] {c['result']}{at}: {c['why']}")
     return "\n".join(lines)
 
 

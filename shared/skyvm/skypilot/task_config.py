@@ -9,13 +9,14 @@ from __future__ import annotations
 import re
 from typing import Any, Optional
 
+from skyvm.candidates import CANDIDATE_FIELDS, candidate_layers
 from skyvm.errors import SettingsError
 from skyvm.plan import TaskSpec
 
 # SkyPilot's name for each cloud in `infra`.
 _INFRA = {"aws": "aws", "gcp": "gcp", "azure": "azure", "lambda": "lambda", "kubernetes": "k8s"}
 # Resource fields passed through unchanged.
-_PASS_THROUGH = ("instance_type", "cpus", "memory", "accelerators", "accelerator_args", "use_spot", "job_recovery", "disk_size", "disk_tier", "ports")
+_PASS_THROUGH = ("instance_type", "cpus", "memory", "accelerators", "accelerator_args", "use_spot", "job_recovery", "disk_size", "disk_tier", "ports", "network_tier", "max_hourly_cost", "autostop")
 
 
 def _label_value(text: str) -> str:
@@ -39,7 +40,21 @@ def infra_of(resources: dict[str, Any]) -> Optional[str]:
 
 
 def resources_config(res: dict[str, Any]) -> dict[str, Any]:
-    """SkyPilot's ``resources:`` block for a node's resource fields (as in TaskSpec.resources)."""
+    """SkyPilot's ``resources:`` block for a node's resource fields (as in TaskSpec.resources).
+
+    Candidates become SkyPilot's own ``any_of`` / ``ordered`` (``spot_fallback``: ordered, spot
+    first), each candidate whole (the node's resource fields under its own), so SkyPilot's
+    optimizer and failover choose among them; what every candidate shares stays on top.
+    """
+    layers = candidate_layers(res)
+    if not layers:
+        return _one_resources(res)
+    resources = _one_resources({k: v for k, v in res.items() if k not in CANDIDATE_FIELDS})
+    resources["ordered" if res.get("ordered") or res.get("spot_fallback") else "any_of"] = [_one_resources(layer) for layer in layers]
+    return resources
+
+
+def _one_resources(res: dict[str, Any]) -> dict[str, Any]:
     resources: dict[str, Any] = {k: res[k] for k in _PASS_THROUGH if res.get(k) is not None}
     infra = infra_of(res)
     if infra:
@@ -70,7 +85,14 @@ def task_config(spec: TaskSpec, *, registry_password: Optional[str] = None) -> d
     envs = dict(spec.envs)
     secrets = dict(spec.secrets)
     login = spec.registry_auth or ((spec.registry.username, registry_password or "") if spec.registry and spec.registry.username else None)
-    config: dict[str, Any] = {"name": re.sub(r"[^A-Za-z0-9_.-]", "-", spec.node)[:60] or "node", "envs": envs, "secrets": secrets, "num_nodes": 1}
+    s = spec.settings
+    if s.num_nodes > 1 and s.all_ranks:
+        envs["SKYVM_ALL_RANKS"] = "1"  # the node runtime runs a callable on every rank, not rank 0 alone
+    config: dict[str, Any] = {"name": re.sub(r"[^A-Za-z0-9_.-]", "-", spec.node)[:60] or "node", "envs": envs, "secrets": secrets, "num_nodes": s.num_nodes}
+    if s.workdir:
+        config["workdir"] = s.workdir
+    if s.file_mounts:
+        config["file_mounts"] = dict(s.file_mounts)
 
     vm_image = res.get("image_id")
     if vm_image is None:
@@ -95,6 +117,9 @@ def task_config(spec: TaskSpec, *, registry_password: Optional[str] = None) -> d
         # Login and pull in run, not only setup: `sky exec` on a warm cluster skips setup, and tokens expire.
         config["setup"] = f"{docker_login}sudo docker pull {spec.image}"
         config["run"] = f"{docker_login}sudo --preserve-env docker run --rm --network host {run_args} {names} {spec.image} sh -c '{spec.setup} && {spec.run}'"
+    # The pass-through last: fields skyvm does not model (validated to not be ones it does).
+    resources.update(s.skypilot.get("resources", {}))
+    config.update(s.skypilot.get("task", {}))
     config["resources"] = resources
     return config
 
