@@ -110,7 +110,7 @@ class VMStandIn:
     def _check(self, task: dict):
         import sky  # only the calls that carry a task pay for importing SkyPilot
 
-        return sky.Task.from_yaml_config(dict(task))
+        return sky.Task.from_yaml_config(json.loads(json.dumps(task)))  # a copy: SkyPilot's parser edits what it is given
 
     def _pull(self, task: dict, on_log) -> str:
         """Log in with the task's registry secrets (fresh every launch and exec, as on the VM) and pull."""
@@ -158,10 +158,18 @@ class VMStandIn:
     def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False, on_log=print):
         parsed = self._check(task)
         self._record("launch", cluster=cluster_name, task=self._public(task), idle_minutes_to_autostop=idle_minutes_to_autostop, down=down, retry_until_up=retry_until_up)
+        self._provision(parsed, task, cluster_name, {"autostop": idle_minutes_to_autostop, "to_down": down}, on_log)
+        job_id = self._submit(cluster_name, task)
+        return {"job_id": job_id, "cluster": cluster_name, "dryrun": False, "cloud": "aws", "region": "us-east-1", "zone": None,
+                "instance_type": "m7i.large", "use_spot": False, "hourly_price": 0.1008}
+
+    def _provision(self, parsed, task, cluster_name, record: dict, on_log) -> None:
+        """A VM up with the task's container running and its setup done."""
         on_log(f"(stand-in VM) provisioning {cluster_name}")
         image = self._pull(task, on_log)
         (resources,) = list(parsed.resources)
-        self._save(cluster_name, {"status": "INIT", "labels": dict(resources.labels or {}), "autostop": idle_minutes_to_autostop, "to_down": down})
+        self._save(cluster_name, {"status": "INIT", "labels": dict(resources.labels or {}), **record})
+        self._slow_cloud(cluster_name)
         run_options = (task.get("config") or {}).get("docker", {}).get("run_options", [])
         started = subprocess.run(
             ["docker", "run", "-d", "--name", _container(cluster_name), "--network", "host", "--label", f"{LABEL}={STATE}", *run_options, image, "sleep", "infinity"],
@@ -174,9 +182,17 @@ class VMStandIn:
         if setup.returncode != 0:
             raise RuntimeError(f"setup failed on {cluster_name}: {setup.stdout[-2000:]}{setup.stderr[-2000:]}")
         self._save(cluster_name, {**self._cluster(cluster_name), "status": "UP"})
-        job_id = self._submit(cluster_name, task)
-        return {"job_id": job_id, "cluster": cluster_name, "dryrun": False, "cloud": "aws", "region": "us-east-1", "zone": None,
-                "instance_type": "m7i.large", "use_spot": False, "hourly_price": 0.1008}
+
+    def _slow_cloud(self, cluster_name) -> None:
+        """``SKYVM_STANDIN_PROVISION_S``: the VM takes this long to come up (a slow cloud, a busy
+        region). Downed meanwhile, the launch fails as SkyPilot's does when its VM is terminated
+        under the provisioner, and nothing more is made."""
+        deadline = time.monotonic() + float(os.environ.get("SKYVM_STANDIN_PROVISION_S") or 0)
+        while time.monotonic() < deadline:
+            if not self._cluster_file(cluster_name).exists():
+                self._record("provisioning_aborted", cluster=cluster_name)
+                raise RuntimeError(f"cluster {cluster_name} was terminated while provisioning")
+            time.sleep(0.1)
 
     def exec(self, task, cluster_name, on_log=print):
         self._check(task)
@@ -251,37 +267,189 @@ class VMStandIn:
             if cluster_names and path.stem not in cluster_names:
                 continue
             rec = json.loads(path.read_text())
+            if rec.get("pool"):
+                continue  # a pool's worker: listed by pool_status, as SkyPilot lists them under the pool
             out.append({"name": path.stem, "status": rec["status"], "labels": rec["labels"], "resources": "1x AWS(m7i.large)", "autostop": rec["autostop"], "to_down": rec["to_down"]})
         return out
 
-    # Managed jobs: a cluster of their own, gone when the job ends (as SkyPilot's controller does).
-    def jobs_launch(self, task, name, on_log=print):
+    # Managed jobs: a cluster of their own, gone when the job ends (as SkyPilot's controller does),
+    # or a job on a pool's warm worker.
+    def jobs_launch(self, task, name, on_log=print, pool=None):
         self._check(task)
         job_id = self._next_job()
-        self._record("jobs_launch", name=name, job_id=job_id, task=self._public(task))
+        self._record("jobs_launch", name=name, job_id=job_id, pool=pool, task=self._public(task))
+        if pool is not None:
+            self._pool_job(task, pool, job_id)
+            return {"job_id": job_id}
         answer = self.launch(task, f"managed-{job_id}", down=True, on_log=on_log)
         (STATE / "jobs" / f"managed-{job_id}.inner").write_text(str(answer["job_id"]))
         return {"job_id": job_id}
 
     def _inner(self, job_id) -> tuple[str, int]:
+        where = STATE / "jobs" / f"managed-{job_id}.where"
+        if where.exists():  # a pool job: on the worker the pool's scheduler gave it
+            cluster, inner = where.read_text().split()
+            return cluster, int(inner)
         return f"managed-{job_id}", int((STATE / "jobs" / f"managed-{job_id}.inner").read_text())
 
     def jobs_logs(self, job_id, on_log=print, follow=True):
+        pooled = self._pool_of(job_id)
+        if pooled is not None:
+            while follow and self._schedule(pooled) and self._pool_job_state(job_id) == "PENDING":
+                time.sleep(0.1)  # waiting for a free worker, as `sky jobs logs` waits for the job to start
+            if self._pool_job_state(job_id) in ("PENDING", "CANCELLED") and not self._placed(job_id):
+                return 0
         cluster, inner = self._inner(job_id)
         code = self.tail_logs(cluster, inner, on_log=on_log, follow=follow)
-        if follow or self._state(cluster, inner) != "RUNNING":
-            self.down(cluster)  # the job is over: SkyPilot's controller tears its cluster down
+        if pooled is None and (follow or self._state(cluster, inner) != "RUNNING"):
+            self.down(cluster)  # the job is over: SkyPilot's controller tears its cluster down (a pool's worker stays)
         return code
 
     def jobs_status(self, job_id):
-        cluster, inner = self._inner(job_id)
         self._record("jobs_status", job_id=job_id)
+        pooled = self._pool_of(job_id)
+        if pooled is not None:
+            self._schedule(pooled)
+            state = self._pool_job_state(job_id)
+            if state is not None:
+                return {"status": state, "recovery_count": 0}
+        cluster, inner = self._inner(job_id)
         return {"status": self._state(cluster, inner), "recovery_count": 0}
 
     def jobs_cancel(self, job_id):
+        self._record("jobs_cancel", job_id=job_id)
+        pooled = self._pool_of(job_id)
+        if pooled is not None and not self._placed(job_id):
+            (STATE / "jobs" / f"managed-{job_id}.cancelled").touch()  # never started: it never will
+            (STATE / "jobs" / f"managed-{job_id}.task").unlink(missing_ok=True)
+            return
         cluster, inner = self._inner(job_id)
         self.cancel(cluster, inner)
-        self.down(cluster)
+        if pooled is None:
+            self.down(cluster)
+
+    # -- pools -----------------------------------------------------------------------------
+    # SkyPilot runs a pool from its jobs controller: a VM of its own (or, in consolidation mode, the
+    # API server) that provisions the workers through a cloud and schedules jobs onto them. Neither
+    # can run on a machine that reaches no cloud, so the stand-in sits at the narrowest seam, the
+    # jobs/pool SDK calls the bridge makes, and holds them to what SkyPilot does:
+    # - a pool's task is parsed by SkyPilot and checked by its own validate_service_task(pool=True)
+    #   (no job_recovery, no ordered resources), and skyvm's carries setup only, no run;
+    # - a job on a pool has no setup, workdir or file mounts, and exactly the pool's resources;
+    # - each worker (a container, provisioned as a VM is above) runs one job at a time; the others
+    #   wait PENDING and start, in order, when a worker frees up.
+
+    def _pool_file(self, name: str) -> Path:
+        (STATE / "pools").mkdir(exist_ok=True)
+        return STATE / "pools" / f"{name}.json"
+
+    def _pool_lock(self, name: str):
+        fh = open(STATE / "pools" / f"{name}.lock", "a")
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        return fh
+
+    def pool_apply(self, task, pool_name, on_log=print):
+        from sky.serve import serve_utils
+
+        parsed = self._check(task)
+        self._record("pool_apply", pool=pool_name, task=self._public(task))
+        if parsed.service is None or not parsed.service.pool:
+            raise ValueError(f"pool {pool_name}: the task has no pool: section")
+        serve_utils.validate_service_task(parsed, pool=True)
+        if "run" in task:
+            raise ValueError(f"pool {pool_name}: skyvm's pool task must carry setup only; its jobs bring their run")
+        path = self._pool_file(pool_name)
+        with self._pool_lock(pool_name):
+            if path.exists():
+                return None  # the same config applied again: nothing changes
+            workers = [f"{pool_name}-{i}" for i in range(1, task["pool"]["workers"] + 1)]
+            record = {"status": "READY", "labels": dict(task["resources"].get("labels") or {}), "resources": task["resources"], "workers": workers}
+            path.write_text(json.dumps({**record, "status": "CONTROLLER_INIT"}))
+            for worker in workers:
+                self._provision(parsed, task, worker, {"autostop": None, "to_down": False, "pool": pool_name}, on_log)
+            path.write_text(json.dumps(record))
+        return None
+
+    def pool_status(self, pool_names=None):
+        self._record("pool_status", pools=pool_names)
+        out = []
+        for path in sorted((STATE / "pools").glob("*.json")) if (STATE / "pools").exists() else []:
+            if pool_names and path.stem not in pool_names:
+                continue
+            rec = json.loads(path.read_text())
+            out.append({"name": path.stem, "status": rec["status"], "labels": rec["labels"], "workers": len(rec["workers"]),
+                        "target_workers": len(rec["workers"]), "resources": "1x AWS(m7i.large)"})
+        return out
+
+    def pool_down(self, pool_name):
+        self._record("pool_down", pool=pool_name)
+        path = self._pool_file(pool_name)
+        if not path.exists():
+            return
+        with self._pool_lock(pool_name):
+            for worker in json.loads(path.read_text())["workers"]:
+                self.down(worker)
+            path.unlink()
+
+    def _pool_job(self, task, pool, job_id) -> None:
+        path = self._pool_file(pool)
+        if not path.exists():
+            raise ValueError(f"Pool {pool!r} not found.")
+        wanted = json.loads(path.read_text())["resources"]
+        for field in ("setup", "workdir", "file_mounts"):
+            if task.get(field):
+                raise ValueError(f"a job on pool {pool!r} cannot have its own {field}: the pool's workers are set up already")
+        if task["resources"] != wanted:
+            raise ValueError(f"the job's resources {task['resources']} do not match pool {pool!r}'s {wanted}")
+        (STATE / "jobs" / f"managed-{job_id}.pool").write_text(pool)
+        # The job's envs and secrets wait with it until a worker takes it, readable by this user only.
+        fd = os.open(STATE / "jobs" / f"managed-{job_id}.task", os.O_CREAT | os.O_WRONLY, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump(task, fh)
+        self._schedule(pool)
+
+    def _pool_of(self, job_id):
+        path = STATE / "jobs" / f"managed-{job_id}.pool"
+        return path.read_text() if path.exists() else None
+
+    def _placed(self, job_id) -> bool:
+        return (STATE / "jobs" / f"managed-{job_id}.where").exists()
+
+    def _pool_job_state(self, job_id):
+        if self._placed(job_id):
+            return None  # on a worker: the job's own state
+        if (STATE / "jobs" / f"managed-{job_id}.cancelled").exists() or not self._pool_file(self._pool_of(job_id)).exists():
+            return "CANCELLED"  # cancelled while waiting, or its pool went down under it
+        return "PENDING"
+
+    def _schedule(self, pool) -> bool:
+        """Give waiting jobs the free workers, in order: one job per worker at a time. False: the pool is gone."""
+        path = self._pool_file(pool)
+        if not path.exists():
+            return False
+        with self._pool_lock(pool):
+            if not path.exists():
+                return False
+            workers = json.loads(path.read_text())["workers"]
+            busy = set()
+            for where in (STATE / "jobs").glob("managed-*.where"):
+                cluster, inner = where.read_text().split()
+                if cluster in workers and self._state(cluster, inner) == "RUNNING":
+                    busy.add(cluster)
+            waiting = sorted(int(p.name.split("-")[1].split(".")[0]) for p in (STATE / "jobs").glob("managed-*.task")
+                             if self._pool_of(int(p.name.split("-")[1].split(".")[0])) == pool)
+            for job_id in waiting:
+                free = [w for w in workers if w not in busy]
+                if not free:
+                    break
+                task_path = STATE / "jobs" / f"managed-{job_id}.task"
+                task = json.loads(task_path.read_text())
+                inner = self._submit(free[0], task)
+                (STATE / "jobs" / f"managed-{job_id}.where").write_text(f"{free[0]} {inner}")
+                task_path.unlink()
+                self._record("pool_job_start", pool=pool, job_id=job_id, worker=free[0], busy_before=sorted(busy))
+                busy.add(free[0])
+        return True
 
     def optimize(self, tasks, clouds=None):
         raise AssertionError("the backend never asks the stand-in to optimize")

@@ -416,7 +416,7 @@ class SubprocessBridge:
             pending.answer = {"error": f"the SkyPilot bridge process ({self.python}) exited with code {code}:\n{last}"}
             pending.done.set()
 
-    def _call(self, name: str, on_log: Optional[LogSink] = None, **kwargs) -> Any:
+    def _call(self, name: str, /, on_log: Optional[LogSink] = None, **kwargs) -> Any:  # positional-only: jobs_launch has a name= of its own
         proc = self._ensure()
         call_id = next(self._ids)
         pending = _Pending(on_log)

@@ -155,7 +155,6 @@ def pool_job_config(spec: TaskSpec, pool: str) -> dict[str, Any]:
     workdir or file mounts), resources exactly the pool's."""
     config = task_config(spec)
     config.pop("setup", None)
-    config.pop("config", None)  # docker run options are the pool's: its workers' containers already run
     config["resources"] = {k: v for k, v in config["resources"].items() if k != "job_recovery"}
     config["resources"]["labels"] = _pool_labels(spec, pool)
     return config
