@@ -152,3 +152,16 @@ def test_gc_tears_down_the_pool_of_a_run_that_died_and_spares_a_live_ones(pool_v
     finally:
         run.close()
     assert len(pool_vm.calls("pool_down")) == 1  # down: false: the run's end took nothing down itself
+
+
+def test_skyvm_plan_prices_a_pool_as_its_workers_times_the_price(catalog_dir):
+    from skyvm.settings import NodeSettings
+    from skyvm.skypilot.planning import format_table, plan
+
+    rows = plan([("pooled", NodeSettings(backend="skypilot", cloud="aws", cpus="2+", pool={"workers": 3})),
+                 ("single", NodeSettings(backend="skypilot", cloud="aws", cpus="2+"))], catalog_dir=catalog_dir)
+    pooled, single = rows
+    assert (pooled["instance_type"], pooled["hourly_price"]) == (single["instance_type"], single["hourly_price"]) == ("m7i.large", 0.1008)
+    assert pooled["pool"] == {"name": None, "workers": 3, "hourly_price": 0.3024} and "pool" not in single
+    table = format_table(rows)
+    assert "0.3024 (3 x 0.1008, pool)" in table and "TOTAL (every node above running at once): $0.4032/hour" in table

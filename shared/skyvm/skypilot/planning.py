@@ -60,7 +60,11 @@ def plan(entries: list[tuple[str, NodeSettings]], *, catalog_dir: Optional[str] 
     rows = []
     for (name, settings), task, answer in zip(entries, tasks, answers):
         requested = {k: v for k, v in task["resources"].items() if k not in ("labels",)}
-        rows.append({"node": name, "requested": requested, **answer})
+        row = {"node": name, "requested": requested, **answer}
+        if settings.pool is not None and "hourly_price" in answer:
+            # A pool keeps its workers up whether nodes run or not: its cost is workers x price.
+            row["pool"] = {"name": settings.pool.name, "workers": settings.pool.workers, "hourly_price": round(answer["hourly_price"] * settings.pool.workers, 4)}
+        rows.append(row)
     return rows
 
 
@@ -75,6 +79,11 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if "error" in r:
             table.append((r["node"], req(r), "-", "-", "-", "-", "-", "-"))
+        elif r.get("pool"):
+            pool = r["pool"]
+            total += pool["hourly_price"]
+            price = f"{pool['hourly_price']:.4f} ({pool['workers']} x {r['hourly_price']:.4f}, pool{' ' + pool['name'] if pool['name'] else ''})"
+            table.append((r["node"], req(r), r["cloud"], r["region"] or "-", r["zone"] or "-", r["instance_type"], "yes" if r["use_spot"] else "no", price))
         else:
             total += r["hourly_price"]
             table.append((r["node"], req(r), r["cloud"], r["region"] or "-", r["zone"] or "-", r["instance_type"], "yes" if r["use_spot"] else "no", f"{r['hourly_price']:.4f}"))
