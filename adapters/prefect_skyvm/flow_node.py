@@ -1,0 +1,132 @@
+"""What a flow run's node needs: its settings from the job variables, the environment, the mounts.
+
+Pure functions of the job configuration and the worker's host, so the worker
+(``workers.py``) only launches and follows.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Optional
+
+from skyvm.settings import NodeSettings, as_config, validate_layer
+
+# The job variables that are node settings, in the order the work pool's form shows them.
+NODE_FIELDS = (
+    "backend", "cpus", "memory", "accelerators", "use_spot", "job_recovery", "cloud", "infra", "region", "zone",
+    "instance_type", "disk_size", "disk_tier", "image", "requirements", "registry", "envs", "secrets",
+    "docker_run_args", "down", "idle_minutes_to_autostop", "timeout", "payload_store", "connector",
+)
+# Job variables that choose which settings apply, rather than being settings.
+SELECT_FIELDS = ("settings_file", "profile")
+
+# The engine runs on the node as Prefect's own workers run it: the flow run's id in PREFECT__FLOW_RUN_ID.
+ENGINE_COMMAND = "python -m prefect.engine"
+
+# Worker environment variables that carry credentials go to the node as secrets (masked, never on a
+# command line); the API URL too, as it may embed a token or name a private host.
+_SECRET_NAME = re.compile(r"KEY|SECRET|TOKEN|PASSWORD|AUTH|CREDENTIAL", re.IGNORECASE)
+_ALWAYS_SECRET = ("PREFECT_API_URL",)
+
+# The node image gets Prefect at the host's version: states and results written on the node must be
+# read by the same Prefect here. fastapi and certifi at the host's versions too (pyproject.toml's
+# prefect extra says why); async-timeout because redis needs it below Python 3.11.3 (the base image's
+# Debian Python) though not on the host, where the wheels are built; docker, so a flow on a node can
+# start its tasks' nodes (SkyVMTaskRunner on the local backend).
+_PINNED = ("prefect", "fastapi", "certifi", "docker")
+_EXTRA = ("async-timeout>=4.0.3",)
+
+
+def node_requirements() -> list[str]:
+    pins = []
+    for name in _PINNED:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return pins + list(_EXTRA)
+
+
+def flow_settings(flow_name: str, variables: Mapping[str, Any], where: str) -> NodeSettings:
+    """The flow's node settings: the shared YAML's defaults, profile and ``nodes[<flow name>]``, under the
+    job variables that are set. A bad value raises SettingsError naming ``job_variables.<field>``."""
+    given = {k: v for k, v in variables.items() if k in NODE_FIELDS and v is not None}
+    validate_layer(given, "job_variables", where)
+    config = as_config(variables.get("settings_file") or None)
+    return config.resolve(flow_name, profile=variables.get("profile") or None, code=given)
+
+
+def split_env(env: Mapping[str, Optional[str]]) -> tuple[dict[str, str], dict[str, str]]:
+    """(envs, secrets) of the flow run's environment."""
+    envs, secrets = {}, {}
+    for name, value in env.items():
+        if value is None:
+            continue
+        if name in _ALWAYS_SECRET or _SECRET_NAME.search(name):
+            secrets[name] = value
+        else:
+            envs[name] = value
+    return envs, secrets
+
+
+def source_directories(deployment: Any) -> list[str]:
+    """Local directories the deployment's code comes from (``flow.from_source("/path")``, a
+    ``set_working_directory`` pull step, the deployment's ``path``): the local backend mounts them at
+    the same path, as SkyVMExecutor mounts the DAGs folder."""
+    if deployment is None:
+        return []
+    found: list[str] = []
+    for step in getattr(deployment, "pull_steps", None) or []:
+        for name, args in step.items():
+            if name.endswith("set_working_directory") and isinstance(args, Mapping) and args.get("directory"):
+                found.append(str(args["directory"]))
+    if getattr(deployment, "path", None):
+        found.append(str(deployment.path))
+    return _existing_dirs(found)
+
+
+def _existing_dirs(paths: Iterable[str]) -> list[str]:
+    out = []
+    for path in paths:
+        p = Path(path)
+        # Templated ({{ ... }}) or relative paths mean nothing on this host: the node resolves them.
+        if p.is_absolute() and p.is_dir() and str(p) not in out:
+            out.append(str(p))
+    return out
+
+
+def local_mounts(source_dirs: Iterable[str], result_dir: Optional[str]) -> tuple[list[str], dict[str, str]]:
+    """(docker_run_args, envs) for a flow's node on the local backend.
+
+    - the flow's source directories and Prefect's local result storage, at the same paths;
+    - skyvm's home and the Docker socket, so the flow's own SkyVMTaskRunner starts its tasks'
+      nodes on this machine's engine (nesting), their store paths valid on the host.
+    """
+    from skyvm.payloads import DEFAULT_HOME
+
+    home = str(DEFAULT_HOME.resolve())
+    Path(home).mkdir(parents=True, exist_ok=True)
+    paths = [*source_dirs, home]
+    envs = {"SKYVM_HOME": home}
+    if result_dir:
+        Path(result_dir).mkdir(parents=True, exist_ok=True)
+        paths.append(result_dir)
+        envs["PREFECT_LOCAL_STORAGE_PATH"] = result_dir
+    args: list[str] = []
+    for path in dict.fromkeys(paths):
+        args += ["--volume", f"{path}:{path}"]
+    socket = docker_socket()
+    if socket:
+        args += ["--volume", f"{socket}:{socket}"]
+        envs["DOCKER_HOST"] = f"unix://{socket}"
+    return args, envs
+
+
+def docker_socket() -> Optional[str]:
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://") and Path(host.removeprefix("unix://")).exists():
+        return host.removeprefix("unix://")
+    return None

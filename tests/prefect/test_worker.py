@@ -1,0 +1,338 @@
+"""SkyVMWorker, @skyvm and nesting against a real `prefect server start`, a real worker process and real containers.
+
+One server (SQLite, loopback) and one `prefect worker start --type skyvm` process serve the
+whole module; each test deploys flows from a source directory and watches what a user sees:
+states, logs and results in the API, limits from inside the container, what is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from netutil import free_port, wait_http
+
+from skyvm.backends.local import list_managed
+
+POOL = "skyvm-test-pool"
+DEADLINE_S = 240
+
+FLOWS = '''
+import os
+import time
+
+from prefect import flow, get_run_logger, task
+from prefect_skyvm import SkyVMTaskRunner
+from skyvm.limits import container_limits
+
+
+@flow(persist_result=True)
+def probe(x: int) -> dict:
+    get_run_logger().info("hello from the node, x=%s", x)
+    return {"double": 2 * x, **container_limits()}
+
+
+@flow(persist_result=True)
+def tick() -> str:
+    return container_limits()["cluster"]
+
+
+@flow
+def sleeper() -> None:
+    get_run_logger().info("sleeping on the node")
+    time.sleep(600)
+
+
+@task
+def where(i: int) -> dict:
+    return {"i": i, **container_limits()}
+
+
+@flow(persist_result=True, task_runner=SkyVMTaskRunner({"defaults": {"cpus": 0.5, "memory": 0.5}}))
+def orchestrator(n: int) -> dict:
+    tasks = [where.submit(i) for i in range(n)]
+    return {"flow": container_limits()["cluster"], "tasks": [t.result() for t in tasks]}
+'''
+
+
+def _wait(predicate, what: str, timeout: float = DEADLINE_S, every: float = 0.5):
+    """Poll until predicate() is truthy; its value, or a failure naming what was awaited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory, docker_engine):
+    """`prefect server start` on loopback with its own SQLite database; the API URL for this module."""
+    home = tmp_path_factory.mktemp("prefect-server")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_UI_ENABLED": "false",
+        # Scheduled runs appear within seconds of a deployment's creation.
+        "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(url + "/health", timeout=120)
+        yield url
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def api(prefect_server, tmp_path_factory):
+    """This process's Prefect settings point at the module's server; results in a directory the worker shares."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
+
+    storage = tmp_path_factory.mktemp("prefect-results")
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server, PREFECT_LOCAL_STORAGE_PATH: str(storage)}):
+        yield {"url": prefect_server, "storage": str(storage)}
+
+
+@pytest.fixture(scope="module")
+def worker(api, tmp_path_factory):
+    """`prefect work-pool create --type skyvm` and one `prefect worker start --type skyvm` process."""
+    home = tmp_path_factory.mktemp("prefect-worker")
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": api["url"],
+        "PREFECT_HOME": str(home),
+        "PREFECT_LOCAL_STORAGE_PATH": api["storage"],
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+        "PREFECT_WORKER_PREFETCH_SECONDS": "0",
+    }
+    created = subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", POOL, "--type", "skyvm"], env=env, capture_output=True, text=True)
+    assert created.returncode == 0, created.stdout + created.stderr
+    log_path = home / "worker.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefect", "worker", "start", "--pool", POOL, "--type", "skyvm", "--name", "skyvm-test-worker"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        _wait(lambda: asyncio.run(_worker_online()) or proc.poll() is not None, "the worker to report to the API", timeout=120)
+        assert proc.poll() is None, log_path.read_text()
+        yield log_path
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+
+
+async def _worker_online() -> bool:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        return bool(await client.read_workers_for_work_pool(POOL))
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory) -> Path:
+    """The flows' source directory (deployed with flow.from_source, mounted on the local backend)."""
+    path = tmp_path_factory.mktemp("flow-source")
+    (path / "flows.py").write_text(FLOWS)
+    return path
+
+
+def deploy(source: Path, entrypoint: str, **kwargs) -> uuid.UUID:
+    from prefect import flow
+
+    name = f"{entrypoint.split(':')[1]}-{uuid.uuid4().hex[:6]}"
+    return flow.from_source(str(source), entrypoint=f"flows.py:{entrypoint.split(':')[1]}").deploy(
+        name=name, work_pool_name=POOL, print_next_steps=False, ignore_warnings=True, **kwargs
+    )
+
+
+def run(deployment_id, parameters=None):
+    from prefect.deployments import run_deployment
+
+    return run_deployment(deployment_id, parameters=parameters or {}, timeout=0)
+
+
+def read(coro_fn, *args):
+    from prefect.client.orchestration import get_client
+
+    async def go():
+        async with get_client() as client:
+            return await coro_fn(client, *args)
+
+    return asyncio.run(go())
+
+
+async def _flow_run(client, flow_run_id):
+    return await client.read_flow_run(flow_run_id)
+
+
+def wait_final(flow_run_id, timeout: float = DEADLINE_S):
+    return _wait(lambda: (fr := read(_flow_run, flow_run_id)).state.is_final() and fr, f"flow run {flow_run_id} to end", timeout)
+
+
+def node_containers(flow_run_id) -> list[dict]:
+    return [r for r in list_managed() if r["run_id"] == f"prefect-flow-{flow_run_id}"]
+
+
+# -- deployments ---------------------------------------------------------------------------------
+
+
+def test_deployment_runs_on_a_node_with_its_job_variables(worker, source):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    flow_run = run(deploy(source, "flows.py:probe", job_variables={"cpus": 1.5, "memory": 0.75}), {"x": 21})
+    done = wait_final(flow_run.id)
+    assert done.state.is_completed(), (done.state, worker.read_text()[-3000:])
+    seen = done.state.result()
+    assert seen["double"] == 42
+    assert (seen["cpus"], seen["memory_gib"]) == (1.5, 0.75)  # cpu.max / memory.max inside the container
+    assert seen["cluster"].startswith("skyvm-prefect-flow-")
+
+    async def logs(client):
+        return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+
+    messages = _wait(lambda: [m for m in (log.message for log in read(logs)) if "hello from the node, x=21" in m], "the node's log in the API", timeout=30)
+    assert messages
+    # The engine reports Completed from the node; the worker then releases the node's cluster (down: true).
+    _wait(lambda: node_containers(flow_run.id) == [], "the node's container to go", timeout=60)
+
+
+def test_interval_schedule_runs_on_fresh_nodes(worker, source):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId, FlowRunFilter, FlowRunFilterState, FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+
+    deployment_id = deploy(source, "flows.py:tick", interval=timedelta(seconds=5), job_variables={"cpus": 0.5})
+
+    async def completed(client):
+        return await client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.COMPLETED]))),
+        )
+
+    try:
+        runs = _wait(lambda: (r := read(completed)) if len(r) >= 2 else None, "two scheduled runs to complete")
+    finally:
+        read(lambda client: client.delete_deployment(deployment_id))
+    assert all(r.auto_scheduled for r in runs)
+    clusters = [r.state.result() for r in runs]
+    assert all(c and c.startswith("skyvm-prefect-flow-") for c in clusters)
+    assert len(set(clusters)) == len(clusters)  # each run on a node of its own
+    _wait(lambda: not [c for r in runs for c in node_containers(r.id)], "the runs' containers to go", timeout=60)
+
+
+def test_cancelling_a_running_flow_run_stops_its_node(worker, source):
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.states import Cancelling
+
+    flow_run = run(deploy(source, "flows.py:sleeper"))
+
+    async def logs(client):
+        return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+
+    _wait(lambda: any("sleeping on the node" in log.message for log in read(logs)), "the flow to run on its node")
+    assert [c for c in node_containers(flow_run.id) if c["state"] == "running"]
+    read(lambda client: client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the test")))
+    done = wait_final(flow_run.id, timeout=120)
+    assert done.state.is_cancelled(), done.state
+    _wait(lambda: node_containers(flow_run.id) == [], "the node's container to go", timeout=60)
+
+
+def test_a_node_that_cannot_start_leaves_the_run_crashed(worker, source):
+    flow_run = run(deploy(source, "flows.py:probe", job_variables={"cpus": 64}), {"x": 1})
+    done = wait_final(flow_run.id)
+    assert done.state.is_crashed(), done.state
+    assert "64" in done.state.message and "CPU" in done.state.message.upper(), done.state.message
+    assert node_containers(flow_run.id) == []
+
+
+def test_a_bad_job_variable_fails_the_run_naming_it(worker, source):
+    flow_run = run(deploy(source, "flows.py:probe", job_variables={"disk_tier": "fastest"}), {"x": 1})
+    done = wait_final(flow_run.id)
+    assert done.state.is_failed(), done.state
+    assert "job_variables.disk_tier" in done.state.message and "fastest" in done.state.message, done.state.message
+    assert node_containers(flow_run.id) == []
+
+
+def test_nested_flow_on_a_node_runs_its_tasks_on_nodes_of_their_own(worker, source):
+    flow_run = run(deploy(source, "flows.py:orchestrator", job_variables={"cpus": 1, "memory": 1}), {"n": 2})
+    done = wait_final(flow_run.id)
+    assert done.state.is_completed(), (done.state, worker.read_text()[-3000:])
+    seen = done.state.result()
+    task_clusters = [t["cluster"] for t in seen["tasks"]]
+    assert seen["flow"].startswith("skyvm-prefect-flow-")
+    assert all(c and c.startswith("skyvm-prefect-") for c in task_clusters)
+    assert len({seen["flow"], *task_clusters}) == 3  # the flow and each task in a container of its own
+    assert [t["cpus"] for t in seen["tasks"]] == [0.5, 0.5]
+    ids = (f"prefect-flow-{flow_run.id}", f"prefect-{flow_run.id}")
+    _wait(lambda: not [r for r in list_managed() if r["run_id"] in ids], "the flow's and its tasks' containers to go", timeout=60)
+
+
+# -- @skyvm -----------------------------------------------------------------------------------------
+
+
+def test_skyvm_decorator_runs_the_flow_on_a_node_and_returns_its_result(api, worker):
+    from prefect import flow
+
+    from prefect_skyvm import skyvm
+    from skyvm.limits import container_limits
+
+    @skyvm(work_pool=POOL, cpus=0.5, memory=0.5)
+    @flow
+    def where(x: int) -> dict:
+        return {"double": 2 * x, **container_limits()}
+
+    seen = where(5)
+    assert seen["double"] == 10
+    assert (seen["cpus"], seen["memory_gib"]) == (0.5, 0.5)
+    assert seen["cluster"].startswith("skyvm-prefect-flow-")
+    assert not [r for r in list_managed() if r["name"] == seen["cluster"]]  # the call returns after the node is released
+
+
+def test_skyvm_decorator_rejects_bad_job_variables_before_anything_runs():
+    from prefect import flow
+
+    from prefect_skyvm import skyvm
+    from skyvm.errors import SettingsError
+
+    with pytest.raises(ValueError, match="unknown job variable.*'cpu'"):
+        skyvm(work_pool=POOL, cpu=2)
+    with pytest.raises(SettingsError, match="job_variables.memory"):
+        skyvm(work_pool=POOL, memory="lots")
+
+    @flow
+    def plain():
+        return 1
+
+    assert skyvm(work_pool=POOL, cpus=1)(plain).job_variables == {"cpus": 1}
