@@ -263,6 +263,13 @@ def _run_attempt(args, pidfile: Path) -> int:
         except Exception as exc:  # noqa: BLE001 - any fetch/unpickle problem is an infrastructure failure
             print(f"skyvm.node: cannot load payload {args.payload}: {exc}", file=sys.stderr, flush=True)
             return EXIT_INFRA
+        # A multi-node cluster (num_nodes) runs this on every VM, SkyPilot's rank in the environment:
+        # a command runs on each; a callable on rank 0 alone unless it asked for all ranks
+        # (SKYVM_ALL_RANKS). Rank 0 alone reports the node's result; every rank's exit code counts.
+        rank = int(os.environ.get("SKYPILOT_NODE_RANK") or 0)
+        if rank and payload["kind"] == "call" and os.environ.get("SKYVM_ALL_RANKS") != "1":
+            print(f"skyvm.node: rank {rank}: a callable node runs on rank 0 (all_ranks: true runs it on every rank)", flush=True)
+            return EXIT_OK
         result_store, result_key = store_for_object(args.result)
         result: dict[str, Any] = {"attempt": args.attempt}
         code = EXIT_OK
@@ -296,7 +303,8 @@ def _run_attempt(args, pidfile: Path) -> int:
                 {"attempt": args.attempt, "ok": False, "exc": None, "exc_type": "UnpicklableResult", "message": f"the node's return value cannot be sent back ({type(exc).__name__}: {exc}): return plain data (numbers, strings, lists, dicts, arrays) or write large objects to a bucket and return their URL", "traceback": ""}
             )
             code = EXIT_USER_FAILURE
-        result_store.put(result_key, blob)
+        if not rank:
+            result_store.put(result_key, blob)
         return code
     finally:
         _touch_activity()

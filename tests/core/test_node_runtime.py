@@ -119,3 +119,17 @@ def test_idle_watch_exits_after_idle(tmp_path):
     assert forever.poll() is None  # no autostop: stays up
     forever.send_signal(signal.SIGTERM)
     assert forever.wait(timeout=5) == 0
+
+
+def test_multi_node_ranks_a_callable_on_rank_0_a_command_on_every_rank(store, tmp_path):
+    """num_nodes > 1: SkyPilot starts the run command on every VM with SKYPILOT_NODE_RANK set."""
+    marker = tmp_path / "ran"
+    other = run_node(store, make_call_payload(add, (2, 3)), attempt="c1", env={"SKYPILOT_NODE_RANK": "1"})
+    assert other.returncode == 0 and "adding" not in other.stdout and "runs on rank 0" in other.stdout
+    assert not store.exists("results/c1")  # only rank 0 reports
+    rank0 = run_node(store, make_call_payload(add, (2, 3)), attempt="c1", env={"SKYPILOT_NODE_RANK": "0"})
+    assert rank0.returncode == 0 and result_of(store, "c1")["value"] == 5
+    everywhere = run_node(store, make_call_payload(add, (1, 1)), attempt="c2", env={"SKYPILOT_NODE_RANK": "2", "SKYVM_ALL_RANKS": "1"})
+    assert "adding 1 and 1" in everywhere.stdout and not store.exists("results/c2")
+    command = run_node(store, make_command_payload(f'echo "rank $SKYPILOT_NODE_RANK" >> {marker}; exit 3'), attempt="m1", env={"SKYPILOT_NODE_RANK": "1"})
+    assert command.returncode == 3 and marker.read_text() == "rank 1\n"  # its exit code fails the job

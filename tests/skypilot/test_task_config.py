@@ -78,3 +78,66 @@ def test_a_vm_image_keeps_the_vm_and_runs_the_container_itself():
     assert res.image_id == {"us-east-1": "ami-0123456789abcdef0"}
     assert "docker run" in task.run and "-e MODE" in task.run and "-e API_TOKEN" in task.run
     assert "tok-secret" not in task.run
+
+
+def test_candidates_and_the_newer_settings_reach_real_skypilot_objects():
+    s = NodeSettings(
+        backend="skypilot", cpus="4+", max_hourly_cost=40, network_tier="best", num_nodes=2, workdir=".",
+        any_of=[{"infra": "gcp", "accelerators": "A100", "use_spot": True}, {"infra": "aws", "accelerators": "H100:8"}],
+        file_mounts={"/data": "s3://bucket/data"}, autostop={"idle_minutes": 7, "down": True, "wait_for": "jobs"},
+        skypilot={"resources": {"local_disk": "ssd"}, "task": {"event_callback": "echo done"}},
+    )
+    task, _ = roundtrip_all(task_config(spec_for(s)))
+    assert isinstance(task.resources, set) and len(task.resources) == 2  # any_of: SkyPilot chooses among them
+    by_cloud = {str(r.cloud): r for r in task.resources}
+    gcp, aws = by_cloud["GCP"], by_cloud["AWS"]
+    assert gcp.use_spot and gcp.accelerators == {"A100": 1} and not aws.use_spot and aws.accelerators == {"H100": 8}
+    for res in (gcp, aws):  # what every candidate shares stays with each
+        assert res.cpus == "4+" and res.network_tier.value == "best" and res.max_hourly_cost == 40
+        assert (res.autostop_config.idle_minutes, res.autostop_config.down, res.autostop_config.wait_for.value) == (7, True, "jobs")
+        assert res.labels["skyvm-node"] == "train" and res.extract_docker_image() == "registry.example.com/skyvm-node:abc"
+        assert res.local_disk.startswith("ssd")  # the pass-through
+    assert task.num_nodes == 2 and task.workdir == "." and task.file_mounts == {"/data": "s3://bucket/data"}
+    assert task.event_callback == "echo done"
+
+
+@pytest.mark.parametrize(
+    "fields,expected",
+    [
+        ({"ordered": [{"infra": "lambda", "accelerators": "H100:8"}, {"infra": "gcp", "accelerators": "A100", "use_spot": True}]}, [("Lambda", False), ("GCP", True)]),
+        ({"cloud": "aws", "cpus": "4+", "spot_fallback": True}, [("AWS", True), ("AWS", False)]),
+    ],
+)
+def test_ordered_and_spot_fallback_keep_their_order(fields, expected):
+    task, _ = roundtrip_all(task_config(spec_for(NodeSettings(backend="skypilot", **fields))))
+    assert isinstance(task.resources, list)  # ordered: SkyPilot tries them in this order
+    assert [(str(r.cloud), bool(r.use_spot)) for r in task.resources] == expected
+
+
+def test_a_callable_on_every_rank_says_so_to_the_node_runtime():
+    cfg = task_config(spec_for(NodeSettings(backend="skypilot", num_nodes=3, all_ranks=True)))
+    assert cfg["num_nodes"] == 3 and cfg["envs"]["SKYVM_ALL_RANKS"] == "1"
+    assert "SKYVM_ALL_RANKS" not in task_config(spec_for(NodeSettings(backend="skypilot", num_nodes=3)))["envs"]
+
+
+@pytest.mark.parametrize(
+    "section,fields,fragment",
+    [
+        ("resources", {"local_disk": 5}, "skypilot.resources"),
+        ("resources", {"lokal_disk": "ssd"}, "did you mean 'local_disk'"),
+        ("task", {"event_callbak": "x"}, "did you mean 'event_callback'"),
+        ("launch", {"fastt": True}, "did you mean 'fast'"),
+    ],
+)
+def test_the_pass_through_is_checked_against_skypilots_own_schema(section, fields, fragment):
+    from skyvm.errors import SettingsError
+    from skyvm.settings import SkyVMConfig
+
+    with pytest.raises(SettingsError, match=fragment) as err:
+        SkyVMConfig({"nodes": {"n": {"backend": "skypilot", "skypilot": {section: fields}}}}, source="s.yaml")
+    assert f"nodes.n.skypilot.{section}" in str(err.value)
+
+
+def roundtrip_all(cfg):
+    task = sky.Task.from_yaml_config(dict(cfg))
+    return sky.Task.from_yaml_config(task.to_yaml_config()), task

@@ -61,7 +61,7 @@ FAILED_JOB_EXIT = 100
 
 
 class SkyBridge(Protocol):
-    def launch(self, task: dict, cluster_name: str, *, idle_minutes_to_autostop: Optional[int], down: bool, retry_until_up: bool, dryrun: bool = False, on_log: Optional[LogSink] = None) -> dict: ...
+    def launch(self, task: dict, cluster_name: str, *, idle_minutes_to_autostop: Optional[int], down: bool, retry_until_up: bool, dryrun: bool = False, on_log: Optional[LogSink] = None, options: Optional[dict] = None) -> dict: ...
     def exec(self, task: dict, cluster_name: str, on_log: Optional[LogSink] = None) -> dict: ...
     def job_status(self, cluster_name: str, job_id: int) -> Optional[str]: ...
     def tail_logs(self, cluster_name: str, job_id: int, on_log: Optional[LogSink] = None, follow: bool = True) -> int: ...
@@ -149,8 +149,12 @@ class InProcessBridge:
         finally:
             stream.flush()
 
-    def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False, on_log=None):
-        rid = self.sky.launch(self._task(task), cluster_name=cluster_name, idle_minutes_to_autostop=idle_minutes_to_autostop, down=down, retry_until_up=retry_until_up, dryrun=dryrun)
+    def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False, on_log=None, options=None):
+        # options: the settings' skypilot.launch pass-through, sky.launch arguments skyvm does not model.
+        rid = self.sky.launch(
+            self._task(task), cluster_name=cluster_name, idle_minutes_to_autostop=idle_minutes_to_autostop, down=down,
+            retry_until_up=retry_until_up, dryrun=dryrun, **(options or {}),
+        )
         job_id, handle = self._stream_and_get(rid, on_log)
         return {"job_id": job_id, "cluster": cluster_name, "dryrun": bool(dryrun), **placement(getattr(handle, "launched_resources", None))}
 

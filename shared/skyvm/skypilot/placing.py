@@ -13,6 +13,8 @@ from typing import Any, Optional
 from skyvm.candidates import CANDIDATE_FIELDS
 
 _PLACE = ("cloud", "region", "zone", "instance_type", "use_spot")
+# How a refusal for the cost cap starts (a launch refuses on these, and leaves SkyPilot's other reasons to SkyPilot).
+CAP_REFUSAL = "max_hourly_cost $"
 
 
 def _task(resources: dict[str, Any]) -> dict[str, Any]:
@@ -59,9 +61,9 @@ def judge(resources: dict[str, Any], req: dict[str, Any], answers: dict[str, dic
         feasible = sorted([o for o in [pick, *options] if "error" not in o], key=lambda o: o["hourly_price"])
         if feasible and feasible[0]["hourly_price"] > cap:
             cheapest = feasible[0]
-            pick = {"error": f"max_hourly_cost ${cap:g}/hour: the cheapest feasible placement, {where(cheapest)}, costs ${cheapest['hourly_price']:.4f}/hour"}
+            pick = {"error": f"{CAP_REFUSAL}{cap:g}/hour: the cheapest feasible placement, {where(cheapest)}, costs ${cheapest['hourly_price']:.4f}/hour"}
         elif feasible and "error" not in pick:
-            pick = {"error": f"SkyPilot would take {where(pick)} at ${pick['hourly_price']:.4f}/hour, over max_hourly_cost ${cap:g}/hour, "
+            pick = {"error": f"{CAP_REFUSAL}{cap:g}/hour: SkyPilot would take {where(pick)} at ${pick['hourly_price']:.4f}/hour, "
                              f"though {where(feasible[0])} costs ${feasible[0]['hourly_price']:.4f}/hour: put that candidate first or drop the others"}
     row: dict[str, Any] = {**pick}
     if cap is not None:
@@ -108,3 +110,10 @@ def place(bridge, resources_list: list[dict[str, Any]]) -> list[dict[str, Any]]:
     tasks = distinct_tasks(reqs)
     answers = dict(zip((_key(t) for t in tasks), bridge.optimize(tasks))) if tasks else {}
     return [judge(r, req, answers) for r, req in zip(resources_list, reqs)]
+
+
+def cap_refusal(row: dict[str, Any]) -> Optional[str]:
+    """Why the cost cap refuses this node, or None (within it, or not placeable for another reason:
+    SkyPilot's launch says that one itself)."""
+    error = row.get("error") or ""
+    return error if error.startswith(CAP_REFUSAL) else None
