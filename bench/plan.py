@@ -120,8 +120,8 @@ def plan_bench(b) -> None:
         "<=",
         2.0,
         "s",
-        "skyvm plan asks SkyPilot's optimizer once per node (profile rows included), "
-        "not once per distinct request: 5 signatures cost as much as 1,000",
+        "SkyPilot's optimizer should run once per distinct request (placing.distinct_tasks, "
+        "InProcessBridge.optimize): past the target, 1,000 nodes cost more than their 5 signatures",
     )
 
 

@@ -97,3 +97,22 @@ def test_run_command_starts_the_node_runtime():
 def test_resources_hold_only_vm_fields_that_are_set():
     t = spec(NodeSettings(cpus="4+", accelerators={"A100": 1}, use_spot=True, labels={"team": "ml"}, envs={"X": "1"}))
     assert t.resources == {"cpus": "4+", "accelerators": {"A100": 1}, "use_spot": True, "labels": {"team": "ml"}}
+
+
+def test_a_plan_asks_the_optimizer_once_per_distinct_request():
+    """1,000 nodes of 5 signatures: 5 optimizer runs, not 1,000 (issue 10), and every node still gets its row."""
+    from skyvm.plan import resources
+    from skyvm.skypilot.placing import place
+    from skyvm.skypilot.task_config import resources_config
+
+    shapes = [NodeSettings(backend="skypilot", cpus=f"{n}+") for n in range(1, 6)]
+    asked: list[dict] = []
+
+    class CountingOptimizer:
+        def optimize(self, tasks, clouds=None):
+            asked.extend(tasks)
+            return [{"cloud": "aws", "region": "r", "zone": None, "instance_type": t["resources"]["cpus"], "use_spot": False, "hourly_price": 1.0} for t in tasks]
+
+    rows = place(CountingOptimizer(), [resources_config(resources(shapes[i % 5])) for i in range(1000)])
+    assert len(asked) == 5 and len(rows) == 1000
+    assert [r["instance_type"] for r in rows[:6]] == ["1+", "2+", "3+", "4+", "5+", "1+"]

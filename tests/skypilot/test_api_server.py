@@ -102,3 +102,22 @@ def test_skyvm_status_asks_the_real_server(api_server):
     out = subprocess.run([sys.executable, "-m", "skyvm", "status", "--skypilot", "--json"], env=api_server.client_env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert [r for r in json.loads(out.stdout) if r["backend"] == "skypilot"] == []  # dry runs and failed launches left nothing
+
+
+def test_a_node_with_candidates_dry_run_lands_where_skyvm_plan_said(bridge, catalog_dir):
+    # The server's clouds are gcp and lambda: both candidates are placeable, the A100 spot is cheaper.
+    settings = NodeSettings(
+        backend="skypilot", any_of=[{"infra": "lambda", "accelerators": "H100:8"}, {"infra": "gcp", "accelerators": "A100:1", "use_spot": True}],
+        max_hourly_cost=40, skypilot={"launch": {"no_setup": True}},
+    )
+    (planned,) = plan([("pick", settings)], catalog_dir=catalog_dir)
+    assert [c["result"] for c in planned["candidates"]] == ["lost", "won"]
+    spec = plan_node(
+        settings, node="pick", run_id="manual__dry", attempt_id="pick-1", payload_url="s3://bucket/payloads/x",
+        result_url="s3://bucket/results/pick-1", image="registry.example.com/skyvm-node:abc",
+    )
+    lines: list[str] = []
+    bridge.launch(task_config(spec), spec.cluster_name, dryrun=True, on_log=lines.append, options=settings.skypilot["launch"])
+    row = chosen_row(lines)
+    assert "GCP" in row and planned["instance_type"] in row and planned["zone"] in row, "\n".join(lines)
+    assert spec.cluster_name not in [c["name"] for c in bridge.status()]
