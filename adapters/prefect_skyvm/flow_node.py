@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
@@ -118,10 +119,12 @@ def local_mounts(source_dirs: Iterable[str], result_dir: Optional[str]) -> tuple
     args: list[str] = []
     for path in dict.fromkeys(paths):
         args += ["--volume", f"{path}:{path}"]
-    socket = docker_socket()
-    if socket:
-        args += ["--volume", f"{socket}:{socket}"]
-        envs["DOCKER_HOST"] = f"unix://{socket}"
+    socket, cli = docker_socket(), shutil.which("docker")
+    if socket and cli:
+        # The local backend drives the engine through the socket and, for listing and odd flags, the CLI.
+        args += ["--volume", f"{socket}:{socket}", "--volume", f"{cli}:/usr/local/bin/docker:ro"]
+        # Task nodes in containers of their own, or a clear error: never plain processes in the flow's container.
+        envs.update({"DOCKER_HOST": f"unix://{socket}", "SKYVM_REQUIRE_DOCKER": "1"})
     return args, envs
 
 

@@ -242,7 +242,7 @@ def test_interval_schedule_runs_on_fresh_nodes(worker, source):
         )
 
     try:
-        runs = _wait(lambda: (r := read(completed)) if len(r) >= 2 else None, "two scheduled runs to complete")
+        runs = _wait(lambda: (lambda r: r if len(r) >= 2 else None)(read(completed)), "two scheduled runs to complete")
     finally:
         read(lambda client: client.delete_deployment(deployment_id))
     assert all(r.auto_scheduled for r in runs)
