@@ -446,6 +446,20 @@ class NodeSettings(BaseModel):
             return _INFRA_CLOUDS[self.infra.split("/")[0].lower()]
         return None
 
+    @property
+    def autostop_minutes(self) -> Optional[int]:
+        """Idle minutes before the cluster stops (None: never), from ``autostop`` when given (SkyPilot's
+        form), else ``idle_minutes_to_autostop``: what the local backend's idle watch applies."""
+        if self.autostop is None:
+            return self.idle_minutes_to_autostop
+        if self.autostop is False:
+            return None
+        if self.autostop is True:
+            return self.idle_minutes_to_autostop
+        if isinstance(self.autostop, int):
+            return self.autostop
+        return self.autostop.get("idle_minutes", self.idle_minutes_to_autostop)
+
     def accelerator_request(self) -> Optional[tuple[str, float]]:
         """(name, count) of the accelerators asked for, or None."""
         if self.accelerators is None:

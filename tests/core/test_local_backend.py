@@ -167,8 +167,13 @@ def test_down_false_keeps_the_cluster_warm_for_the_next_run_then_gc_removes_it()
     assert not [r for r in list_managed() if r["name"] == h1.cluster]
 
 
-def test_autostop_removes_an_idle_cluster():
-    with Run({"defaults": {"down": False, "idle_minutes_to_autostop": 0, "cpus": 1.5}}) as run:
+@pytest.mark.parametrize(
+    "autostop",
+    [{"idle_minutes_to_autostop": 0}, {"idle_minutes_to_autostop": 30, "autostop": {"idle_minutes": 0}}],
+    ids=["idle_minutes_to_autostop", "skypilot-autostop-form-wins"],
+)
+def test_autostop_removes_an_idle_cluster(autostop):
+    with Run({"defaults": {"down": False, "cpus": 1.5, **autostop}}) as run:
         h = run.submit(limits, node="short-lived")
         h.result(120)
         name = h.cluster

@@ -360,7 +360,7 @@ class DockerBackend(Backend):
         env = {"SKYVM_CLUSTER": name}
         if os.environ.get("SKYVM_IDLE_POLL_S"):
             env["SKYVM_IDLE_POLL_S"] = os.environ["SKYVM_IDLE_POLL_S"]
-        minutes = s.idle_minutes_to_autostop
+        minutes = s.autostop_minutes
         watch = ["python3", "-m", "skyvm.node", "idle-watch"] + (["--minutes", str(minutes)] if minutes is not None else [])
         binds = []
         store = s.payload_store or str(DEFAULT_HOME / "store")
