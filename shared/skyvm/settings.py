@@ -402,7 +402,10 @@ class NodeSettings(BaseModel):
         fields = {k: getattr(self, k) for k in self.model_fields_set}
         _cands.check_combination(fields)
         which = "spot_fallback" if self.spot_fallback else ("any_of" if self.any_of else "ordered")
-        for i, layer in enumerate(_cands.candidate_layers(fields)):
+        layers = _cands.candidate_layers(fields)
+        if self.pool is not None and len({bool(layer.get("use_spot")) for layer in layers}) > 1:
+            raise FieldError(which, "a pool's workers are all spot or all on demand (SkyPilot refuses a mix): give every candidate the same use_spot, or drop pool")
+        for i, layer in enumerate(layers):
             try:
                 NodeSettings.model_validate({**layer, "backend": self.backend})
             except ValidationError as exc:

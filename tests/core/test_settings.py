@@ -124,6 +124,7 @@ def test_spot_recovery_is_a_deprecated_alias():
         ({"nodes": {"a": {"spot_fallback": True, "use_spot": True}}}, "nodes.a.spot_fallback", "drop use_spot"),
         ({"nodes": {"a": {"cloud": "lambda", "spot_fallback": True}}}, "nodes.a.spot_fallback", "Lambda Cloud does not support spot_fallback"),
         ({"nodes": {"a": {"max_hourly_cost": 0}}}, "nodes.a.max_hourly_cost", "greater than 0"),
+        ({"nodes": {"a": {"backend": "skypilot", "pool": {"workers": 2}, "spot_fallback": True}}}, "nodes.a.spot_fallback", "all spot or all on demand"),
         ({"nodes": {"a": {"network_tier": "fast"}}}, "nodes.a.network_tier", "got 'fast'; accepted: 'standard', 'best'"),
         ({"nodes": {"a": {"num_nodes": 2}}}, "nodes.a.num_nodes", "needs backend: skypilot"),
         ({"nodes": {"a": {"autostop": {"idle_minute": 5}}}}, "nodes.a.autostop.idle_minute", "did you mean 'idle_minutes'"),
