@@ -165,3 +165,22 @@ def test_skyvm_plan_prices_a_pool_as_its_workers_times_the_price(catalog_dir):
     assert pooled["pool"] == {"name": None, "workers": 3, "hourly_price": 0.3024} and "pool" not in single
     table = format_table(rows)
     assert "0.3024 (3 x 0.1008, pool)" in table and "TOTAL (every node above running at once): $0.4032/hour" in table
+
+
+def test_a_shared_pool_is_made_once_outlives_its_runs_and_only_gc_all_takes_it(pool_vm, cloud_settings, monkeypatch, capsys):
+    from skyvm import cli
+    from skyvm.skypilot import bridge as bridge_module
+
+    monkeypatch.setattr(bridge_module, "get_bridge", lambda: skypilot_backend_module._backend.bridge)
+    settings = {**cloud_settings, "nodes": {"pooled": {"pool": "team-pool"}}}  # a name: the team's long-lived pool
+    for n in (1, 2):  # two runs, one after the other
+        with Run(settings) as run:
+            assert run.submit(add, n, n, node="pooled").result(300) == 2 * n
+    (applied,) = pool_vm.calls("pool_apply")  # made by the first run, found by the second
+    assert applied["pool"] == "team-pool" and applied["task"]["pool"] == {"workers": 1}
+    assert applied["task"]["resources"]["labels"]["skyvm-pool"] == "shared"
+    assert not pool_vm.calls("pool_down")  # down: true takes a run's own pools, never a shared one
+    assert cli.main(["gc", "--skypilot"]) == 0 and not pool_vm.calls("pool_down")
+    assert cli.main(["gc", "--all-skypilot"]) == 0
+    assert "tore down 1 SkyPilot pool(s): team-pool" in capsys.readouterr().out
+    assert [c["pool"] for c in pool_vm.calls("pool_down")] == ["team-pool"]

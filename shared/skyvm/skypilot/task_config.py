@@ -125,13 +125,15 @@ def task_config(spec: TaskSpec, *, registry_password: Optional[str] = None) -> d
 
 
 def _pool_labels(spec: TaskSpec, pool: str) -> dict[str, str]:
-    # The pool's and its jobs' resources must match, so they carry the same labels: the run and
-    # signature the pool was made for (skyvm status / gc read them), never one node's name.
+    # The pool's and its jobs' resources must match, so they carry the same labels: the signature,
+    # and for a run's own pool that run (skyvm status / gc read them), never one node's name. A
+    # shared pool serves many runs: naming one would make every other run's jobs mismatch it.
+    shared = bool(spec.settings.pool and spec.settings.pool.shared)
     return {
         **spec.resources.get("labels", {}),
-        "skyvm-run-id": _label_value(spec.run_id),
+        **({} if shared else {"skyvm-run-id": _label_value(spec.run_id)}),
         "skyvm-signature": spec.signature[:12],
-        "skyvm-pool": "shared" if spec.settings.pool and spec.settings.pool.shared else "run",
+        "skyvm-pool": "shared" if shared else "run",
     }
 
 
