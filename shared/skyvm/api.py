@@ -389,7 +389,10 @@ class Outcome:
         if result["ok"]:
             if status.state is not JobState.SUCCEEDED:
                 # Never report success for a job the backend saw fail.
-                raise InfrastructureError(f"node {self.node!r} wrote a result but its job ended {status.state.value} (exit {status.exit_code})")
+                raise InfrastructureError(
+                    f"node {self.node!r} wrote a result but its job ended {status.state.value} (exit {status.exit_code}: {status.detail}); "
+                    "the result is not trusted: retry the node, and check the cluster's log"
+                )
             return result.get("value")
         err = NodeFailed(
             redact.redact(f"node {self.node!r} failed: {result.get('exc_type')}: {result.get('message')}"),

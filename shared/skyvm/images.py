@@ -122,13 +122,18 @@ class BuiltImage:
     pushed: bool
 
 
+# Every Docker Engine API call waits at most this long for an answer (the SDK's read timeout);
+# streams (builds, pulls, a node's log) wait this long between two chunks, not in total.
+DOCKER_CALL_TIMEOUT_S = float(os.environ.get("SKYVM_DOCKER_CALL_TIMEOUT_S", "120"))
+
+
 def docker_client():
     try:
         import docker
     except ImportError:  # pragma: no cover - depends on the install
         raise InfrastructureError("building node images needs the docker SDK: pip install 'skyvm[docker]'") from None
     try:
-        client = docker.from_env()
+        client = docker.from_env(timeout=DOCKER_CALL_TIMEOUT_S)
         client.ping()
     except Exception as exc:  # noqa: BLE001 - any connection problem means the same to the user
         raise InfrastructureError(f"no Docker engine reachable ({exc}); start dockerd, or set DOCKER_HOST") from None

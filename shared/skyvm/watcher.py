@@ -49,6 +49,18 @@ class _Deadline:
     done: bool = False
 
 
+def split_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
+    """Docker's multiplexed stream: (stream id, data) of each whole frame (8-byte header), and the rest."""
+    frames = []
+    while len(buffer) >= 8:
+        size = struct.unpack(">I", buffer[4:8])[0]
+        if len(buffer) < 8 + size:
+            break
+        frames.append((buffer[0], buffer[8 : 8 + size]))
+        buffer = buffer[8 + size :]
+    return frames, buffer
+
+
 class Watcher:
     def __init__(self):
         self._sel = selectors.DefaultSelector()
@@ -145,13 +157,9 @@ class Watcher:
         if not stream.docker_frames:
             self._lines(stream, chunk)
             return
-        stream.buffer += chunk
-        while len(stream.buffer) >= 8:
-            size = struct.unpack(">I", stream.buffer[4:8])[0]
-            if len(stream.buffer) < 8 + size:
-                break
-            self._lines(stream, stream.buffer[8 : 8 + size])
-            stream.buffer = stream.buffer[8 + size :]
+        frames, stream.buffer = split_frames(stream.buffer + chunk)
+        for _stream_id, data in frames:
+            self._lines(stream, data)
 
     def _lines(self, stream: _Stream, data: bytes) -> None:
         stream.text += data

@@ -360,3 +360,19 @@ def test_an_unpicklable_argument_names_the_node_and_the_argument_and_nothing_sta
     text = str(info.value)
     assert "node 'locked'" in text and "argument 'guard'" in text and "lock" in text.lower()
     assert "create them inside the function" in text
+
+
+def test_a_docker_call_past_its_bound_is_an_error_naming_the_call():
+    import docker
+
+    from skyvm.backends.local import DockerBackend
+    from skyvm.images import default_base_image
+
+    box = docker.from_env().containers.run(default_base_image(), ["sleep", "60"], detach=True, network_mode="host")
+    try:
+        backend = DockerBackend()
+        assert backend._exec_output(box.id, ["echo", "hello"], timeout=5) == (0, "hello\n", "")
+        with pytest.raises(InfrastructureError, match=r"'sleep 20' in cluster \w+ gave no output for 1s \(SKYVM_DOCKER_CALL_TIMEOUT_S\)"):
+            backend._exec_output(box.id, ["sleep", "20"], timeout=1)
+    finally:
+        box.remove(force=True)

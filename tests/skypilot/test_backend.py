@@ -24,7 +24,8 @@ from skyvm.backends.skypilot import SkyPilotBackend  # noqa: E402
 class StandInBridge:
     """Records calls; provisions nothing; runs each job's `run` as a local process."""
 
-    def __init__(self, fail_launch_for=None, preempt_managed_once=False):
+    def __init__(self, fail_launch_for=None, preempt_managed_once=False, jobs_end=None):
+        self.jobs_end = jobs_end  # what job_status says of a finished job, whatever tail_logs said: a fake that disagrees
         self.calls: list[tuple] = []
         self.lock = threading.Lock()
         self.clusters: dict[str, str] = {}  # name -> UP
@@ -50,8 +51,13 @@ class StandInBridge:
         cmd = shlex.split(task["run"])
         cmd[0] = sys.executable  # the node runtime, as it would start inside the container
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        job = {"proc": proc, "status": "RUNNING", "out": []}
+        # The job's log as SkyPilot keeps it on the VM: readable while it runs (tail_logs follow=False).
+        reader = threading.Thread(target=lambda: job["out"].extend(proc.stdout), daemon=True)
+        reader.start()
+        job["reader"] = reader
         with self.lock:
-            self.jobs[key] = {"proc": proc, "status": "RUNNING"}
+            self.jobs[key] = job
         return proc
 
     def launch(self, task, cluster_name, *, idle_minutes_to_autostop=None, down=False, retry_until_up=False, dryrun=False, on_log=None):
@@ -87,16 +93,24 @@ class StandInBridge:
     def tail_logs(self, cluster_name, job_id, on_log=None, follow=True):
         self._record("tail_logs", cluster_name, job_id)
         job = self.jobs[(cluster_name, job_id)]
-        for line in job["proc"].stdout:
+        if follow or job["proc"].poll() is not None:
+            job["reader"].join()  # the whole log of a finished job
+        for line in list(job["out"]):
             if on_log:
                 on_log(line.rstrip("\n"))
+        if job["proc"].poll() is None:
+            return None  # SkyPilot: no exit code for a job still running
+        return 0 if self._finish(job) == "SUCCEEDED" or self.jobs_end else 100  # SkyPilot's codes: 100 = failed job
+
+    def _finish(self, job):
         rc = job["proc"].wait()
-        job["status"] = "SUCCEEDED" if rc == 0 else ("CANCELLED" if job.get("cancelled") else "FAILED")
-        return 0 if rc == 0 else 100  # SkyPilot's codes: 100 = failed job
+        job["status"] = self.jobs_end or ("SUCCEEDED" if rc == 0 else ("CANCELLED" if job.get("cancelled") else "FAILED"))
+        return job["status"]
 
     def job_status(self, cluster_name, job_id):
         self._record("job_status", cluster_name, job_id)
-        return self.jobs[(cluster_name, job_id)]["status"]
+        job = self.jobs[(cluster_name, job_id)]
+        return job["status"] if job["proc"].poll() is None else self._finish(job)
 
     def cancel(self, cluster_name, job_id):
         self._record("cancel", cluster_name, job_id)
@@ -172,6 +186,7 @@ def add(a, b):
 
 
 def nap(seconds):
+    print("napping", flush=True)
     time.sleep(seconds)
     return seconds
 
@@ -219,13 +234,26 @@ def test_a_failed_job_is_never_success(bridge, cloud_settings):
     assert bridge.names("job_status")  # the exit code was confirmed against the job's status
 
 
+@pytest.mark.parametrize("status", ["FAILED", "FAILED_SETUP", "FAILED_DRIVER"])
+def test_an_exit_code_of_0_with_a_failed_job_status_is_never_success(cloud_settings, monkeypatch, status):
+    # tail_logs says 0, the job's status says it failed (e.g. the VM's agent lost the job after the
+    # node wrote its result): the status wins, and the user hears which node and why.
+    stand_in = StandInBridge(jobs_end=status)
+    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
+    with Run(cloud_settings) as run:
+        handle = run.submit(add, 2, 3, node="disputed")
+        with pytest.raises(InfrastructureError, match=f"node 'disputed' .*{status}"):
+            handle.result(120)
+    assert stand_in.names("tail_logs") and stand_in.names("job_status")
+
+
 def test_cancel_cancels_the_job_and_releases_the_cluster(bridge, cloud_settings):
     with Run(cloud_settings) as run:
         handle = run.submit(nap, 60, node="long")
         deadline = time.time() + 60
-        while not bridge.names("tail_logs") and time.time() < deadline:
-            time.sleep(0.1)
-        time.sleep(1)
+        while "napping" not in handle.logs() and time.time() < deadline:
+            time.sleep(0.1)  # polling with a deadline: the node's own line says its body runs
+        assert "napping" in handle.logs()
         assert handle.cancel()
         with pytest.raises(NodeCancelled):
             handle.result(10)

@@ -393,9 +393,10 @@ class DockerBackend(Backend):
                 raise InfrastructureError(f"node {spec.node!r}: cannot start cluster {name}: {redact.redact(str(exc))}") from None
         if s.image:
             # A user's image: make sure skyvm's runtime is there before the first node (skyvm's own always has it).
-            code, out = self._exec_output(name, ["sh", "-c", spec.setup])
+            # Installs may be silent for long: the setup's own bound is the node's timeout, else an hour.
+            code, out, err = self._exec_output(name, ["sh", "-c", spec.setup], timeout=spec.settings.timeout or 3600)
             if code != 0:
-                raise InfrastructureError(f"setup failed on cluster {name} (exit {code}): {out.strip()[-2000:]}")
+                raise InfrastructureError(f"setup failed on cluster {name} (exit {code}): {(out + err).strip()[-2000:]}")
 
     def _start_ahead(self, spec: TaskSpec, name: str) -> None:
         """A pool's cluster, started before any node needs it; held (flock) while it starts, so no
@@ -432,11 +433,40 @@ class DockerBackend(Backend):
             args += ["--memory", mem, "--memory-swap", mem]
         docker(*args, *user_args, spec.image, *watch)
 
-    def _exec_output(self, name: str, cmd: list[str], timeout: float = 120) -> tuple[int, str]:
-        """A short command in a cluster: (exit code, output). A gone cluster raises docker's NotFound."""
+    def _exec_output(self, name: str, cmd: list[str], timeout: Optional[float] = None) -> tuple[int, str, str]:
+        """A command in a cluster: (exit code, stdout, stderr). A gone cluster raises docker's NotFound.
+
+        Read through the exec's socket with a timeout: the SDK's plain ``exec_start`` reads with
+        none, so a stuck engine or command would hold the caller forever.
+        """
+        import select
+
+        from skyvm.images import DOCKER_CALL_TIMEOUT_S
+        from skyvm.watcher import split_frames
+
+        timeout = timeout or DOCKER_CALL_TIMEOUT_S
         eid = self.api.exec_create(name, cmd)["Id"]
-        out = self.api.exec_start(eid)
-        return self.api.exec_inspect(eid)["ExitCode"], out.decode(errors="replace")
+        sock = self.api.exec_start(eid, socket=True)
+        raw = getattr(sock, "_sock", sock)
+        data = b""
+        try:
+            while True:
+                # The SDK's own readers poll with no timeout: wait here, with one.
+                if not select.select([raw], [], [], timeout)[0]:
+                    raise InfrastructureError(
+                        f"{' '.join(cmd)[:120]!r} in cluster {name} gave no output for {timeout:g}s "
+                        "(SKYVM_DOCKER_CALL_TIMEOUT_S): is dockerd or the container stuck?"
+                    )
+                chunk = raw.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            sock.close()
+        frames, _rest = split_frames(data)
+        out = b"".join(d for sid, d in frames if sid != 2)
+        err = b"".join(d for sid, d in frames if sid == 2)
+        return self.api.exec_inspect(eid)["ExitCode"], out.decode(errors="replace"), err.decode(errors="replace")
 
     def _remove(self, name: str) -> None:
         import docker
@@ -548,7 +578,7 @@ class DockerBackend(Backend):
         if known is not None:
             return known
         try:
-            code, out = self._exec_output(ref.cluster, ["python3", "-m", "skyvm.node", "status", "--attempt", ref.attempt_id])
+            code, out, _err = self._exec_output(ref.cluster, ["python3", "-m", "skyvm.node", "status", "--attempt", ref.attempt_id])
         except docker.errors.NotFound:
             return JobStatus(JobState.GONE, None, f"cluster {ref.cluster} is gone")
         except docker.errors.APIError as exc:
@@ -568,11 +598,10 @@ class DockerBackend(Backend):
         import docker
 
         try:
-            eid = self.api.exec_create(ref.cluster, ["python3", "-m", "skyvm.node", "log", "--attempt", ref.attempt_id, "--offset", str(offset)])["Id"]
-            data = self.api.exec_start(eid, demux=True)[0] or b""
+            _code, text, _err = self._exec_output(ref.cluster, ["python3", "-m", "skyvm.node", "log", "--attempt", ref.attempt_id, "--offset", str(offset)])
         except docker.errors.APIError:
             return "", offset
-        return data.decode(errors="replace"), offset + len(data)
+        return text, offset + len(text.encode())
 
     def cancel(self, ref: NodeRef) -> None:
         import docker
