@@ -184,3 +184,21 @@ def test_a_shared_pool_is_made_once_outlives_its_runs_and_only_gc_all_takes_it(p
     assert cli.main(["gc", "--all-skypilot"]) == 0
     assert "tore down 1 SkyPilot pool(s): team-pool" in capsys.readouterr().out
     assert [c["pool"] for c in pool_vm.calls("pool_down")] == ["team-pool"]
+
+
+def test_a_detached_pool_node_is_found_again_and_its_release_takes_the_runs_pool_down(pool_vm, cloud_settings):
+    from skyvm.api import DetachedNode
+    from skyvm.backends.local import run_lease
+    from skyvm.node import make_call_payload
+
+    run = Run(_pooled(cloud_settings))  # an Airflow task that defers: nobody closes this run
+    settings = run.resolve("pooled")
+    node = DetachedNode.from_dict(run.launch_detached("pooled", settings, make_call_payload(add, (40, 2), node="pooled")).to_dict())
+    deadline = time.time() + 240
+    while not (status := node.status()).state.finished and time.time() < deadline:
+        time.sleep(0.5)
+    assert node.outcome(status).value() == 42
+    assert not pool_vm.calls("pool_down")
+    node.release()  # the trigger's end: the run's own pool goes with its node (down: true)
+    assert [c["pool"] for c in pool_vm.calls("pool_down")] == [node.cluster]
+    run_lease(run.run_id).unlink()

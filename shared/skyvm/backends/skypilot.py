@@ -6,7 +6,10 @@ with autostop/down/retry_until_up); nodes running at once get separate
 clusters up to ``max_clusters`` per signature; clusters of a run with ``down:
 true`` are torn down when the run ends. Spot nodes with ``job_recovery`` run
 as managed jobs, so SkyPilot recovers preemptions and they never reach the
-engine's retries. A node is done only when its job is: the exit code of
+engine's retries. Nodes with ``pool:`` run as managed jobs on a SkyPilot pool
+of their signature (made once per run, or the team's named one): its warm
+workers start a node in seconds where a new VM takes minutes; a run's own pool
+goes with the run when ``down``. A node is done only when its job is: the exit code of
 ``tail_logs`` is checked, never ignored. Every call to SkyPilot goes through
 the bridge (``skyvm.skypilot.bridge``).
 """
@@ -95,7 +98,7 @@ class SkyPilotBackend(Backend):
         base = dict(backend=self.name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id)
         self._check_cost_cap(spec, task)
         if spec.settings.pool is not None:
-            return self._launch_on_pool(spec, base, on_log)
+            return self._launch_on_pool(spec, base, on_log, follow)
         if is_managed(spec):
             job_id = self.bridge.jobs_launch(task, spec.cluster_name, on_log=on_log)["job_id"]
             log.info("node %s: managed job %s", spec.node, job_id)
@@ -122,7 +125,7 @@ class SkyPilotBackend(Backend):
             _raise_infra(spec, cluster.name, exc)
         return NodeRef(cluster=cluster.name, job_id=answer["job_id"], fresh=fresh, hourly_price=cluster.placement.get("hourly_price"), **base)
 
-    def _launch_on_pool(self, spec: TaskSpec, base: dict, on_log: Optional[LogSink]) -> NodeRef:
+    def _launch_on_pool(self, spec: TaskSpec, base: dict, on_log: Optional[LogSink], follow: bool = True) -> NodeRef:
         """The node as a managed job on its signature's pool: warm workers that already pulled the
         image start it in seconds, where a fresh VM takes minutes. The pool is made once per
         signature and run (or found, when shared or made by another process of the run)."""
@@ -135,7 +138,12 @@ class SkyPilotBackend(Backend):
         log.info("node %s: managed job %s on pool %s", spec.node, job_id, name)
         if on_log:
             on_log(f"skyvm: {spec.node} runs as managed job {job_id} on pool {name}")
-        return NodeRef(cluster=name, job_id=job_id, managed=True, extra={"pool": name}, **base)
+        extra = {"pool": name}
+        if not follow:
+            # Nobody in this process ends the run (an Airflow task deferred): the attempt's release
+            # takes the run's own pool down instead, as it would a detached node's own cluster.
+            extra.update(detached=True, own_pool=not spec.settings.pool.shared)
+        return NodeRef(cluster=name, job_id=job_id, managed=True, extra=extra, **base)
 
     def _ensure_pool(self, spec: TaskSpec, name: str, on_log: Optional[LogSink]) -> None:
         pool = spec.settings.pool
@@ -270,6 +278,8 @@ class SkyPilotBackend(Backend):
 
     def release(self, ref: NodeRef, down: bool, discard: bool = False) -> None:
         if ref.managed:
+            if down and ref.extra.get("detached") and ref.extra.get("own_pool"):
+                self._pool_down(ref.extra["pool"])
             return  # a managed job's cluster went with the job
         if not ref.extra.get("detached") and self.pool.get(ref.cluster) is not None:
             if not (discard and down):
