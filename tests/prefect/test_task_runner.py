@@ -57,11 +57,24 @@ def test_duplicate_and_equality(runner):
     assert SkyVMTaskRunner(SETTINGS, cpus=2) != runner
 
 
-def test_pickles_without_live_clients(runner):
+def test_pickles_without_live_clients():
+    runner = SkyVMTaskRunner(SETTINGS, profile="bigger", memory=1.0)
+
+    @task(name="from_yaml")
+    def from_yaml():
+        pass
+
     with runner:
+        assert runner._run is not None
         blob = cloudpickle.dumps(runner)  # while started: only arguments travel
     copy = cloudpickle.loads(blob)
-    assert copy == runner and copy._run is None
+    # No live client, run, thread pool or lock went along...
+    assert copy._run is None and copy._executor is None and b"_thread.lock" not in blob
+    # ...but everything the runner was given did, and resolves the same settings.
+    assert (copy.settings, copy.profile, copy.overrides) == (SETTINGS, "bigger", {"memory": 1.0})
+    got = copy.settings_for(from_yaml)
+    assert got == runner.settings_for(from_yaml)
+    assert (got.cpus, got.memory) == ("0.75", "1")  # the node's own YAML over the profile, the runner's argument over both
 
 
 def test_entering_provisions_nothing(runner):
