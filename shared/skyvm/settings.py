@@ -413,12 +413,15 @@ class NodeSettings(BaseModel):
                 raise FieldError(f"{which}.{i}.{where}" if which != "spot_fallback" else which, f"candidate {i}: {msg}") from None
 
     def _check_pool(self) -> None:
-        # SkyPilot refuses both for pools: a pool replaces preempted workers itself, and its workers
-        # are the signature's clusters (single_vm puts every node on one cluster instead).
+        # What SkyPilot refuses for a pool, said now rather than at its pool_apply: a pool replaces
+        # preempted workers itself, and takes no ordered candidates (spot_fallback, a mix of spot
+        # and on demand, is refused with the candidates); single_vm puts every node on one cluster.
         if self.job_recovery is not None and str(self.job_recovery).upper() != "NONE":
-            raise ValueError(f"pool: a pool replaces preempted spot workers itself, so job_recovery ({self.job_recovery!r}) cannot be set with it; drop one of them")
+            raise FieldError("job_recovery", f"a pool replaces preempted spot workers itself, so job_recovery ({self.job_recovery!r}) cannot be set with pool; drop one of them")
+        if self.ordered:
+            raise FieldError("ordered", "SkyPilot's pools take no ordered candidates (ordered is set with pool); use any_of, or drop pool")
         if self.single_vm:
-            raise ValueError("pool conflicts with single_vm: true (one cluster for the whole run); drop one of them")
+            raise FieldError("single_vm", "pool conflicts with single_vm: true (one cluster for the whole run); drop one of them")
 
     @property
     def connector_names(self) -> list[str]:
