@@ -289,7 +289,7 @@ class NodeSettings(BaseModel):
         allowed = ", ".join(RECOVERY_STRATEGIES)
         if isinstance(value, str):
             if value.upper() not in RECOVERY_STRATEGIES:
-                raise ValueError(f"job_recovery strategy must be one of {allowed} (any case); got {value!r}")
+                raise ValueError(f"job_recovery strategy must be one of {allowed} (any case); got {value!r}{_suggest(value.upper(), RECOVERY_STRATEGIES)}")
             return value
         if isinstance(value, Mapping):
             extra = set(value) - {"strategy", "max_restarts_on_errors", "recover_on_exit_codes"}
@@ -297,7 +297,7 @@ class NodeSettings(BaseModel):
                 raise ValueError(f"job_recovery accepts keys strategy, max_restarts_on_errors, recover_on_exit_codes; unknown: {sorted(extra)}")
             strategy = value.get("strategy")
             if strategy is not None and str(strategy).upper() not in RECOVERY_STRATEGIES:
-                raise ValueError(f"job_recovery.strategy must be one of {allowed}; got {strategy!r}")
+                raise ValueError(f"job_recovery.strategy must be one of {allowed}; got {strategy!r}{_suggest(str(strategy).upper(), RECOVERY_STRATEGIES)}")
             restarts = value.get("max_restarts_on_errors")
             if restarts is not None and (not isinstance(restarts, int) or restarts < 0):
                 raise ValueError(f"job_recovery.max_restarts_on_errors must be a non-negative integer; got {restarts!r}")
@@ -313,7 +313,7 @@ class NodeSettings(BaseModel):
         if parts[0].lower() not in _INFRA_CLOUDS or any(not p for p in parts) or len(parts) > 3:
             raise ValueError(
                 "infra accepts CLOUD[/REGION[/ZONE]] (e.g. 'aws/us-east-1') or 'k8s/CONTEXT', "
-                f"with CLOUD one of {', '.join(sorted(_INFRA_CLOUDS))}; got {value!r}"
+                f"with CLOUD one of {', '.join(sorted(_INFRA_CLOUDS))}; got {value!r}{_suggest(parts[0].lower(), _INFRA_CLOUDS)}"
             )
         return value
 

@@ -109,6 +109,8 @@ def test_spot_recovery_is_a_deprecated_alias():
         ({"nodes": {"a": {"job_recovery": "RETRY"}}}, "nodes.a.job_recovery", "FAILOVER, EAGER_NEXT_REGION, NONE"),
         ({"nodes": {"a": {"infra": "aws/us-east-1", "region": "us-west-2"}}}, "nodes.a.region", "conflicts with region/zone"),
         ({"nodes": {"a": {"infra": "oracle/x"}}}, "nodes.a.infra", "CLOUD[/REGION[/ZONE]]"),
+        ({"nodes": {"a": {"infra": "awz/us-east-1"}}}, "nodes.a.infra", "got 'awz/us-east-1' (did you mean 'aws'?)"),
+        ({"nodes": {"a": {"job_recovery": "FAILOVR"}}}, "nodes.a.job_recovery", "got 'FAILOVR' (did you mean 'FAILOVER'?)"),
         ({"nodes": {"a": {"cloud": "gcp", "infra": "aws"}}}, "nodes.a.cloud", "conflicts with infra"),
         # Defaults alone are a whole node: checked with no profiles or nodes, named at the defaults.
         ({"defaults": {"cloud": "lambda", "use_spot": True}}, "defaults.use_spot", "Lambda Cloud does not support use_spot"),
