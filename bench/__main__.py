@@ -39,7 +39,7 @@ def parse_set(items: list[str]) -> dict:
 def run_one(name: str, args, env: str, extra: dict) -> str:
     """Run one scenario; returns its status: ok, skipped or error."""
     sc = SCENARIOS[name]
-    n = args.n if args.n is not None else (sc.smoke_n if args.smoke else sc.n)
+    n = args.n if args.n is not None else args.trials if args.trials is not None else (sc.smoke_n if args.smoke else sc.n)
     reps = args.reps if args.reps is not None else (sc.smoke_reps if args.smoke else sc.reps)
     options = {**sc.options, **extra}
     bench = common.Bench(name, n=n, reps=reps, smoke=args.smoke, options=options, env=env)
@@ -124,6 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("scenario", help="a scenario, 'all' (those of this environment), 'list', or 'report' (markdown of the latest results)")
     parser.add_argument("--n", type=int, help="size: nodes (or MiB for payloads); default per scenario")
     parser.add_argument("--reps", type=int, help="repetitions; default per scenario")
+    parser.add_argument("--trials", type=int, help="faults: how many times each fault trial runs (its N)")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, one repetition: checks that it runs and results are right, asserts no timing")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="a scenario option (see list)")
     parser.add_argument("--env", choices=("core", "prefect", "airflow", "skypilot"), help="this environment, for 'all' (default: detected)")
