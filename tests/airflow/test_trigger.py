@@ -152,6 +152,14 @@ def node_state(kwargs):
     return DetachedNode.from_dict(kwargs["node"]).status().state
 
 
+def wait_for_log(node: dict, text: str, timeout: float = 120) -> None:
+    """Until the node's log shows ``text`` (its body runs), polling with a deadline."""
+    deadline = time.monotonic() + timeout
+    while text not in DetachedNode.from_dict(node).read_log(0)[0]:
+        assert time.monotonic() < deadline, f"the node never printed {text!r}"
+        time.sleep(0.2)
+
+
 async def safe_to_cancel(trigger):
     """Airflow < 3.3's check, asked directly (None where the trigger has none)."""
     return await trigger.safe_to_cancel() if hasattr(trigger, "safe_to_cancel") else None
@@ -166,7 +174,7 @@ def test_triggerer_restart_keeps_the_node_and_a_fresh_trigger_completes_the_task
     async def restart_mid_wait(ctx):
         first = Triggerer()
         task, trigger = first.start(1, ctx.classpath, ctx.kwargs, ctx.ti)
-        await asyncio.sleep(3)
+        await asyncio.to_thread(wait_for_log, ctx.kwargs["node"], "restart-marker")
         seen["waiting"] = not task.done()
         await first.shut_down()  # run_trigger's finally calls cleanup(), as on every stop
         seen["after_stop"] = (running_containers(Names=ctx.cluster), await asyncio.to_thread(node_state, ctx.kwargs))
@@ -207,7 +215,9 @@ def test_a_deferred_task_marked_failed_or_timed_out_stops_the_node(dags, inline_
         deadline = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=2) if timed_out else None
         triggerer = Triggerer()
         task, trigger = triggerer.start(1, ctx.classpath, ctx.kwargs, ctx.ti, timeout_after=deadline)
-        await asyncio.sleep(3)
+        await asyncio.to_thread(wait_for_log, ctx.kwargs["node"], "started")
+        if timed_out:
+            await asyncio.sleep(max(0.0, (deadline - datetime.datetime.now(datetime.timezone.utc)).total_seconds()))  # the deferral's deadline passes
         seen["before"] = (not task.done(), running_containers(Names=ctx.cluster))
         # The UI's "mark failed", or the scheduler's check_trigger_timeouts.
         set_ti_state(ctx.sdk_ti, TaskInstanceState.SCHEDULED if timed_out else TaskInstanceState.FAILED)
@@ -265,7 +275,7 @@ def test_a_briefly_unreachable_cluster_does_not_end_the_task(dags, inline_trigge
 
     def hide(trigger):
         cluster = trigger.node["cluster"]
-        time.sleep(1.0)
+        wait_for_log(trigger.node, "unreachable-marker")
         subprocess.run(["docker", "rename", cluster, f"{cluster}-away"], check=True, capture_output=True)
         hidden_at = time.time()
         try:
@@ -311,7 +321,7 @@ def test_a_gone_cluster_fails_the_task_with_the_node_and_the_fix(dags, inline_tr
 
     def remove_cluster_then_wait(trigger, task_sdk_ti):
         def remove():
-            time.sleep(1.0)
+            wait_for_log(trigger.node, "here")
             subprocess.run(["docker", "rm", "-f", trigger.node["cluster"]], check=True, capture_output=True)
 
         thread = threading.Thread(target=remove)

@@ -28,9 +28,12 @@ FAR_SIDE = textwrap.dedent(
             return [{"name": "c1", "status": "UP", "pid": os.getpid()}]
 
         def tail_logs(self, cluster_name, job_id, on_log=None, follow=True):
+            gate = os.environ.get("FAR_GATE")
             for i in range(5):
                 on_log(f"line {i} of job {job_id}")
-                time.sleep(0.2)
+                # A job still running: the rest of its log waits for the test's go.
+                while i == 0 and gate and not os.path.exists(gate):
+                    time.sleep(0.05)
             return 100 if job_id == 7 else 0
 
         def job_status(self, cluster_name, job_id):
@@ -61,18 +64,22 @@ def far_python(tmp_path):
     return str(python)
 
 
-def test_concurrent_calls_share_one_process_and_logs_stream_per_call(far_python):
+def test_concurrent_calls_share_one_process_and_logs_stream_per_call(far_python, tmp_path, monkeypatch):
+    gate = tmp_path / "go"
+    monkeypatch.setenv("FAR_GATE", str(gate))
     bridge = SubprocessBridge(far_python)
     try:
         lines: list[str] = []
         codes = {}
         tail = threading.Thread(target=lambda: codes.setdefault("tail", bridge.tail_logs("c1", 7, on_log=lines.append)))
         tail.start()
-        time.sleep(0.3)
-        started = time.time()
+        deadline = time.monotonic() + 30
+        while not lines and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert lines == ["line 0 of job 7"]  # streamed while the call is still open
         pids = {bridge.status()[0]["pid"] for _ in range(3)}
-        assert time.time() - started < 0.8  # answered while the tail still streams: nothing waits on it
-        assert tail.is_alive()
+        assert tail.is_alive()  # answered while the tail waits: no call waits on another
+        gate.touch()
         tail.join(10)
         assert codes["tail"] == 100  # the failed job's code comes back as is
         assert lines == [f"line {i} of job 7" for i in range(5)]

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import cloudpickle
 import pytest
@@ -99,10 +98,8 @@ def test_cancel_stops_a_running_attempt_and_its_children(store):
     proc = run_node(store, make_command_payload("echo started; sleep 60; echo never"), attempt="slow", wait=False)
     assert proc.stdout.readline().strip() == "started"
     state = str(store.root / "state")
-    t0 = time.time()
     subprocess.run([sys.executable, "-m", "skyvm.node", "cancel", "--attempt", "slow"], env={**os.environ, "SKYVM_NODE_STATE": state}, check=True)
     assert proc.wait(timeout=10) == EXIT_CANCELLED
-    assert time.time() - t0 < 8
     assert "never" not in proc.stdout.read()
     assert not store.exists("results/slow")
     out = subprocess.run(["pgrep", "-f", "sleep 60"], capture_output=True, text=True)
@@ -115,8 +112,8 @@ def test_idle_watch_exits_after_idle(tmp_path):
     assert proc.wait(timeout=10) == 0
     assert "autostop" in proc.stdout.read()
     forever = subprocess.Popen([sys.executable, "-m", "skyvm.node", "idle-watch"], env=env)
-    time.sleep(1)
-    assert forever.poll() is None  # no autostop: stays up
+    with pytest.raises(subprocess.TimeoutExpired):
+        forever.wait(timeout=1)  # five idle polls and no autostop set: it stays up
     forever.send_signal(signal.SIGTERM)
     assert forever.wait(timeout=5) == 0
 
