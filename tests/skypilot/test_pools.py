@@ -202,3 +202,12 @@ def test_a_detached_pool_node_is_found_again_and_its_release_takes_the_runs_pool
     node.release()  # the trigger's end: the run's own pool goes with its node (down: true)
     assert [c["pool"] for c in pool_vm.calls("pool_down")] == [node.cluster]
     run_lease(run.run_id).unlink()
+
+
+def test_down_of_a_pool_that_is_not_there_is_not_an_error(api_server):
+    """Through SkyPilot's real API server, which has no jobs controller: nothing to tear down."""
+    bridge = SubprocessBridge(sys.executable, env=api_server.client_env)
+    try:
+        assert bridge.pool_down("skyvm-pool-never-made") is None
+    finally:
+        bridge.close()

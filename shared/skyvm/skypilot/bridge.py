@@ -248,8 +248,12 @@ class InProcessBridge:
     def pool_status(self, pool_names=None):
         import yaml
 
+        try:
+            records = self.sky.get(self.sky.jobs.pool_status(pool_names)) or []
+        except self.sky.exceptions.ClusterNotUpError:
+            return []  # no jobs controller yet, so no pool (the first pool_apply starts one)
         out = []
-        for r in self.sky.get(self.sky.jobs.pool_status(pool_names)) or []:
+        for r in records:
             # The pool's labels live in its task (the workers' resources): read them from its YAML.
             config = yaml.safe_load(r.get("pool_yaml") or "") or {}
             resources = config.get("resources") or {}
@@ -267,6 +271,8 @@ class InProcessBridge:
     def pool_down(self, pool_name):
         try:
             self.sky.get(self.sky.jobs.pool_down(pool_name))
+        except self.sky.exceptions.ClusterNotUpError:
+            pass  # no jobs controller: no pool is left to pay for
         except ValueError as exc:
             if "not found" not in str(exc).lower() and "does not exist" not in str(exc).lower():
                 raise  # a pool already gone leaves nothing to pay for
