@@ -604,8 +604,10 @@ def prefect_flow_run_cancelled_through_the_api() -> Outcome:
             wait_for(served, 120, "the served deployment is registered", every=0.5)
             flow_run = run_deployment(f"fault-flow/fault-{t}", timeout=0)
             flow_run_id = flow_run.id
-            run_id = f"prefect-{flow_run_id}"
-            wait_for(lambda: run_containers(run_id), 60, lambda: f"the task's node starts (run {run_id}; this trial's containers: {skyvm_containers(f'label=dev.skyvm.user.fault-trial={t}')}); flow.serve()'s log:\n" + (workdir / "serve.log").read_text()[-3000:], every=0.5)
+            # The flow's containers, by this trial's label (the adapter's run id is not the flow run's id when
+            # Prefect enters the task runner before the flow run's context, as it does for a deployment's run).
+            mine = f"label=dev.skyvm.user.fault-trial={t}"
+            wait_for(lambda: skyvm_containers(mine), 240, lambda: "the task's node starts; flow.serve()'s log:\n" + (workdir / "serve.log").read_text()[-3000:], every=0.5)
             expect(client.read_flow_run(flow_run_id).state.type == StateType.RUNNING, "the flow run is not running while its node runs")
             t0 = time.monotonic()
             client.set_flow_run_state(flow_run_id, Cancelling(message="cancelled by the fault trial"), force=True)
@@ -616,7 +618,7 @@ def prefect_flow_run_cancelled_through_the_api() -> Outcome:
             out.observed["cancelled_s"] = round(time.monotonic() - t0, 3)
             out.observed["state"] = f"{state.type.value}: {state.message}"
             expect(state.type == StateType.CANCELLED, f"the flow run ended {state.type.value}, not Cancelled: {state.message}")
-            out.left["containers"] = settle(lambda: {"n": len(run_containers(run_id))})["n"]
+            out.left["containers"] = settle(lambda: {"n": len(skyvm_containers(mine))})["n"]
     finally:
         server.send_signal(signal.SIGINT)  # how a user stops `flow.serve()`: Ctrl-C
         try:
@@ -636,14 +638,17 @@ def prefect_flow_run_cancelled_through_the_api() -> Outcome:
 # -- Airflow: a running task marked failed ------------------------------------------------------------
 
 
-def _set_task_state(dag_id: str, task_id: str, state) -> None:
-    """What the UI's "mark failed" does: the task instance's state in the metadata DB."""
+def _set_running_task_state(dag_id: str, task_id: str, state) -> None:
+    """What the UI's "mark failed" does: the running task instance's state in the metadata DB."""
     from airflow.models.taskinstance import TaskInstance
     from airflow.utils.session import create_session
+    from airflow.utils.state import TaskInstanceState
     from sqlalchemy import select
 
     with create_session() as session:
-        ti = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dag_id, TaskInstance.task_id == task_id)).one()
+        ti = session.scalars(
+            select(TaskInstance).where(TaskInstance.dag_id == dag_id, TaskInstance.task_id == task_id, TaskInstance.state == TaskInstanceState.RUNNING)
+        ).one()
         ti.state = state
 
 
@@ -652,30 +657,28 @@ def airflow_marked_failed_while_running() -> Outcome:
     runner hears of it as its supervisor tells it when a heartbeat finds the state changed: SIGTERM,
     whose handler (installed by Airflow's own task runner) calls the operator's on_kill. The node
     stops, the task ends failed, and no container is left."""
-    import datetime
+    import importlib.util
 
-    from airflow.sdk import DAG
     from airflow.utils.state import TaskInstanceState
 
-    from airflow_skyvm.operators.skyvm import SkyVMOperator
-    from test_operator import run_dag
+    from test_operator import af_containers, run_dag
 
-    t = token()
-    dag_id = f"skyvm_fault_marked_failed_{t}"
-    with DAG(dag_id, schedule=None, start_date=datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)) as dag:
-        SkyVMOperator(task_id="sleeper", bash_command="echo started; sleep 600", sky_settings={"cpus": 0.5, "labels": {"fault-trial": t}})
-    mine = f"label=dev.skyvm.user.fault-trial={t}"
+    path = Path(os.environ["AIRFLOW__CORE__DAGS_FOLDER"]) / "skyvm_fault_dags.py"
+    spec = importlib.util.spec_from_file_location("skyvm_fault_dags", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    dag = module.marked_failed_dag
     seen: dict = {}
 
     def node_running() -> bool:
-        names = skyvm_containers(mine, "status=running")
+        names = [r["name"] for r in af_containers(dag.dag_id) if r["state"] == "running"]
         top = subprocess.run(["docker", "top", names[0]], capture_output=True, text=True).stdout if names else ""
         return "sleep 600" in top
 
     def mark_failed() -> None:
         try:
             wait_for(node_running, 240, "the task's node runs")
-            _set_task_state(dag_id, "sleeper", TaskInstanceState.FAILED)
+            _set_running_task_state(dag.dag_id, "sleeper", TaskInstanceState.FAILED)
             seen["marked"] = time.monotonic()
             os.kill(os.getpid(), signal.SIGTERM)  # the supervisor's word to the task runner (dag.test runs it in this process)
         except BaseException as exc:  # noqa: BLE001 - reported by the trial below
@@ -695,5 +698,5 @@ def airflow_marked_failed_while_running() -> Outcome:
     out.observed["stopped_s"] = round(time.monotonic() - seen["marked"], 3)
     out.observed["states"] = states
     expect(states == {"sleeper": "failed"}, f"the task marked failed ended {states}")
-    out.left = settle(lambda: {"containers": len(skyvm_containers(mine))})
+    out.left = settle(lambda: {"containers": len(af_containers(dag.dag_id))})
     return out
