@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import uuid
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -176,6 +176,10 @@ class NodeHandle:
         self.started_at: Optional[float] = None
         self.finished_at: Optional[float] = None
         self.result_meta: dict = {}
+        # Until the backend is asked to launch, nothing exists that a cancel must undo (a built
+        # image and an uploaded payload are content-addressed and shared): a cancel ends the node at once.
+        self._phase_lock = threading.Lock()
+        self._launching = False
         launcher().submit(self._launch)
 
     # -- public ------------------------------------------------------------
@@ -240,6 +244,9 @@ class NodeHandle:
     def request_cancel(self) -> None:
         """Ask the node to stop without waiting (Run.close asks them all, then waits)."""
         self._cancel.set()
+        with self._phase_lock:
+            if not self._launching:
+                self._fail(NodeCancelled(f"node {self.node!r} was cancelled before it started"))
         from skyvm.pool import wake_all
 
         wake_all()  # a node queued for a cluster looks at its flag now
@@ -263,9 +270,11 @@ class NodeHandle:
                 log.warning("cancelling node %s on %s: %s", self.node, ref.cluster, exc)
 
     def _fail(self, exc: BaseException) -> None:
-        self.finished_at = time.time()
-        if not self._future.done():
+        self.finished_at = self.finished_at or time.time()
+        try:
             self._future.set_exception(exc)
+        except InvalidStateError:
+            pass  # a cancel before launch ended it already
 
     def _launch(self) -> None:
         s = self.settings
@@ -275,8 +284,10 @@ class NodeHandle:
             self._backend = backend = backend_for(s)
             self._store, spec = prepare(self.run.run_id, self.node, self.attempt_id, s, self._payload, backend)
             self.spec = spec
-            if self._cancel.is_set():
-                raise NodeCancelled(f"node {self.node!r} was cancelled before it started")
+            with self._phase_lock:
+                if self._cancel.is_set():
+                    raise NodeCancelled(f"node {self.node!r} was cancelled before it started")
+                self._launching = True
             self.started_at = time.time()
             self.ref = ref = backend.launch(spec, on_log=self._log, cancelled=self._cancel.is_set)
         except BaseException as exc:  # noqa: BLE001 - everything is reported through the future

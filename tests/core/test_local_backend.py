@@ -370,3 +370,30 @@ def test_a_docker_call_past_its_bound_is_an_error_naming_the_call():
             backend._exec_output(box.id, ["sleep", "20"], timeout=1)
     finally:
         box.remove(force=True)
+
+
+def test_a_node_cancelled_while_its_image_builds_ends_at_once_and_never_starts(monkeypatch):
+    import threading
+
+    import skyvm.api
+
+    # A fresh requirements image takes minutes to build here; the build is held at its start
+    # instead, until the test lets it go (the rest of the path is real).
+    building, go = threading.Event(), threading.Event()
+    real_image = skyvm.api.node_image
+
+    def slow_build(settings):
+        building.set()
+        assert go.wait(120)
+        return real_image(settings)
+
+    monkeypatch.setattr(skyvm.api, "node_image", slow_build)
+    with Run() as run:
+        handle = run.submit(env_of, "HOME", node="building")
+        assert building.wait(60)
+        assert handle.cancel(wait_s=5)  # skyvm's own bound: the build is not waited for
+        with pytest.raises(NodeCancelled, match="node 'building' was cancelled before it started"):
+            handle.result(1)
+        go.set()  # the build ends (its image serves other nodes); this node must not start
+        assert wait_until(lambda: handle.spec is not None, 120)
+        assert not wait_until(lambda: handle.ref is not None or containers_of(run.run_id), 5)
