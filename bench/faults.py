@@ -39,7 +39,7 @@ def faults(bench: Bench) -> None:
     print("\n".join(proc.stdout.splitlines()[-15:]), flush=True)
     records = [json.loads(line) for line in report.read_text().splitlines()] if report.exists() else []
     bench.check(bool(records), f"no trial reported (pytest exit {proc.returncode}):\n{proc.stdout[-3000:]}{proc.stderr[-2000:]}")
-    counts: dict = defaultdict(lambda: {"passed": 0, "failed": 0, "skipped": 0, "left": 0, "left_by_kind": defaultdict(int), "errors": []})
+    counts: dict = defaultdict(lambda: {"passed": 0, "failed": 0, "skipped": 0, "left": 0, "left_by_kind": defaultdict(int), "errors": [], "observed": None})
     for r in records:
         c = counts[r["trial"]]
         if r["phase"] == "call":
@@ -48,6 +48,11 @@ def faults(bench: Bench) -> None:
                 bench.add(r["trial"], r["duration_s"], note="seconds a trial took (fault, checks, cleanup)")
         elif r["outcome"] == "failed":
             c["failed"] += 1  # a setup that failed (the trial never ran) or a teardown that found a mess
+        observed = r.get("observed") or {}
+        c["observed"] = c["observed"] or observed  # what the user saw, once per trial (the error's text)
+        for key, value in observed.items():
+            if key.endswith("_s") and isinstance(value, (int, float)):
+                bench.add(f"{r['trial']}: {key}", value, note="what the user waited (a cancel's return, a state's change)")
         for kind, n in (r.get("left") or {}).items():
             c["left"] += n
             c["left_by_kind"][kind] += n
