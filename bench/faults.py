@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench import scenario
-from bench.common import ROOT, TESTS, Bench, Skip
+from bench.common import ROOT, TESTS, Bench, Skip, package_version
 
 MODULES = {"core": "test_core_faults.py", "prefect": "test_prefect_faults.py", "airflow": "test_airflow_faults.py"}
 
@@ -28,6 +28,11 @@ def faults(bench: Bench) -> None:
     module = MODULES.get(bench.env)
     if module is None:
         raise Skip(f"no fault trials belong to the '{bench.env}' environment (they run in: {', '.join(MODULES)})")
+    venv = Path(os.environ.get("VIRTUAL_ENV", "")).name  # airflow and airflow31 run the same module
+    bench.params["environment"] = venv or bench.env
+    for dist in ("apache-airflow", "prefect"):
+        if package_version(dist):
+            bench.params[dist] = package_version(dist)
     report = Path(tempfile.mkdtemp(prefix="skyvm-bench-faults-")) / "trials.jsonl"
     env = {**os.environ, "SKYVM_FAULT_TRIALS": str(bench.n), "SKYVM_FAULT_REPORT": str(report), "SKYVM_REQUIRE_DOCKER": "1"}
     sky_python = ROOT / ".dev" / "venv" / "skypilot" / "bin" / "python"
