@@ -627,12 +627,12 @@ def prefect_flow_run_cancelled_through_the_api() -> Outcome:
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait(30)
-    out.left["processes"] = settle(lambda: {"n": len(processes_with_env("SKYVM_FAULT_TRIAL", t))}, 30)["n"]
-    if out.left["processes"]:
-        out.observed["processes left"] = [command_line(p) for p in processes_with_env("SKYVM_FAULT_TRIAL", t)]
-        for pid in processes_with_env("SKYVM_FAULT_TRIAL", t):
-            os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(workdir, ignore_errors=True)
+        out.left["processes"] = settle(lambda: {"n": len(processes_with_env("SKYVM_FAULT_TRIAL", t))}, 30)["n"]
+        if out.left["processes"]:
+            out.observed["processes left"] = [command_line(p) for p in processes_with_env("SKYVM_FAULT_TRIAL", t)]
+            for pid in processes_with_env("SKYVM_FAULT_TRIAL", t):
+                os.kill(pid, signal.SIGKILL)  # counted above; not left to the next trial
+        shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
