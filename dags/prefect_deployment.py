@@ -102,6 +102,10 @@ def main() -> None:
             for name, limits in rows:
                 print(f"  {name:<7} container={limits['cluster']:<44} cpus={limits['cpus']:g} memory={limits['memory_gib']:g} GiB")
             print(f"  result: {[t['total'] for t in seen['tasks']]}")
+            from skyvm.backends.local import list_managed
+
+            # The engine reports Completed from the node; the worker then releases the node: let it finish.
+            _until(lambda: not [r for r in list_managed() if r["run_id"].endswith(str(flow_run.id))], "the flow run's containers to go")
     finally:
         if worker is not None:
             _stop(worker)

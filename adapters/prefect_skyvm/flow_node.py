@@ -133,3 +133,21 @@ def docker_socket() -> Optional[str]:
     if host.startswith("unix://") and Path(host.removeprefix("unix://")).exists():
         return host.removeprefix("unix://")
     return None
+
+
+def remove_task_clusters(flow_run_id) -> list[str]:
+    """Remove the local clusters of the flow run's own task nodes (SkyVMTaskRunner on the node).
+
+    The flow's engine releases them when it leaves its task runner; a node stopped before that (a
+    cancel, the worker stopping) cannot, and nothing else owns them: the worker removes them by
+    their run-id label once the flow's node is gone.
+    """
+    from prefect_skyvm.task_runners import task_nodes_run_id
+    from skyvm.backends.local import docker, docker_available, list_managed
+
+    if not docker_available():
+        return []
+    names = [row["name"] for row in list_managed() if row["run_id"] == task_nodes_run_id(flow_run_id)]
+    if names:
+        docker("rm", "-f", *names, check=False)
+    return names

@@ -123,13 +123,22 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
 
     def __enter__(self) -> "SkyVMTaskRunner":
         super().__enter__()
-        from prefect.context import FlowRunContext
-
-        ctx = FlowRunContext.get()
-        flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else uuid.uuid4()
-        # Entering provisions nothing: clusters start with the first node that needs one.
-        self._run = Run(self._config, run_id=f"prefect-{flow_run_id}")
+        # Entering provisions nothing: the run starts with the first task, clusters with the first node that needs one.
+        self._run = None
         return self
+
+    def _current_run(self) -> Run:
+        """The run of this flow run's task nodes. Made at the first submission: Prefect enters the task
+        runner before the flow run's context exists, and the run id names the flow run (its clusters'
+        run-id label, by which a worker finds them when the flow's own node was stopped)."""
+        with self._handles_lock:
+            if self._run is None:
+                from prefect.context import FlowRunContext
+
+                ctx = FlowRunContext.get()
+                flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else uuid.uuid4()
+                self._run = Run(self._config, run_id=task_nodes_run_id(flow_run_id))
+            return self._run
 
     def __exit__(self, exc_type: Any, exc_value: Any, traceback: Any) -> None:
         # Nodes still running when the flow is left are cancelled, and their clusters released per `down`.
@@ -147,8 +156,9 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         wait_for: Optional[Iterable[PrefectFuture[Any]]] = None,
         dependencies: Optional[dict[str, set]] = None,
     ) -> PrefectConcurrentFuture:
-        if not self._started or self._executor is None or self._run is None:
+        if not self._started or self._executor is None:
             raise RuntimeError("Task runner is not started")
+        self._current_run()
         from prefect._internal.uuid7 import uuid7
         from prefect.task_engine import run_task_async, run_task_sync
 
@@ -239,6 +249,11 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         copy = task.with_options()
         copy.fn = remote
         return copy
+
+
+def task_nodes_run_id(flow_run_id) -> str:
+    """The skyvm run of a flow run's task nodes (its clusters carry it as their run-id label)."""
+    return f"prefect-{flow_run_id}"
 
 
 def _plain(value: Any) -> Any:

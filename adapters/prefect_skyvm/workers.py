@@ -169,8 +169,6 @@ class SkyVMWorker(BaseWorker[SkyVMJobConfiguration, SkyVMVariables, SkyVMWorkerR
     job_configuration_variables = SkyVMVariables
     _description = "Run each flow run on its own skyvm node: a container locally, or a cloud VM through SkyPilot, with per-deployment resources."
     _display_name = "skyvm"
-    _documentation_url = "https://github.com/skyvm/skyvm#prefect"
-    _logo_url = "https://raw.githubusercontent.com/skypilot-org/skypilot/master/docs/source/images/skypilot-wide-light-1k.png"
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -290,6 +288,10 @@ class SkyVMWorker(BaseWorker[SkyVMJobConfiguration, SkyVMVariables, SkyVMWorkerR
             # Also when the worker stops (its task group cancelled): the node is stopped and its cluster released.
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(lambda: run.close(cancel=True))
+                if settings.backend == "local":
+                    left = await anyio.to_thread.run_sync(flow_node.remove_task_clusters, flow_run.id)
+                    if left:
+                        logger.info("skyvm: removed the clusters the flow's own task nodes left: %s", ", ".join(left))
             for pid, held in list(self._nodes.items()):
                 if held.run is run:
                     del self._nodes[pid]

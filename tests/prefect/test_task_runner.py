@@ -65,6 +65,7 @@ def test_pickles_without_live_clients():
         pass
 
     with runner:
+        runner._current_run()  # the live run a first submission makes
         assert runner._run is not None
         blob = cloudpickle.dumps(runner)  # while started: only arguments travel
     copy = cloudpickle.loads(blob)

@@ -19,11 +19,14 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from engine_checks import Watch, leaked, marker
 from netutil import free_port, wait_http
 
 from skyvm.backends.local import list_managed
 
 POOL = "skyvm-test-pool"
+# The worker's API key: a marker that must reach the node only as a secret (the local server ignores keys).
+API_KEY = marker("PREFECT_API_KEY")
 DEADLINE_S = 240
 
 FLOWS = '''
@@ -48,13 +51,31 @@ def tick() -> str:
 
 @flow
 def sleeper() -> None:
-    get_run_logger().info("sleeping on the node")
+    get_run_logger().info("sleeping on the node, API key given: %s", bool(os.environ.get("PREFECT_API_KEY")))
     time.sleep(600)
+
+
+@flow
+def hog() -> int:
+    get_run_logger().info("allocating past the node's memory")
+    blocks = [bytearray(64 * 2**20) for _ in range(32)]  # 2 GiB, touched: the node has 0.25
+    return len(blocks)
 
 
 @task
 def where(i: int) -> dict:
     return {"i": i, **container_limits()}
+
+
+@task
+def stuck() -> None:
+    print("task node started", flush=True)
+    time.sleep(600)
+
+
+@flow(task_runner=SkyVMTaskRunner({"defaults": {"cpus": 0.5, "memory": 0.5}}))
+def stuck_orchestrator() -> None:
+    stuck.submit().result()
 
 
 @flow(persist_result=True, task_runner=SkyVMTaskRunner({"defaults": {"cpus": 0.5, "memory": 0.5}}))
@@ -65,14 +86,14 @@ def orchestrator(n: int) -> dict:
 
 
 def _wait(predicate, what: str, timeout: float = DEADLINE_S, every: float = 0.5):
-    """Poll until predicate() is truthy; its value, or a failure naming what was awaited."""
+    """Poll until predicate() is truthy; its value, or a failure naming what was awaited and the skyvm containers there are."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(every)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; skyvm containers: {list_managed()}")
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +147,7 @@ def worker(api, tmp_path_factory):
         **os.environ,
         "PREFECT_API_URL": api["url"],
         "PREFECT_HOME": str(home),
+        "PREFECT_API_KEY": API_KEY,
         "PREFECT_LOCAL_STORAGE_PATH": api["storage"],
         "PREFECT_WORKER_QUERY_SECONDS": "1",
         "PREFECT_WORKER_PREFETCH_SECONDS": "0",
@@ -261,8 +283,12 @@ def test_cancelling_a_running_flow_run_stops_its_node(worker, source):
     async def logs(client):
         return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
 
-    _wait(lambda: any("sleeping on the node" in log.message for log in read(logs)), "the flow to run on its node")
+    _wait(lambda: any("sleeping on the node, API key given: True" in log.message for log in read(logs)), "the flow to run on its node")
     assert [c for c in node_containers(flow_run.id) if c["state"] == "running"]
+    # The API key reached the node (the engine there talks to the API) as a secret: not in ps, docker
+    # inspect, the exec's record or the run's logs.
+    seen = Watch._look()
+    assert not leaked({"api_key": API_KEY}, machine=seen, logs="\n".join(log.message for log in read(logs)), worker=worker.read_text())
     read(lambda client: client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the test")))
     done = wait_final(flow_run.id, timeout=120)
     assert done.state.is_cancelled(), done.state
@@ -275,6 +301,14 @@ def test_a_node_that_cannot_start_leaves_the_run_crashed(worker, source):
     assert done.state.is_crashed(), done.state
     assert "64" in done.state.message and "CPU" in done.state.message.upper(), done.state.message
     assert node_containers(flow_run.id) == []
+
+
+def test_a_node_that_dies_leaves_the_run_crashed_with_the_reason(worker, source):
+    flow_run = run(deploy(source, "flows.py:hog", job_variables={"memory": 0.25}))
+    done = wait_final(flow_run.id)
+    assert done.state.is_crashed(), done.state
+    assert "skyvm node" in done.state.message and ("memory" in done.state.message.lower() or "137" in done.state.message), done.state.message
+    _wait(lambda: node_containers(flow_run.id) == [], "the node's container to go", timeout=60)
 
 
 def test_a_bad_job_variable_fails_the_run_naming_it(worker, source):
@@ -336,3 +370,15 @@ def test_skyvm_decorator_rejects_bad_job_variables_before_anything_runs():
         return 1
 
     assert skyvm(work_pool=POOL, cpus=1)(plain).job_variables == {"cpus": 1}
+
+
+def test_cancelling_a_nested_flow_run_leaves_neither_its_node_nor_its_task_nodes(worker, source):
+    from prefect.states import Cancelling
+
+    flow_run = run(deploy(source, "flows.py:stuck_orchestrator"))
+    ids = (f"prefect-flow-{flow_run.id}", f"prefect-{flow_run.id}")
+    _wait(lambda: [r for r in list_managed() if r["run_id"] == ids[1] and r["state"] == "running"], "the task's node to run")
+    read(lambda client: client.set_flow_run_state(flow_run.id, Cancelling(message="cancelled by the test")))
+    done = wait_final(flow_run.id, timeout=120)
+    assert done.state.is_cancelled(), done.state
+    _wait(lambda: not [r for r in list_managed() if r["run_id"] in ids], "the flow's and its task's containers to go", timeout=90)
