@@ -56,6 +56,10 @@ def prefect_bench(b) -> None:
     runners = {
         "SkyVMTaskRunner cold": lambda: SkyVMTaskRunner({"defaults": {"labels": b.labels(kind="cold"), "down": True}}),
         "SkyVMTaskRunner warm": lambda: SkyVMTaskRunner({"defaults": {"labels": b.labels(keep=True, kind="warm"), "down": False, "idle_minutes_to_autostop": 10}}),
+        # The same with a warm cluster per task (max_clusters: N): no task queues for a cluster.
+        "SkyVMTaskRunner warm, N clusters": lambda: SkyVMTaskRunner(
+            {"defaults": {"labels": b.labels(keep=True, kind="warm-n"), "down": False, "idle_minutes_to_autostop": 10, "max_clusters": b.n}}
+        ),
         "ThreadPoolTaskRunner": ThreadPoolTaskRunner,
         "ProcessPoolTaskRunner": ProcessPoolTaskRunner,
     }
@@ -69,7 +73,7 @@ def prefect_bench(b) -> None:
 
     with prefect_test_harness(server_startup_timeout=180):
         # Uncounted: the API's first flow run, and the warm clusters started.
-        for name in ("ThreadPoolTaskRunner", "SkyVMTaskRunner warm"):
+        for name in ("ThreadPoolTaskRunner", "SkyVMTaskRunner warm", "SkyVMTaskRunner warm, N clusters"):
             print(f"  warm-up {name}: {run_flow(name):.2f} s (not counted)", flush=True)
 
         def arm(name: str):
@@ -78,10 +82,20 @@ def prefect_bench(b) -> None:
         b.alternate({name: arm(name) for name in runners})
 
     b.ratio("SkyVM warm / ThreadPool", "SkyVMTaskRunner warm", "ThreadPoolTaskRunner")
+    b.ratio("SkyVM warm, N clusters / ThreadPool", "SkyVMTaskRunner warm, N clusters", "ThreadPoolTaskRunner")
     b.ratio("SkyVM cold / ThreadPool", "SkyVMTaskRunner cold", "ThreadPoolTaskRunner")
     b.ratio("SkyVM warm / ProcessPool", "SkyVMTaskRunner warm", "ProcessPoolTaskRunner")
     b.target(
-        "SkyVMTaskRunner warm / ThreadPoolTaskRunner",
+        "SkyVMTaskRunner warm, N clusters / ThreadPoolTaskRunner",
+        b.med("SkyVMTaskRunner warm, N clusters") / b.med("ThreadPoolTaskRunner"),
+        "<=",
+        1.5,
+        "x",
+        "each task is a docker exec of the node runtime on its own warm cluster, with payload and result "
+        "through the store; on 2 cores the N node runtimes start at once",
+    )
+    b.target(
+        "SkyVMTaskRunner warm (default max_clusters 4) / ThreadPoolTaskRunner",
         b.med("SkyVMTaskRunner warm") / b.med("ThreadPoolTaskRunner"),
         "<=",
         1.5,

@@ -528,9 +528,10 @@ class DockerBackend(Backend):
         except BaseException as exc:
             if fresh:
                 self._remove(name)
+                self._unhold(name)
             else:
+                self._unhold(name)  # before free: see release()
                 self.pool.free(name)
-            self._unhold(name)
             if isinstance(exc, docker.errors.APIError):
                 raise InfrastructureError(f"node {spec.node!r}: cannot run on cluster {name}: {redact.redact(str(exc))}") from None
             raise
@@ -619,9 +620,12 @@ class DockerBackend(Backend):
                 # A cancelled run does not keep its cluster around.
                 self.pool.forget(ref.cluster)
                 self._remove(ref.cluster)
+                self._unhold(ref.cluster)
             else:
+                # The flock goes first: a node waiting for this cluster takes it the moment it is free,
+                # and a flock still held then reads as another process's, which would lose the cluster.
+                self._unhold(ref.cluster)
                 self.pool.free(ref.cluster)
-            self._unhold(ref.cluster)
             return
         # Found again from its reference (a trigger): its cluster goes when down says so and nothing runs there.
         if down:
