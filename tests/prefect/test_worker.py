@@ -382,3 +382,42 @@ def test_cancelling_a_nested_flow_run_leaves_neither_its_node_nor_its_task_nodes
     done = wait_final(flow_run.id, timeout=120)
     assert done.state.is_cancelled(), done.state
     _wait(lambda: not [r for r in list_managed() if r["run_id"] in ids], "the flow's and its task's containers to go", timeout=90)
+
+
+# -- settings layers -------------------------------------------------------------------------------
+
+LAYERS = {
+    "defaults": {"memory": 0.5},
+    "profiles": {"big": {"cpus": 1.25}},
+    "nodes": {"probe": {"cpus": 0.75}},
+}
+
+
+def test_the_settings_file_layers_sit_under_the_job_variables(tmp_path):
+    import yaml
+
+    from prefect_skyvm.workers import SkyVMJobConfiguration
+
+    path = tmp_path / "skyvm.yaml"
+    path.write_text(yaml.safe_dump(LAYERS))
+
+    def resolved(flow_name, **variables):
+        s = SkyVMJobConfiguration(settings_file=str(path), **variables).base_settings(flow_name, "test")
+        return s.cpus, s.memory
+
+    assert resolved("probe") == ("0.75", "0.5")  # nodes[<flow name>] over the defaults
+    assert resolved("tick", profile="big") == ("1.25", "0.5")  # a profile by job variable
+    assert resolved("probe", profile="big") == ("0.75", "0.5")  # the flow's own entry over its profile
+    assert resolved("probe", cpus=2, memory=1) == ("2", "1")  # job variables over the file
+
+
+def test_a_deployment_reads_the_settings_file_on_the_worker(worker, source, tmp_path):
+    import yaml
+
+    path = tmp_path / "skyvm.yaml"
+    path.write_text(yaml.safe_dump(LAYERS))
+    flow_run = run(deploy(source, "flows.py:probe", job_variables={"settings_file": str(path), "memory": 0.25}), {"x": 1})
+    done = wait_final(flow_run.id)
+    assert done.state.is_completed(), (done.state, worker.read_text()[-3000:])
+    seen = done.state.result()
+    assert (seen["cpus"], seen["memory_gib"]) == (0.75, 0.25)  # cpus from nodes.probe, memory from the deployment
