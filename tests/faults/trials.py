@@ -605,9 +605,8 @@ def prefect_flow_run_cancelled_through_the_api() -> Outcome:
             wait_for(served, 120, "the served deployment is registered", every=0.5)
             flow_run = run_deployment(f"fault-flow/fault-{t}", timeout=0)
             flow_run_id = flow_run.id
-            # The flow's containers, by this trial's label (the adapter's run id is not the flow run's id when
-            # Prefect enters the task runner before the flow run's context, as it does for a deployment's run).
-            mine = f"label=dev.skyvm.user.fault-trial={t}"
+            # The flow run's containers: the adapter's run is named by the flow run.
+            mine = f"label=dev.skyvm.run-id=prefect-{flow_run_id}"
             wait_for(lambda: skyvm_containers(mine), 240, lambda: "the task's node starts; flow.serve()'s log:\n" + (workdir / "serve.log").read_text()[-3000:], every=0.5)
             expect(client.read_flow_run(flow_run_id).state.type == StateType.RUNNING, "the flow run is not running while its node runs")
             t0 = time.monotonic()
