@@ -353,6 +353,11 @@ def test_skyvm_decorator_runs_the_flow_on_a_node_and_returns_its_result(api, wor
     assert seen["cluster"].startswith("skyvm-prefect-flow-")
     assert not [r for r in list_managed() if r["name"] == seen["cluster"]]  # the call returns after the node is released
 
+    future = where.submit(7)  # a PrefectFlowRunFuture of a flow run on a node of its own
+    assert future.result()["double"] == 14
+    assert read(_flow_run, future.flow_run_id).state.is_completed()
+    assert future.result()["cluster"] not in (None, seen["cluster"])
+
 
 def test_skyvm_decorator_rejects_bad_job_variables_before_anything_runs():
     from prefect import flow
