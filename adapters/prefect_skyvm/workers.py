@@ -33,7 +33,7 @@ from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker
 
 from prefect_skyvm import flow_node
 from skyvm.api import NodeHandle, Run, backend_for, node_image
-from skyvm.backends.base import JobState, NodeRef
+from skyvm.backends.base import EXIT_CANCELLED, JobState, NodeRef
 from skyvm.errors import InfrastructureError, NodeCancelled, NodeFailed, SettingsError
 from skyvm.settings import NodeSettings
 
@@ -317,12 +317,15 @@ class SkyVMWorker(BaseWorker[SkyVMJobConfiguration, SkyVMVariables, SkyVMWorkerR
 
     async def _outcome(self, flow_run: "FlowRun", handle: NodeHandle, cancelled: bool) -> int:
         exc = handle.exception()
-        if exc is None or cancelled or isinstance(exc, NodeCancelled):
+        if exc is None or cancelled:
             return 0
         code = exc.returncode if isinstance(exc, NodeFailed) and exc.returncode else 1
         # The engine reports the flow's own failure itself; a node that died or could not run leaves the
         # run Crashed with the reason (a proposal after a final state is refused, so it only fills a gap).
         reason = str(exc).split("\n\nRemote traceback:")[0]
+        if isinstance(exc, NodeCancelled):
+            code = EXIT_CANCELLED
+            reason = f"{reason} from outside this worker (kill_infrastructure in another process, or skyvm gc)"
         tail = "\n".join(handle.logs().splitlines()[-20:])
         await self._propose_state(flow_run, Crashed(message=f"skyvm node of flow run {flow_run.name!r} ended without a final state: {reason}\n{tail}".strip()))
         return code

@@ -426,3 +426,29 @@ def test_a_deployment_reads_the_settings_file_on_the_worker(worker, source, tmp_
     assert done.state.is_completed(), (done.state, worker.read_text()[-3000:])
     seen = done.state.result()
     assert (seen["cpus"], seen["memory_gib"]) == (0.75, 0.25)  # cpus from nodes.probe, memory from the deployment
+
+
+def test_kill_infrastructure_from_another_process_stops_the_node(api, worker, source):
+    """Prefect calls kill_infrastructure with the flow run's infrastructure_pid, possibly from a worker
+    process other than the one following the node: the node stops, its own worker releases it."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from prefect_skyvm.workers import SkyVMJobConfiguration, SkyVMWorker
+
+    flow_run = run(deploy(source, "flows.py:sleeper"))
+
+    async def logs(client):
+        return await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run.id])))
+
+    _wait(lambda: any("sleeping on the node" in log.message for log in read(logs)), "the flow to run on its node")
+    pid = read(_flow_run, flow_run.id).infrastructure_pid
+    assert pid and f"prefect-flow-{flow_run.id}" in pid  # the node's reference, as the API keeps it
+
+    async def kill():
+        async with SkyVMWorker(work_pool_name=POOL) as other:
+            await other.kill_infrastructure(pid, SkyVMJobConfiguration(), grace_seconds=30)
+
+    asyncio.run(kill())
+    done = wait_final(flow_run.id, timeout=120)
+    assert done.state.is_crashed() and "outside this worker" in done.state.message, done.state
+    _wait(lambda: node_containers(flow_run.id) == [], "the node's container to go", timeout=60)
