@@ -44,7 +44,17 @@ def _skypilot_rows() -> tuple[list[dict], list[dict]]:
     from skyvm.skypilot.clusters import skyvm_clusters, skyvm_pools
 
     bridge = get_bridge()
-    return skyvm_clusters(bridge), skyvm_pools(bridge)
+    return skyvm_clusters(bridge), _pools_or_none(lambda: skyvm_pools(bridge))
+
+
+def _pools_or_none(list_pools):
+    """Pools live on SkyPilot's jobs controller, which may be out of reach (offline, not started,
+    no network to the cloud): say so, and still report the clusters."""
+    try:
+        return list_pools()
+    except Exception as exc:  # noqa: BLE001 - any failure to ask means the same to the user
+        print(f"skyvm: could not list SkyPilot pools ({exc}); clusters are listed, pools are not", file=sys.stderr)
+        return []
 
 
 def cmd_status(args) -> int:
@@ -91,7 +101,7 @@ def cmd_gc(args) -> int:
         which = "" if args.all_skypilot else " idle (INIT/STOPPED)"
         verb_down = "would tear down" if args.dry_run else "tore down"
         print(f"{verb_down} {len(downed)}{which} SkyPilot cluster(s)" + (": " + ", ".join(downed) if downed else ""))
-        pools = gc_pools(bridge, everything=args.all_skypilot, dry_run=args.dry_run)
+        pools = _pools_or_none(lambda: gc_pools(bridge, everything=args.all_skypilot, dry_run=args.dry_run))
         which = "" if args.all_skypilot else " per-run (their run is over)"
         print(f"{verb_down} {len(pools)}{which} SkyPilot pool(s)" + (": " + ", ".join(pools) if pools else ""))
     return 0
