@@ -173,6 +173,6 @@ def airflow_bench(b) -> None:
         "<=",
         0.5,
         "x",
-        "a warm SkyVM task still runs the docker CLI several times (ps, inspect, exec) and the node runtime (see floor: warm vs docker exec), "
-        "which costs about what DockerOperator's one container through the Docker API does; dag.test() runs the tasks one at a time",
+        "a warm SkyVM task is one exec of the node runtime (Python and skyvm.node's imports: see floor's 'import skyvm.node'), "
+        "plus the operator's settings, payload and result; dag.test() runs the tasks one at a time, so nothing overlaps",
     )

@@ -152,6 +152,6 @@ def floor(b) -> None:
         "<=",
         1.2,
         "x",
-        "a warm node is one docker exec of the node runtime (python + skyvm.node + cloudpickle: see 'import skyvm.node'), "
-        "plus skyvm's docker ps / inspect to pick a free cluster and the payload and result through the store",
+        "a warm node is one docker exec of the node runtime: starting Python and importing skyvm.node (cloudpickle, the store) "
+        "alone costs more than the whole warm node (see 'docker exec: import skyvm.node'); what skyvm adds on top is within the noise",
     )
