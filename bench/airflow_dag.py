@@ -165,7 +165,7 @@ def airflow_bench(b) -> None:
         "<=",
         1.0,
         "x",
-        "a cold SkyVM task starts a cluster container, runs setup and then execs the node (see floor), where DockerOperator runs one container",
+        "a cold SkyVM task starts a cluster container and then execs the node runtime in it (two process starts; see floor), where DockerOperator runs one container",
     )
     b.target(
         "SkyVMOperator warm / DockerOperator",
