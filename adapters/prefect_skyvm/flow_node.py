@@ -106,19 +106,16 @@ def local_mounts(source_dirs: Iterable[str], result_dir: Optional[str]) -> tuple
     - skyvm's home and the Docker socket, so the flow's own SkyVMTaskRunner starts its tasks'
       nodes on this machine's engine (nesting), their store paths valid on the host.
     """
+    from skyvm.backends.local import same_path_volumes
     from skyvm.payloads import DEFAULT_HOME
 
     home = str(DEFAULT_HOME.resolve())
-    Path(home).mkdir(parents=True, exist_ok=True)
     paths = [*source_dirs, home]
     envs = {"SKYVM_HOME": home}
     if result_dir:
-        Path(result_dir).mkdir(parents=True, exist_ok=True)
         paths.append(result_dir)
         envs["PREFECT_LOCAL_STORAGE_PATH"] = result_dir
-    args: list[str] = []
-    for path in dict.fromkeys(paths):
-        args += ["--volume", f"{path}:{path}"]
+    args = same_path_volumes(paths)
     socket, cli = docker_socket(), shutil.which("docker")
     if socket and cli:
         # The local backend drives the engine through the socket and, for listing and odd flags, the CLI.

@@ -17,7 +17,6 @@ import atexit
 import json
 import logging
 import os
-import sys
 import threading
 import time
 import uuid

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from netutil import free_port
-from skyvm.backends.local import list_managed
 
 
 

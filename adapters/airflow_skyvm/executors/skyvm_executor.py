@@ -24,7 +24,6 @@ Per task, settings come from the shared settings YAML (``nodes[task_id]``,
 from __future__ import annotations
 
 import importlib.metadata
-import os
 import uuid
 from typing import Any, Optional, Sequence
 
@@ -84,10 +83,10 @@ class SkyVMExecutor(BaseExecutor):
         }
         run_args = list(base.docker_run_args)
         if base.backend == "local":
+            from skyvm.backends.local import same_path_volumes
+
             # The DAG bundle and the task logs at the same paths as on this host.
-            for path in (dags_folder, log_folder):
-                os.makedirs(path, exist_ok=True)
-                run_args += ["--volume", f"{path}:{path}"]
+            run_args += same_path_volumes([dags_folder, log_folder])
         return base.model_copy(
             update={
                 "envs": {**envs, **base.envs},

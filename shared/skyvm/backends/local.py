@@ -434,6 +434,11 @@ class DockerBackend(Backend):
         docker(*args, *user_args, spec.image, *watch)
 
     def _exec_output(self, name: str, cmd: list[str], timeout: Optional[float] = None) -> tuple[int, str, str]:
+        """A command in a cluster: (exit code, stdout, stderr) as text."""
+        code, out, err = self._exec_bytes(name, cmd, timeout)
+        return code, out.decode(errors="replace"), err.decode(errors="replace")
+
+    def _exec_bytes(self, name: str, cmd: list[str], timeout: Optional[float] = None) -> tuple[int, bytes, bytes]:
         """A command in a cluster: (exit code, stdout, stderr). A gone cluster raises docker's NotFound.
 
         Read through the exec's socket with a timeout: the SDK's plain ``exec_start`` reads with
@@ -466,7 +471,7 @@ class DockerBackend(Backend):
         frames, _rest = split_frames(data)
         out = b"".join(d for sid, d in frames if sid != 2)
         err = b"".join(d for sid, d in frames if sid == 2)
-        return self.api.exec_inspect(eid)["ExitCode"], out.decode(errors="replace"), err.decode(errors="replace")
+        return self.api.exec_inspect(eid)["ExitCode"], out, err
 
     def _remove(self, name: str) -> None:
         import docker
@@ -599,10 +604,10 @@ class DockerBackend(Backend):
         import docker
 
         try:
-            _code, text, _err = self._exec_output(ref.cluster, ["python3", "-m", "skyvm.node", "log", "--attempt", ref.attempt_id, "--offset", str(offset)])
+            _code, data, _err = self._exec_bytes(ref.cluster, ["python3", "-m", "skyvm.node", "log", "--attempt", ref.attempt_id, "--offset", str(offset)])
         except docker.errors.APIError:
             return "", offset
-        return text, offset + len(text.encode())
+        return data.decode(errors="replace"), offset + len(data)  # the offset counts the log file's bytes
 
     def cancel(self, ref: NodeRef) -> None:
         import docker
@@ -749,6 +754,17 @@ class ProcessBackend(Backend):
 
     def end_run(self, run_id: str) -> None:
         run_lease(run_id).unlink(missing_ok=True)
+
+def same_path_volumes(paths) -> list[str]:
+    """``docker run`` options mounting each host directory at the same path in a local cluster (made
+    when missing): how a whole-task node (an Airflow executor's, a Prefect worker's flow) sees the
+    DAGs, flow sources, logs and results where the engine put them."""
+    args: list[str] = []
+    for path in dict.fromkeys(str(p) for p in paths):
+        os.makedirs(path, exist_ok=True)
+        args += ["--volume", f"{path}:{path}"]
+    return args
+
 
 def list_managed(all_states: bool = True) -> list[dict]:
     """Every container skyvm started on this engine, with its labels."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 from skyvm.errors import InfrastructureError
 from skyvm.payloads import DEFAULT_HOME
