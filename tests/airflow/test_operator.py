@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 
 from airflow_skyvm import get_provider_info
+from airflow_skyvm.exceptions import AirflowException, SkyVMNodeFailedException
 from airflow_skyvm.operators.skyvm import SkyVMOperator
 from skyvm.backends.local import home_id, list_managed
-from skyvm.errors import SettingsError
+from skyvm.errors import NodeFailed, SettingsError
 
 def run_dag(dag):
     dr = dag.test()
@@ -112,3 +113,70 @@ def test_bad_settings_fail_at_parse_time():
         SkyVMOperator(task_id="typo", python_callable=double, sky_settings={"cpu": 2})
     with pytest.raises(ValueError, match="exactly one of python_callable or bash_command"):
         SkyVMOperator(task_id="neither")
+
+
+def fail_loudly():
+    raise ValueError("This task is expected to fail")
+
+
+def test_a_failed_node_raises_an_airflow_exception_carrying_the_remote_traceback(dags):
+    """As the Docker provider's test_failing_task: an AirflowException, the error line in the task log."""
+    from types import SimpleNamespace
+
+    from structlog.testing import capture_logs
+
+    op = SkyVMOperator(task_id="fails_loudly", python_callable=fail_loudly)
+    ti = SimpleNamespace(dag_id="skyvm_direct", run_id="manual-1", task_id=op.task_id, map_index=-1)
+    with capture_logs() as records, pytest.raises(AirflowException) as info:
+        op.execute({"ti": ti})
+    err = info.value
+    assert isinstance(err, SkyVMNodeFailedException) and isinstance(err, NodeFailed)  # `except NodeFailed` still catches it
+    assert err.exc_type == "ValueError" and err.exit_code is None
+    assert "in fail_loudly" in err.remote_traceback and "in fail_loudly" in str(err)
+    assert "ValueError: This task is expected to fail" in err.logs
+    # Streamed to the task log line by line, as the operator's own records.
+    assert "ValueError: This task is expected to fail" in [r["event"] for r in records]
+    assert af_containers("skyvm_direct") == []
+
+
+def test_skip_on_exit_code_as_the_docker_provider_has_it(dags, capfd):
+    dr, states = run_dag(dags.skip_dag)
+    expected = {task_id: state for task_id, (_, _, state) in dags.SKIP_CASES.items()}
+    expected.update(command_skipped="skipped", command_failed="failed", deferred_skipped="skipped", deferred_failed="failed")
+    assert states == expected
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "exited with code 42, listed in skip_on_exit_code [42, 43]" in text
+    assert "SkyVMNodeFailedException" in text  # the failed ones raised Airflow's kind of exception
+    assert af_containers(dags.skip_dag.dag_id) == []
+
+
+def test_a_node_raising_keyboard_interrupt_or_system_exit_fails_only_its_task(dags, capfd, caplog):
+    dr, states = run_dag(dags.base_exceptions_dag)  # returns: the process that ran the DAG is not stopped
+    assert states == {
+        "keyboard_interrupt": "failed",
+        "system_exit": "failed",
+        "system_exit_skipped": "skipped",
+        "interrupted_deferred": "failed",
+        "after": "success",  # trigger_rule all_done: the run went on
+    }
+    assert dr.state == "success"  # decided by its leaf, which ran: nothing stopped the run
+    out = capfd.readouterr()
+    text = out.out + out.err + caplog.text
+    assert "KeyboardInterrupt: interrupted on the node" in text and "in interrupted" in text  # the remote traceback
+    assert "SystemExit: 3" in text
+    assert af_containers(dags.base_exceptions_dag.dag_id) == []
+
+
+def test_bad_skip_on_exit_code_fails_at_parse_time():
+    with pytest.raises(TypeError, match=r"task 'typo': skip_on_exit_code: expected an exit code \(an int\) or a list of them, e.g. 100 or \[100, 101\]; got '100'"):
+        SkyVMOperator(task_id="typo", bash_command="true", skip_on_exit_code="100")
+    from airflow.sdk import DAG, task
+
+    with DAG("skyvm_bad_skip", schedule=None), pytest.raises(TypeError, match=r"task 'listed': skip_on_exit_code: .*got \[1, 2.5\]"):
+
+        @task.skyvm(skip_on_exit_code=[1, 2.5])
+        def listed():
+            return 1
+
+        listed()

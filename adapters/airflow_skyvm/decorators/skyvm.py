@@ -5,7 +5,11 @@
 
 Node settings (any NodeSettings field: cpus, memory, accelerators, ...) may be
 given directly; the operator's own arguments (image, sky_settings, profile,
-settings_file, skyvm_conn_id, deferrable) too.
+settings_file, skyvm_conn_id, deferrable, skip_on_exit_code) too.
+
+As with ``@task.docker``: a failed node raises ``SkyVMNodeFailedException`` (an
+``AirflowException``) with the remote traceback, and ``sys.exit(n)`` with ``n`` in
+``skip_on_exit_code`` skips the task.
 """
 
 from __future__ import annotations

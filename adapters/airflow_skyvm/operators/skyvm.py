@@ -18,17 +18,24 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, Optional
 
+from airflow_skyvm.exceptions import SkyVMNodeFailedException, SkyVMNodeSkippedException, exit_codes, node_exit_code
+from airflow_skyvm import masking
 from airflow_skyvm.hooks.skyvm import SkyVMHook
 from skyvm.api import DetachedNode, Run, teardown
 from skyvm.backends.base import JobState
-from skyvm.errors import InfrastructureError
+from skyvm.errors import InfrastructureError, NodeFailed
 from skyvm.node import make_call_payload, make_command_payload
+from skyvm.redact import redact
 from skyvm.settings import NodeSettings, validate_layer
 
 try:  # Airflow 3
     from airflow.sdk import BaseOperator
 except ImportError:  # pragma: no cover
     from airflow.models import BaseOperator
+
+
+# Airflow logs through structlog, which skyvm.redact does not see: its own masker learns our secrets too.
+masking.install()
 
 
 def node_name(ti) -> str:
@@ -70,6 +77,14 @@ class SkyVMOperator(BaseOperator):
     :param skyvm_conn_id: a ``skyvm`` connection holding the settings and registry credentials
     :param deferrable: launch, then wait in the triggerer, holding no worker slot
     :param poll_interval: seconds between checks while deferred
+    :param skip_on_exit_code: exit codes (one, or a list) that skip the task instead of failing it,
+        as in ``@task.docker`` and ``@task.virtualenv``: a command's exit code, or ``n`` of
+        ``sys.exit(n)`` in the callable (a listed 0 skips a task that succeeded)
+
+    A failed node raises ``SkyVMNodeFailedException`` (an ``AirflowException`` and a
+    ``skyvm.errors.NodeFailed``) carrying the remote traceback, exit code and log lines.
+    ``sys.exit(0)`` (or ``sys.exit()``) in the callable ends it successfully, returning None,
+    as it would end a process.
     """
 
     template_fields: Sequence[str] = ("bash_command", "op_args", "op_kwargs", "image", "sky_settings")
@@ -90,6 +105,7 @@ class SkyVMOperator(BaseOperator):
         skyvm_conn_id: Optional[str] = SkyVMHook.default_conn_name,
         deferrable: bool = False,
         poll_interval: float = 2.0,
+        skip_on_exit_code: Optional[int | Collection[int]] = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -108,6 +124,7 @@ class SkyVMOperator(BaseOperator):
         self.skyvm_conn_id = skyvm_conn_id
         self.deferrable = deferrable
         self.poll_interval = poll_interval
+        self.skip_on_exit_code = exit_codes(skip_on_exit_code, f"task {self.task_id!r}")
         if not _has_template(self.sky_settings):
             # A typo fails when the DAG file is parsed, not when the task runs.
             validate_layer(self.sky_settings, "sky_settings", f"task {self.task_id!r}")
@@ -149,9 +166,9 @@ class SkyVMOperator(BaseOperator):
             )
         self._node = run  # until the node starts, on_kill tears down the run
         try:
-            handle = run.start_raw(self.task_id, settings, self._payload(), on_log=self.log.info)
+            handle = run.start_raw(self.task_id, settings, self._payload(), on_log=lambda line: self.log.info("%s", redact(line)))
             self._node = handle
-            value = handle.result()
+            value = self._settle(handle.result, lambda: handle.logs().splitlines())
             self.log.info("skyvm: %s finished on %s in %.1fs", self.task_id, handle.cluster, handle.duration_s or 0)
             return value
         finally:
@@ -174,14 +191,40 @@ class SkyVMOperator(BaseOperator):
             # The trigger streamed the log up to log_offset into this task's log already.
             text, _ = node.read_log(int(event.get("log_offset") or 0))
             for line in text.splitlines():
-                self.log.info("%s", line)
-            return node.outcome(_status_of(event)).value()
+                self.log.info("%s", redact(line))
+            return self._settle(node.outcome(_status_of(event)).value, lambda: node.read_log(0)[0].splitlines())
         finally:
             self._node = None
             try:
                 teardown(node)
             except Exception:  # noqa: BLE001 - the task's own error (or result) matters more
                 self.log.exception("skyvm: releasing cluster %s of node %r failed", node.cluster, node.node)
+
+    def _settle(self, value: Callable[[], Any], logs: Callable[[], list[str]]) -> Any:
+        """The node's value, or Airflow's exception for how it ended (``value`` raises NodeFailed when the node failed)."""
+
+        def lines() -> list[str]:
+            try:
+                return logs()
+            except Exception as exc:  # noqa: BLE001 - the node's outcome matters more than its log
+                self.log.warning("skyvm: reading the log of node %r failed: %s", self.task_id, exc)
+                return []
+
+        try:
+            result = value()
+            code = 0
+        except NodeFailed as exc:
+            code = node_exit_code(exc)
+            if code != 0 and code not in self.skip_on_exit_code:
+                raise SkyVMNodeFailedException.from_node_failed(exc, lines()) from None
+            result = None  # sys.exit(0) ends the callable as it would end a process: successfully
+        if code in self.skip_on_exit_code:
+            raise SkyVMNodeSkippedException(
+                f"skyvm: node {self.task_id!r} exited with code {code}, listed in skip_on_exit_code {list(self.skip_on_exit_code)}: skipping the task",
+                exit_code=code,
+                logs=lines(),
+            )
+        return result
 
     def on_kill(self) -> None:
         """Killed, marked failed or timed out: stop the node and release its cluster (the same teardown as success)."""

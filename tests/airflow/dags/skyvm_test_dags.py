@@ -97,6 +97,60 @@ with DAG("skyvm_decorated", schedule=None, start_date=START) as decorated_dag:
     report(add(2, 3))
 
 
+def interrupted():
+    raise KeyboardInterrupt("interrupted on the node")
+
+
+def exits(code):
+    import sys
+
+    sys.exit(code)
+
+
+# A node's BaseException fails its task alone (or skips it, per skip_on_exit_code): the run goes on.
+with DAG("skyvm_base_exceptions", schedule=None, start_date=START) as base_exceptions_dag:
+
+    @task.skyvm
+    def keyboard_interrupt():
+        interrupted()
+
+    _raised = [
+        keyboard_interrupt(),
+        SkyVMOperator(task_id="system_exit", python_callable=exits, op_args=[3]),
+        SkyVMOperator(task_id="system_exit_skipped", python_callable=exits, op_args=[3], skip_on_exit_code=3),
+        SkyVMOperator(task_id="interrupted_deferred", python_callable=interrupted, deferrable=True, poll_interval=0.5),
+    ]
+    _raised >> SkyVMOperator(task_id="after", bash_command="echo the run went on", trigger_rule="all_done")
+
+
+# skip_on_exit_code as the Docker provider's decorator tests (test_skip_docker_operator) have it:
+# task_id: (skip_on_exit_code, the code the callable exits with, the task's state).
+SKIP_CASES = {
+    "unset_0": (None, 0, "success"),
+    "unset_100": (None, 100, "failed"),
+    "one_0": (100, 0, "success"),
+    "one_100": (100, 100, "skipped"),
+    "one_101": (100, 101, "failed"),
+    "zero_0": (0, 0, "skipped"),
+    "list_100": ([100], 100, "skipped"),
+    "list_101": ([100, 102], 101, "failed"),
+    "tuple_100": ((100,), 100, "skipped"),
+}
+
+with DAG("skyvm_skip_on_exit_code", schedule=None, start_date=START) as skip_dag:
+
+    @task.skyvm
+    def exits_with(code):
+        raise SystemExit(code)
+
+    for _task_id, (_skip, _code, _) in SKIP_CASES.items():
+        exits_with.override(task_id=_task_id, skip_on_exit_code=_skip)(_code)
+    SkyVMOperator(task_id="command_skipped", bash_command="echo skipping; exit 42", skip_on_exit_code=[42, 43])
+    SkyVMOperator(task_id="command_failed", bash_command="exit 44", skip_on_exit_code=[42, 43])
+    SkyVMOperator(task_id="deferred_skipped", python_callable=exits, op_args=[7], skip_on_exit_code=7, deferrable=True, poll_interval=0.5)
+    SkyVMOperator(task_id="deferred_failed", bash_command="exit 8", skip_on_exit_code=7, deferrable=True, poll_interval=0.5)
+
+
 def skypilot_settings() -> dict:
     """backend: skypilot with the test's own S3 server and registry (test_skypilot_backend.py sets them before parsing)."""
     return json.loads(os.environ.get("SKYVM_TEST_SKYPILOT_SETTINGS", '{"backend": "skypilot"}'))
