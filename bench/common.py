@@ -475,23 +475,18 @@ def start_moto(bench: Bench, bucket: str = "skyvm-bench") -> str:
     """moto's standalone S3 server over HTTP on loopback, a bucket, credentials in this process's
     environment (nodes get them the way the tests' nodes do); stopped when the scenario ends."""
     tests_on_path()
-    from netutil import free_port, wait_http
+    import emulators
+    from netutil import stop_group
 
-    port = free_port()
     log = Path(tempfile.mkdtemp(prefix="skyvm-bench-moto-")) / "log"
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    # A port this moto holds itself: another install's run beside this one never answers for it.
+    proc, endpoint = emulators.start_moto(log)
 
     def stop() -> None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_group(proc)
         shutil.rmtree(log.parent, ignore_errors=True)
 
     bench.on_exit(stop)
-    endpoint = f"http://127.0.0.1:{port}"
-    wait_http(endpoint + "/moto-api/", ok=(200,))
     os.environ.update({"AWS_ACCESS_KEY_ID": "skyvm-bench-key", "AWS_SECRET_ACCESS_KEY": "skyvm-bench-secret", "AWS_DEFAULT_REGION": "us-east-1"})
     import boto3
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -22,7 +21,7 @@ os.environ.setdefault("SKYVM_IDLE_POLL_S", "1")
 
 from skyvm.backends.local import docker_available, list_managed  # noqa: E402
 from skyvm.settings import RegistrySettings  # noqa: E402
-from netutil import free_port, wait_http  # noqa: E402,F401 - tests/ is on sys.path (rootdir conftest)
+from netutil import free_port, stop_group, wait_http  # noqa: E402,F401 - tests/ is on sys.path (rootdir conftest)
 import emulators  # noqa: E402 - the GCS emulator and Azurite
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -74,22 +73,15 @@ def registry(docker_engine, tmp_path_factory):
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto's standalone S3 server over HTTP on loopback, with a bucket; credentials in the environment."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "log"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=open(log, "w"), stderr=subprocess.STDOUT
-    )
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = emulators.start_moto(tmp_path_factory.mktemp("moto") / "log")
     try:
-        wait_http(endpoint + "/moto-api/", ok=(200,))
         os.environ.update({"AWS_ACCESS_KEY_ID": "skyvm-test-key", "AWS_SECRET_ACCESS_KEY": "skyvm-test-secret", "AWS_DEFAULT_REGION": "us-east-1"})
         import boto3
 
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket="skyvm-test")
         yield endpoint
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_group(proc)
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
 """The cloud storage protocol servers the tests start on loopback: a GCS emulator and Azurite.
 
-Each helper starts the real server in its own process group, waits until it
-answers, makes the ``skyvm-test`` bucket or container, and returns a handle
+Each helper starts the real server in its own process group on a port it
+holds itself (``netutil.start_owned``: never another test run's server),
+waits until it answers, makes the ``skyvm-test`` bucket or container, and returns a handle
 whose ``stop()`` kills the whole group. The fixtures in conftest.py use them.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from netutil import free_port, wait_http
+from netutil import popen_logged, start_owned, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 BUCKET = "skyvm-test"
@@ -35,36 +35,27 @@ class Server:
     log: Path
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(timeout=10)
-            except ProcessLookupError:
-                pass
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+        stop_group(self.proc)
 
 
-def _start(cmd: list[str], log: Path, probe: str, ok=(200,)) -> subprocess.Popen:
-    """Start ``cmd`` in a new process group and wait until ``probe`` answers with a status in ``ok``."""
-    proc = subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_http(probe, ok=ok)
-    except Exception:
-        Server(proc, "", log).stop()
-        raise RuntimeError(f"{cmd[0]} did not come up at {probe}; its log ({log}):\n{log.read_text()[-2000:]}") from None
-    return proc
+def _start(make_cmd, log: Path, probe, ok=(200,), env=None) -> tuple[subprocess.Popen, str]:
+    """Start ``make_cmd(port)`` on a port of its own (see netutil.start_owned) and wait until
+    ``probe(endpoint)`` answers with a status in ``ok``: (process, endpoint)."""
+    proc, port = start_owned(lambda port: popen_logged(make_cmd(port), log, env=env), lambda port: probe(f"http://127.0.0.1:{port}"), log, what=Path(log).stem, ok=ok)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def start_moto(log: Path, env=None) -> tuple[subprocess.Popen, str]:
+    """moto's standalone server (S3, STS, ECR, IAM) on loopback: (process, endpoint)."""
+    return _start(lambda port: [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log, lambda e: f"{e}/moto-api/", env=env)
 
 
 def start_gcs(workdir: Path) -> Server:
     """gcp-storage-emulator (in memory) with bucket skyvm-test; sets STORAGE_EMULATOR_HOST."""
-    port = free_port()
     exe = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent)) or shutil.which("gcp-storage-emulator")
     cmd = [exe] if exe else [sys.executable, "-m", "gcp_storage_emulator"]
-    endpoint = f"http://127.0.0.1:{port}"
-    cmd += ["start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--default-bucket", BUCKET]
-    proc = _start(cmd, workdir / "gcs.log", f"{endpoint}/storage/v1/b/{BUCKET}")
+    cmd += ["start", "--host", "127.0.0.1", "--in-memory", "--default-bucket", BUCKET]
+    proc, endpoint = _start(lambda port: [*cmd, "--port", str(port)], workdir / "gcs.log", lambda e: f"{e}/storage/v1/b/{BUCKET}")
     os.environ["STORAGE_EMULATOR_HOST"] = endpoint
     return Server(proc, endpoint, workdir / "gcs.log")
 
@@ -107,12 +98,10 @@ def connection_string(blob_endpoint: str, *, account_name: Optional[str] = None,
 def start_azurite(workdir: Path) -> Azurite:
     """Azurite's blob service with container skyvm-test; sets AZURE_STORAGE_CONNECTION_STRING."""
     exe = azurite_blob_exe()
-    port = free_port()
     data = Path(tempfile.mkdtemp(prefix="azurite-", dir=workdir))
-    cmd = [str(exe), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(data), "--skipApiVersionCheck", "--loose"]
-    endpoint = f"http://127.0.0.1:{port}"
+    cmd = [str(exe), "--blobHost", "127.0.0.1", "--location", str(data), "--skipApiVersionCheck", "--loose"]
     # Any HTTP answer means it listens (an unauthenticated request gets 400/403).
-    proc = _start(cmd, workdir / "azurite.log", f"{endpoint}/{AZURITE_ACCOUNT}?comp=list", ok=(200, 400, 403))
+    proc, endpoint = _start(lambda port: [*cmd, "--blobPort", str(port)], workdir / "azurite.log", lambda e: f"{e}/{AZURITE_ACCOUNT}?comp=list", ok=(200, 400, 403))
     server = Azurite(proc, endpoint, workdir / "azurite.log")
     try:
         from azure.storage.blob import BlobServiceClient
@@ -135,19 +124,21 @@ class LocalRegistry:
         if not exe:
             raise RuntimeError("docker-registry is not installed (./dev installs Debian's docker-registry package)")
         (d / "htpasswd").write_text(f"{user}:" + bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=5)).decode() + "\n")
-        port = free_port()
-        (d / "config.yml").write_text(
-            f"""version: 0.1
+
+        def command(port: int) -> list[str]:
+            (d / "config.yml").write_text(
+                f"""version: 0.1
 log: {{level: error}}
 storage: {{filesystem: {{rootdirectory: {d / 'data'}}}, delete: {{enabled: true}}}}
 http: {{addr: 127.0.0.1:{port}, secret: skyvm-test}}
 auth: {{htpasswd: {{realm: skyvm, path: {d / 'htpasswd'}}}}}
 """
-        )
-        self.server = f"127.0.0.1:{port}"
-        self.proc = subprocess.Popen([exe, "serve", str(d / "config.yml")], stdout=open(d / "log", "w"), stderr=subprocess.STDOUT)
-        wait_http(f"http://{self.server}/v2/")
+            )
+            return [exe, "serve", str(d / "config.yml")]
+
+        # /v2/ asks for a login (401): the registry is up.
+        self.proc, endpoint = _start(command, d / "log", lambda e: f"{e}/v2/", ok=(200, 401))
+        self.server = endpoint.removeprefix("http://")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+        stop_group(self.proc)

@@ -57,7 +57,7 @@ def node_store(settings: NodeSettings, node: str):
     from skyvm import connectors
 
     conn = connectors.for_store(settings, settings.payload_store)
-    options = conn.fs_options(settings.payload_store, settings.payload_store_endpoint) if conn else None
+    options = conn.renewing_fs_options(settings.payload_store, settings.payload_store_endpoint) if conn else None
     return open_store(settings.payload_store, settings.payload_store_endpoint, storage_options=options, node=node), conn
 
 

@@ -89,6 +89,10 @@ def cmd_gc(args) -> int:
     removed = gc(dry_run=args.dry_run)
     verb = "would remove" if args.dry_run else "removed"
     print(f"{verb} {len(removed)} cluster(s)" + (": " + ", ".join(removed) if removed else ""))
+    from skyvm.connectors.files import gc_secret_dirs
+
+    secrets = gc_secret_dirs(dry_run=args.dry_run)
+    print(f"{verb} {len(secrets)} credential directory(ies) of processes that are gone" + (": " + ", ".join(map(str, secrets)) if secrets else ""))
     if args.images is not None:
         images = gc_images(keep=args.images, dry_run=args.dry_run)
         print(f"{verb} {len(images)} old node image tag(s)")

@@ -28,6 +28,7 @@ import hashlib
 import importlib
 import os
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,21 +247,27 @@ def _codes(exc: BaseException) -> set[str]:
 class FsspecStore(Store):
     """A bucket (or container) and prefix on S3, GCS or Azure Blob Storage, through fsspec."""
 
-    def __init__(self, url: str, storage_options: Optional[dict[str, Any]] = None, *, endpoint_url: Optional[str] = None, node: Optional[str] = None):
+    def __init__(self, url: str, storage_options: "Optional[dict[str, Any] | Callable[[], tuple[dict[str, Any], Optional[float]]]]" = None, *, endpoint_url: Optional[str] = None, node: Optional[str] = None):
         self.scheme, self.bucket, self.prefix = _split(url)
         self.cloud = CLOUDS[self.scheme]
         self.url = f"{self.scheme}://{self.bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.endpoint_url = endpoint_url
         self.node = node
+        # A dict, or a function giving options and when their credentials are due for renewal
+        # (Connector.renewing_fs_options): a store held through a long node gets fresh keys.
         self._options = storage_options
         self._fs = None
+        self._renew_at: Optional[float] = None
 
     def __repr__(self) -> str:  # never the options: they may hold secrets
         return f"FsspecStore({self.url!r})"
 
     @property
     def fs(self):
-        """The fsspec file system, made on first use (a fresh instance: credentials may have changed)."""
+        """The fsspec file system, made on first use (a fresh instance: credentials may have changed),
+        and made again once its minted credentials are due for renewal."""
+        if self._fs is not None and self._renew_at is not None and time.time() >= self._renew_at:
+            self._fs = None
         if self._fs is None:
             try:
                 cls = getattr(importlib.import_module(self.cloud.module), self.cloud.cls)
@@ -269,7 +276,10 @@ class FsspecStore(Store):
                 raise PayloadError(
                     f"{self._who()}a {self.scheme}:// payload store needs {package}, which is not installed here: pip install 'skyvm[{self.cloud.extra}]'"
                 ) from None
-            options = self._options if self._options is not None else env_storage_options(self.scheme, self.endpoint_url)
+            if callable(self._options):
+                options, self._renew_at = self._call("open", "", self._options)
+            else:
+                options = self._options if self._options is not None else env_storage_options(self.scheme, self.endpoint_url)
             self._fs = self._call("open", "", lambda: cls(skip_instance_cache=True, **options))
         return self._fs
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import pytest
 
-from netutil import free_port, wait_http
+import emulators
+from netutil import stop_group
 
 ALLOW_ALL = json.dumps({"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]})
 
@@ -28,13 +27,9 @@ def aws_iam_server(tmp_path_factory):
 
     Unlike ``s3_server`` (which accepts any key), a wrong key or secret fails here as on AWS.
     """
-    port = free_port()
     log = tmp_path_factory.mktemp("moto-iam") / "log"
-    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
-    endpoint = f"http://127.0.0.1:{port}"
+    proc, endpoint = emulators.start_moto(log, env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"})
     try:
-        wait_http(endpoint + "/moto-api/", ok=(200,))
         import boto3
 
         iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bootstrap", aws_secret_access_key="bootstrap")
@@ -44,5 +39,4 @@ def aws_iam_server(tmp_path_factory):
         iam.attach_user_policy(UserName="skyvm-ci", PolicyArn=arn)
         yield AwsAccount(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
     finally:
-        proc.terminate()
-        proc.wait(timeout=10)
+        stop_group(proc)

@@ -716,16 +716,14 @@ def test_azure_node_gets_a_container_sas_never_the_key(azurite, storage_key, mon
 def azurite_oauth(oauth_tls, tmp_path_factory):
     """A second Azurite, over HTTPS with OAuth on ("basic": it checks a bearer token's issuer, audience
     and lifetime, not its signature), so a principal's token reaches storage as it does on Azure."""
-    import subprocess
-
     import emulators
-    from netutil import free_port
+    from netutil import popen_logged, start_owned
 
     folder = tmp_path_factory.mktemp("azurite-oauth")
-    port = free_port()
-    cmd = [str(emulators.azurite_blob_exe()), "--blobHost", "127.0.0.1", "--blobPort", str(port), "--location", str(folder / "data"),
+    cmd = [str(emulators.azurite_blob_exe()), "--blobHost", "127.0.0.1", "--location", str(folder / "data"),
            "--skipApiVersionCheck", "--loose", "--oauth", "basic", "--cert", oauth_tls.ca_bundle, "--key", oauth_tls.key_file]
-    proc = subprocess.Popen(cmd, stdout=open(folder / "log", "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    # Held by this Azurite itself (another test run's never answers for it); probed below over TLS.
+    proc, port = start_owned(lambda port: popen_logged([*cmd, "--blobPort", str(port)], folder / "log"), None, folder / "log", what="Azurite (OAuth, HTTPS)")
     server = emulators.Server(proc, f"https://127.0.0.1:{port}", folder / "log")
     try:
         from azure.storage.blob import BlobServiceClient

@@ -236,11 +236,8 @@ def start_moto(workdir: Path, bucket: str):
     """moto's S3 server on loopback with ``bucket``, of this trial alone (it is stopped mid-run)."""
     import boto3
     import emulators
-    from netutil import free_port
 
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    proc = emulators._start([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], workdir / "moto.log", endpoint + "/moto-api/")
+    proc, endpoint = emulators.start_moto(workdir / "moto.log")
     for key, value in (("AWS_ACCESS_KEY_ID", "skyvm-test-key"), ("AWS_SECRET_ACCESS_KEY", "skyvm-test-secret"), ("AWS_DEFAULT_REGION", "us-east-1")):
         os.environ.setdefault(key, value)
     boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from engine_checks import Watch, leaked, marker
-from netutil import free_port, wait_http
+from netutil import popen_logged, start_owned
 
 from skyvm.backends.local import list_managed
 
@@ -99,7 +99,6 @@ def _wait(predicate, what: str, timeout: float = DEADLINE_S, every: float = 0.5)
 def prefect_server(tmp_path_factory, docker_engine):
     """`prefect server start` on loopback with its own SQLite database; the API URL for this module."""
     home = tmp_path_factory.mktemp("prefect-server")
-    port = free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),
@@ -110,22 +109,17 @@ def prefect_server(tmp_path_factory, docker_engine):
         "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
     }
     env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
+    # A port this server holds itself: another test run's Prefect server never answers for it.
+    proc, port = start_owned(
+        lambda port: popen_logged([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port", str(port)], home / "server.log", env=env),
+        lambda port: f"http://127.0.0.1:{port}/api/health", home / "server.log", what="Prefect server", timeout=120,
     )
     url = f"http://127.0.0.1:{port}/api"
     try:
-        wait_http(url + "/health", timeout=120)
         yield url
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
-        log.close()
 
 
 @pytest.fixture(scope="module")

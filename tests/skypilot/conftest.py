@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from netutil import free_port, wait_http
+from netutil import start_owned
 
 HERE = Path(__file__).resolve().parent
 CATALOG = HERE / "catalog"
@@ -64,32 +64,36 @@ def api_server(tmp_path_factory):
     shutil.copytree(CATALOG, runtime / ".sky" / "catalogs" / "v8", ignore=shutil.ignore_patterns("*.md"))
     (root / "home").mkdir()
     (root / "client-home").mkdir()
-    port = free_port()
-    common = {
-        "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
-        # Moves the server's internal queue port with it: never the default one a user's own server holds.
-        "SKYPILOT_API_SERVER_LOCAL_PORT": str(port),
-        "AWS_EC2_METADATA_DISABLED": "true",
-    }
-    server_env = {
-        **os.environ,
-        **common,
-        "HOME": str(root / "home"),
-        "SKY_RUNTIME_DIR": str(runtime),
-        "PYTHONPATH": os.pathsep.join([str(SERVER_SITE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "SKYVM_TEST_ENABLED_CLOUDS": "gcp,lambda",
-        "IS_SKYPILOT_SERVER": "true",
-    }
-    log = open(root / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sky.server.server", "--host", "127.0.0.1", f"--port={port}"],
-        env=server_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-    )
+    def common(port: int) -> dict:
+        return {
+            "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
+            # Moves the server's internal queue port with it: never the default one a user's own server holds.
+            "SKYPILOT_API_SERVER_LOCAL_PORT": str(port),
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def launch(port: int) -> subprocess.Popen:
+        server_env = {
+            **os.environ,
+            **common(port),
+            "HOME": str(root / "home"),
+            "SKY_RUNTIME_DIR": str(runtime),
+            "PYTHONPATH": os.pathsep.join([str(SERVER_SITE), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+            "SKYVM_TEST_ENABLED_CLOUDS": "gcp,lambda",
+            "IS_SKYPILOT_SERVER": "true",
+        }
+        with open(root / "server.log", "a") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "sky.server.server", "--host", "127.0.0.1", f"--port={port}"],
+                env=server_env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+            )
+
+    # A port this server holds itself: another test run's SkyPilot server never answers for it.
+    proc, port = start_owned(launch, lambda port: f"http://127.0.0.1:{port}/api/health", root / "server.log", what="SkyPilot API server", timeout=180)
     url = f"http://127.0.0.1:{port}"
-    client_env = {**os.environ, **common, "HOME": str(root / "client-home"), "SKYPILOT_API_SERVER_ENDPOINT": url}
+    client_env = {**os.environ, **common(port), "HOME": str(root / "client-home"), "SKYPILOT_API_SERVER_ENDPOINT": url}
     client_env.pop("SKY_RUNTIME_DIR", None)
     try:
-        wait_http(f"{url}/api/health", timeout=180)
         yield ApiServer(url, root, proc, client_env)
     finally:
         # The server and every worker it spawned share its process group: stop them all, check none is left.
@@ -103,7 +107,6 @@ def api_server(tmp_path_factory):
         if _group_alive(proc.pid):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)
-        log.close()
 
 
 def _group_alive(pgid: int) -> bool:

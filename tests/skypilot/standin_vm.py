@@ -57,7 +57,29 @@ def _credentials_seen() -> dict:
             seen[name] = value
         else:
             seen[name] = "set"
+    expiry = _minted_expiry()
+    if expiry is not None:
+        seen["aws_expiry"] = expiry
     return seen
+
+
+_boto_session = None
+
+
+def _minted_expiry():
+    """When the minted AWS keys this process's boto3 holds expire (a credential_process profile):
+    one session for the process's life, as SkyPilot's long-lived server keeps one."""
+    global _boto_session
+    config = os.environ.get("AWS_CONFIG_FILE")
+    if not config or "credential_process" not in Path(config).read_text():
+        return None
+    import boto3
+
+    if _boto_session is None:
+        _boto_session = boto3.Session()
+    creds = _boto_session.get_credentials()
+    creds.get_frozen_credentials()  # renews through the process when botocore finds them near expiry
+    return creds._expiry_time.timestamp()  # botocore keeps no public accessor for it
 
 
 def _container(cluster: str) -> str:

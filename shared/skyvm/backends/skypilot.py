@@ -71,6 +71,10 @@ class SkyPilotBackend(Backend):
         with self._lock:  # nodes start in parallel threads: one bridge (one SkyPilot-side process) for all
             if self._bridge is None:
                 self._bridge = get_bridge(env=self.credentials.environment() if self.credentials else None)
+            elif self.credentials is not None:
+                # A long-lived worker or scheduler outlives minted keys: renewed in place before they
+                # expire (the set's timer does it too, when nothing calls SkyPilot for a while).
+                self.credentials.renew_if_due()
             return self._bridge
 
     def close(self) -> None:

@@ -1,8 +1,11 @@
 """AWS through boto3: implicit, secret-key, sts-token, iam-role, session-token, federation-token.
 
 Temporary credentials (AssumeRole, GetSessionToken, GetFederationToken) are
-cached per connector and minted again ``REFRESH_MARGIN_S`` before they
-expire. A node gets its own short-lived credentials, scoped by a session
+cached per connector and minted again before they expire (``base.renewal_time``:
+at 80% of their lifetime, or ``REFRESH_MARGIN_S`` before, whichever is first).
+SkyPilot gets minted keys through a ``credential_process`` profile reading a
+0600 file that is rewritten at each renewal, so its long-lived process always
+finds fresh ones. A node gets its own short-lived credentials, scoped by a session
 policy to the payload store's prefix: the launcher's keys never leave it.
 """
 
@@ -11,6 +14,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass
@@ -22,11 +26,13 @@ from pydantic import Field, field_validator, model_validator
 
 from skyvm import redact
 from skyvm.connectors import refs
-from skyvm.connectors.base import DEFAULT_NODE_TTL_S, REFRESH_MARGIN_S, Connector, ConnectorError, NodeAccess, require
+from skyvm.connectors.base import DEFAULT_NODE_TTL_S, Connector, ConnectorError, NodeAccess, due, renewal_time, require
 from skyvm.connectors.files import write_private
 
 # STS limits: 15 minutes to 12 hours (36 hours for GetFederationToken with keys, but 12 is the common bound).
 MIN_DURATION_S, MAX_DURATION_S = 900, 43200
+# Methods whose keys skyvm mints with STS (and must renew for SkyPilot's process).
+MINTED = ("session-token", "federation-token")
 ENDPOINT_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL_STS", "AWS_ENDPOINT_URL_ECR")
 
 
@@ -36,6 +42,7 @@ class AwsCredentials:
     secret_key: str = ""
     token: Optional[str] = None
     expires_at: Optional[float] = None  # None: long-lived
+    issued_at: Optional[float] = None
 
     def __repr__(self) -> str:  # never the values
         return f"AwsCredentials(access_key=***, temporary={self.token is not None}, expires_at={self.expires_at})"
@@ -46,7 +53,7 @@ _cache_lock = threading.Lock()
 
 
 def _stale(creds: Optional[AwsCredentials]) -> bool:
-    return creds is None or (creds.expires_at is not None and creds.expires_at - time.time() < REFRESH_MARGIN_S)
+    return creds is None or due(creds.issued_at, creds.expires_at)
 
 
 def store_policy(bucket: str, prefix: str) -> dict[str, Any]:
@@ -177,12 +184,12 @@ class AwsConnector(Connector):
         else:  # pragma: no cover - callers check
             raise AssertionError(method)
         c = answer["Credentials"]
-        creds = AwsCredentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"], c["Expiration"].timestamp())
+        creds = AwsCredentials(c["AccessKeyId"], c["SecretAccessKey"], c["SessionToken"], c["Expiration"].timestamp(), issued_at=time.time())
         redact.register(creds.secret_key, creds.token)
         return creds
 
     def credentials_now(self) -> Optional[AwsCredentials]:
-        """Credentials valid for at least REFRESH_MARGIN_S more (None: the SDK's default chain)."""
+        """Credentials not yet due for renewal (None: the SDK's default chain)."""
         if self.method in ("implicit",):
             return None
         if self.method in ("secret-key", "sts-token"):
@@ -235,6 +242,12 @@ class AwsConnector(Connector):
             else:
                 lines.append("credential_source = Environment")
             write_private(files / "aws-config", "[profile skyvm]\n" + "\n".join(lines[1:]) + f"\nregion = {self._region()}\n")
+        elif self.method in MINTED:
+            # Minted keys expire: SkyPilot's boto3 reads them through a credential_process, which
+            # it runs again as they near their expiry; renew_at() says when skyvm rewrites the file.
+            write_private(files / "aws-minted.json", _process_output(creds))
+            reader = f"{shutil.which('cat') or 'cat'} {files / 'aws-minted.json'}"
+            write_private(files / "aws-config", f"[profile skyvm]\ncredential_process = {reader}\nregion = {self._region()}\n")
         else:
             write_private(files / "aws-credentials", _credentials_file("skyvm", creds))
             write_private(files / "aws-config", f"[profile skyvm]\nregion = {self._region()}\n")
@@ -245,6 +258,14 @@ class AwsConnector(Connector):
         if (files / "aws-credentials").exists():
             env["AWS_SHARED_CREDENTIALS_FILE"] = str(files / "aws-credentials")
         return env
+
+    def store_renew_at(self) -> Optional[float]:
+        creds = self.credentials_now()
+        return renewal_time(creds.issued_at or time.time(), creds.expires_at) if creds and creds.expires_at else None
+
+    def renew_at(self) -> Optional[float]:
+        # iam-role is left out: SkyPilot's boto3 assumes the role again by itself from the profile.
+        return self.store_renew_at() if self.method in MINTED else None
 
     def fs_options(self, url: str, endpoint: Optional[str] = None) -> dict[str, Any]:
         creds = self.credentials_now()
@@ -306,6 +327,16 @@ def _secret_vars(creds: AwsCredentials) -> dict[str, str]:
     if creds.token:
         out["AWS_SESSION_TOKEN"] = creds.token
     return out
+
+
+def _process_output(creds: AwsCredentials) -> str:
+    """What a credential_process prints: boto3 renews keys with an Expiration by running it again."""
+    out = {"Version": 1, "AccessKeyId": creds.access_key, "SecretAccessKey": creds.secret_key}
+    if creds.token:
+        out["SessionToken"] = creds.token
+    if creds.expires_at:
+        out["Expiration"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(creds.expires_at))
+    return json.dumps(out)
 
 
 def _credentials_file(profile: str, creds: AwsCredentials) -> str:

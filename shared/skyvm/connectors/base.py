@@ -29,9 +29,11 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -39,8 +41,27 @@ from skyvm.errors import InfrastructureError, SettingsError
 
 # How long a node's store credentials live unless the node's timeout asks for longer.
 DEFAULT_NODE_TTL_S = 3600
-# Temporary credentials are renewed this long before they expire.
+# Temporary credentials are renewed this long before they expire at the latest
+# ($SKYVM_CREDENTIALS_REFRESH_MARGIN_S), and at 80% of their lifetime at the earliest.
 REFRESH_MARGIN_S = 300
+REFRESH_FRACTION = 0.8
+MARGIN_ENV = "SKYVM_CREDENTIALS_REFRESH_MARGIN_S"
+
+
+def refresh_margin_s() -> float:
+    return float(os.environ.get(MARGIN_ENV) or REFRESH_MARGIN_S)
+
+
+def renewal_time(issued_at: float, expires_at: float) -> float:
+    """When credentials valid from ``issued_at`` to ``expires_at`` are renewed: at 80% of their
+    lifetime or the refresh margin before they expire, whichever comes first."""
+    return min(issued_at + REFRESH_FRACTION * (expires_at - issued_at), expires_at - refresh_margin_s())
+
+
+def due(issued_at: Optional[float], expires_at: Optional[float]) -> bool:
+    if expires_at is None:
+        return False
+    return time.time() >= renewal_time(issued_at if issued_at is not None else expires_at, expires_at)
 
 
 @dataclass
@@ -96,8 +117,23 @@ class Connector(BaseModel):
     def skypilot_env(self, private_dir: Path) -> dict[str, Optional[str]]:  # pragma: no cover - interface (None: unset it)
         raise NotImplementedError
 
+    def renew_at(self) -> Optional[float]:
+        """When what ``skypilot_env`` wrote is due to be written again with fresh credentials
+        (None: nothing it gave SkyPilot expires, or SkyPilot's SDK renews it by itself)."""
+        return None
+
     def fs_options(self, url: str, endpoint: Optional[str] = None) -> dict[str, Any]:
         raise ConnectorError(f"{self.label} cannot open {url}: it is not a {self.type} store")
+
+    def renewing_fs_options(self, url: str, endpoint: Optional[str] = None) -> Callable[[], tuple[dict[str, Any], Optional[float]]]:
+        """For a store open for long (a node's whole run): a function giving ``fs_options`` and when
+        the credentials in them are due for renewal (None: never), asked again once they are."""
+        return lambda: (self.fs_options(url, endpoint), self.store_renew_at())
+
+    def store_renew_at(self) -> Optional[float]:
+        """When the credentials ``fs_options`` gives now are due for renewal (None: they do not expire
+        or the SDK renews them by itself)."""
+        return None
 
     def node_store_access(self, url: str, *, node: str, ttl_s: int = DEFAULT_NODE_TTL_S, endpoint: Optional[str] = None) -> NodeAccess:
         raise ConnectorError(f"{self.label} cannot give node {node!r} access to {url}: it is not a {self.type} store")

@@ -523,6 +523,79 @@ def get_bridge(env: Optional[dict] = None) -> SkyBridge:
         return SubprocessBridge(python, env=None if env is None else _merged(env))
 
 
+class LocalServerGuard:
+    """Before a call: is whatever listens on this credential set's port the SkyPilot API server
+    started for the set? (SkyPilot starts it from this process, so it carries SET_ENV as we do.)
+
+    Nothing listening is fine (SkyPilot starts ours). Anything else, a foreign program or another
+    set's server, would take our calls with the wrong account: an error naming the port. Runs in
+    SkyPilot's environment, which has psutil (a SkyPilot dependency).
+    """
+
+    def __init__(self, port: int, ident: str):
+        self.port, self.ident = port, ident
+        self._known: Optional[tuple[int, float]] = None  # (pid, create time) of the server seen to be ours
+
+    def _listening(self) -> bool:
+        import socket
+
+        with socket.socket() as s:
+            s.settimeout(1)
+            return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+    def _still_ours(self, psutil) -> bool:
+        if self._known is None:
+            return False
+        pid, created = self._known
+        try:
+            proc = psutil.Process(pid)
+            return proc.create_time() == created and any(
+                c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port for c in proc.net_connections("tcp")
+            )
+        except (psutil.Error, OSError):
+            return False
+
+    def check(self) -> None:
+        if not self._listening():
+            return
+        import psutil
+
+        if self._still_ours(psutil):
+            return
+        from skyvm.skypilot.credentials import SET_ENV
+
+        holders = sorted({c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port}, key=lambda p: p or 0)
+        said = []
+        for pid in holders:
+            if pid is None:
+                said.append("a process of another user")
+                continue
+            try:
+                proc = psutil.Process(pid)
+                if proc.environ().get(SET_ENV) == self.ident:
+                    self._known = (pid, proc.create_time())
+                    return
+                said.append(f"pid {pid} ({' '.join(proc.cmdline())[:200]})")
+            except psutil.Error:
+                said.append(f"pid {pid} (not readable by this user)")
+        key = self.ident.rsplit(":", 1)[-1]
+        raise InfrastructureError(
+            f"port {self.port}, the local SkyPilot API server port of credential set {key}, is held by "
+            f"{', '.join(said) or 'a process this user cannot see'}, not by the SkyPilot API server skyvm started for that set; "
+            f"stop that process, or remove the set's entry ({key}) from $SKYVM_HOME/skypilot/ports.json so skyvm allocates another port"
+        )
+
+
+def local_server_guard() -> Optional[LocalServerGuard]:
+    """The guard of this bridge's credential set, when it has one (its environment says so)."""
+    from skyvm.skypilot.credentials import SET_ENV
+
+    ident, port = os.environ.get(SET_ENV), os.environ.get("SKYPILOT_API_SERVER_LOCAL_PORT")
+    if not ident or not port or os.environ.get("SKYPILOT_API_SERVER_ENDPOINT"):
+        return None
+    return LocalServerGuard(int(port), ident)
+
+
 def serve(make_bridge: Callable[[], Any]) -> int:
     """Answer calls until stdin closes: one JSON request per line in (``id``, ``call``,
     ``kwargs``), JSON lines out tagged with the request's id (``log``, then ``result`` or
@@ -545,6 +618,8 @@ def serve(make_bridge: Callable[[], Any]) -> int:
         bridge, broken = make_bridge(), None
     except Exception as exc:  # noqa: BLE001 - e.g. SkyPilot not importable: every call says so
         bridge, broken = None, f"{type(exc).__name__}: {exc}"
+    guard = local_server_guard()
+    guard_lock = threading.Lock()
 
     def handle(msg: dict) -> None:
         call_id, name, kwargs = msg.get("id"), msg.get("call"), dict(msg.get("kwargs") or {})
@@ -555,6 +630,9 @@ def serve(make_bridge: Callable[[], Any]) -> int:
         if name in LOGGING_CALLS:
             kwargs["on_log"] = lambda line: send({"id": call_id, "log": line})
         try:
+            if guard is not None and name != "optimize":  # planning asks no server
+                with guard_lock:
+                    guard.check()
             result = getattr(bridge, name)(**kwargs)
         except Exception as exc:  # noqa: BLE001 - every failure goes back as an answer
             return send({"id": call_id, "error": _ANSI.sub("", f"{type(exc).__name__}: {exc}").strip()})

@@ -5,10 +5,25 @@ does not carry them. So each distinct set of connectors gets its own local
 API server state: its own ``SKY_RUNTIME_DIR`` under ``$SKYVM_HOME/skypilot/``
 and its own port, started (by SkyPilot's auto-start) from a bridge process
 whose environment holds that set's credentials, as environment variables or
-as 0600 files in a private temporary directory. Nothing is written to
-``~/.aws``, ``~/.config/gcloud``, ``~/.azure``, ``~/.lambda_cloud`` or
-``~/.kube``. When skyvm's process ends, the bridge, that API server and the
-private directory go with it.
+as 0600 files in a private directory (``skyvm.connectors.files``: memory-backed
+where the machine allows, removed by ``skyvm gc`` once their process is gone).
+Nothing is written to ``~/.aws``, ``~/.config/gcloud``, ``~/.azure``,
+``~/.lambda_cloud`` or ``~/.kube``. When skyvm's process ends, the bridge,
+that API server and the private directory go with it.
+
+Ports: each set's port is allocated once per install, under a lock, and
+recorded in ``$SKYVM_HOME/skypilot/ports.json`` (set key -> port): two sets
+never share one, and a port something else holds at allocation is passed
+over. The first candidate hashes the install and the set, so two installs with
+equal settings start apart. The set's server is started with
+``SKYVM_SKYPILOT_SET`` (install:set) in its environment, and the bridge checks,
+before every call, that whatever listens on the port carries it
+(``verify_local_server``): anything else is an error naming the port.
+
+Minted credentials (AWS session-token, federation-token) are renewed before
+they expire (``Connector.renew_at``): the set rewrites its files in place, and
+SkyPilot's boto3 reads them again through its ``credential_process``, so the
+long-lived API server and bridge keep working with no restart.
 
 With a remote API server (``SKYPILOT_API_SERVER_ENDPOINT``) none of this
 applies: the server uses its own credentials, and skyvm says so once.
@@ -16,22 +31,86 @@ applies: the server uses its own credentials, and skyvm says so once.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
+import json
 import logging
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 from typing import Optional
 
 from skyvm.connectors import node_connectors
 from skyvm.connectors.base import Connector
-from skyvm.connectors.files import private_dir, remove
+from skyvm.connectors.files import private_dir, remove, write_private
+from skyvm.errors import InfrastructureError
 from skyvm.payloads import DEFAULT_HOME
 from skyvm.settings import NodeSettings
 
 log = logging.getLogger("skyvm.skypilot")
 
 DEFAULT_LOCAL_PORT = 46580
+# The ports credential sets' servers take: away from SkyPilot's default, 2,000 of them.
+PORT_LOW, PORT_SPAN = DEFAULT_LOCAL_PORT + 1, 2000
+# In the environment of a set's bridge and so of the API server SkyPilot starts from it: whose it is.
+SET_ENV = "SKYVM_SKYPILOT_SET"
 _warned_remote = False
+
+
+def ports_file() -> Path:
+    return DEFAULT_HOME / "skypilot" / "ports.json"
+
+
+@contextlib.contextmanager
+def _ports_locked():
+    path = ports_file().with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)  # across the install's processes; released when the file closes
+        yield
+
+
+def preferred_port(ident: str) -> int:
+    """The first port tried for a set (``ident`` = install:set): a hash, so installs and sets start apart."""
+    return PORT_LOW + int(hashlib.sha256(ident.encode()).hexdigest(), 16) % PORT_SPAN
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def allocate_port(key: str, ident: str, names: list[str]) -> int:
+    """This install's port for credential set ``key``: the recorded one, else a new one no other set
+    of the install has and nothing holds now, recorded in ports_file()."""
+    path = ports_file()
+    with _ports_locked():
+        try:
+            table = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            log.warning("%s is not JSON: SkyPilot API server ports are allocated afresh", path)
+            table = {}
+        if key in table:
+            return int(table[key]["port"])
+        taken = {int(e["port"]) for e in table.values()}
+        first = preferred_port(ident)
+        for i in range(PORT_SPAN):
+            port = PORT_LOW + (first - PORT_LOW + i) % PORT_SPAN
+            if port not in taken and _bindable(port):
+                table[key] = {"port": port, "connectors": names, "allocated_at": time.time()}
+                write_private(path, json.dumps(table, indent=1, sort_keys=True))
+                return port
+    raise InfrastructureError(
+        f"no free port in {PORT_LOW}-{PORT_LOW + PORT_SPAN - 1} for the SkyPilot API server of connectors {names}: "
+        f"{len(taken)} are recorded in {path} and the rest are held; remove entries of connector sets no longer used"
+    )
 
 
 def remote_server() -> Optional[str]:
@@ -45,6 +124,11 @@ class CredentialSet:
         self.connectors = sorted(connectors, key=lambda c: c.type)
         self.key = hashlib.sha256("|".join(c.fingerprint() for c in self.connectors).encode()).hexdigest()[:12]
         self._dir: Optional[Path] = None
+        self._port: Optional[int] = None
+        self._renew_lock = threading.RLock()
+        self._timer: Optional[threading.Timer] = None
+        # When the files' minted credentials are next due for renewal (None: nothing minted).
+        self.renew_at: Optional[float] = None
 
     @property
     def names(self) -> list[str]:
@@ -53,26 +137,83 @@ class CredentialSet:
     def state_dir(self) -> Path:
         return DEFAULT_HOME / "skypilot" / self.key
 
+    @property
+    def ident(self) -> str:
+        """install:set, what the set's API server carries in its environment (SET_ENV)."""
+        from skyvm.backends.local import home_id
+
+        return f"{home_id()}:{self.key}"
+
     def port(self) -> int:
-        # Away from SkyPilot's default; one per credential set, stable across processes.
-        return DEFAULT_LOCAL_PORT + 1 + int(self.key, 16) % 2000
+        """The set's own port, allocated once per install and recorded (see the module's docstring)."""
+        if self._port is None:
+            self._port = allocate_port(self.key, self.ident, self.names)
+        return self._port
 
     def environment(self) -> dict[str, str]:
         """The bridge process's extra environment: this set's credentials and its own server state."""
-        if self._dir is None:
-            self._dir = private_dir("skyvm-sky-")
+        with self._renew_lock:
+            if self._dir is None:
+                self._dir = private_dir("skyvm-sky-")
+            env = self._write()
+        state = self.state_dir()
+        state.mkdir(parents=True, exist_ok=True)
+        env.update(SKY_RUNTIME_DIR=str(state), SKYPILOT_API_SERVER_LOCAL_PORT=str(self.port()), **{SET_ENV: self.ident})
+        return env
+
+    def _write(self) -> dict[str, str]:
+        """Each connector's environment and files (written afresh), and when to renew them next."""
         env: dict[str, str] = {}
         for conn in self.connectors:
             env.update(conn.skypilot_env(self._dir))
-        state = self.state_dir()
-        state.mkdir(parents=True, exist_ok=True)
-        env.update(SKY_RUNTIME_DIR=str(state), SKYPILOT_API_SERVER_LOCAL_PORT=str(self.port()))
+        due = [t for t in (conn.renew_at() for conn in self.connectors) if t is not None]
+        self.renew_at = min(due) if due else None
+        self._schedule()
         return env
 
+    def renew_if_due(self) -> bool:
+        """Write the files again with fresh credentials when the minted ones are due (True if so).
+
+        Their paths and so the bridge's environment stay the same: SkyPilot's own process reads the
+        new ones the next time its SDK asks (a credential_process profile for AWS).
+        """
+        with self._renew_lock:
+            if self._dir is None or self.renew_at is None or time.time() < self.renew_at:
+                return False
+            self._write()
+            log.info("SkyPilot credentials of connectors %s renewed (next at %s)", self.names, time.strftime("%H:%M:%S", time.localtime(self.renew_at or 0)))
+            return True
+
+    def _schedule(self) -> None:
+        # Renewed on time even when nothing calls SkyPilot for a while (its server refreshes cluster
+        # states by itself); each renewal schedules the next.
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.renew_at is not None:
+            self._timer = threading.Timer(max(0.0, self.renew_at - time.time()), self._renew_on_time)
+            self._timer.daemon = True
+            self._timer.name = f"skyvm-renew-{self.key}"
+            self._timer.start()
+
+    def _renew_on_time(self) -> None:
+        try:
+            self.renew_if_due()
+        except Exception as exc:  # noqa: BLE001 - the next call to SkyPilot tries again, and says why if it fails
+            log.warning("renewing the SkyPilot credentials of connectors %s failed: %s", self.names, exc)
+            with self._renew_lock:
+                self.renew_at = time.time() + 30
+                self._schedule()
+
     def close(self) -> None:
-        if self._dir is not None:
-            remove(self._dir)
-            self._dir = None
+        with self._renew_lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.renew_at = None
+            if self._dir is not None:
+                remove(self._dir)
+                self._dir = None
 
 
 def credential_set(settings: NodeSettings) -> Optional[CredentialSet]:
