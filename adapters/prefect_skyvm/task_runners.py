@@ -30,6 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect_skyvm.context import current_options, profile_from_tags
 from skyvm.api import NodeHandle, Run, check_launchable
 from skyvm.errors import InfrastructureError, NodeFailed
+from skyvm.redact import redact
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
 
 SettingsArg = Union[None, str, os.PathLike, Mapping[str, Any], SkyVMConfig]
@@ -215,7 +216,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
             logger = get_run_logger()
             logger.info("skyvm: running %s on a %s node (%s)", node, settings.backend, _describe(settings))
             args, kwargs = _plain(tuple(args)), _plain(dict(kwargs))
-            handle = run.start_call(node, settings, fn, args, kwargs, on_log=lambda line: logger.info(line))
+            handle = run.start_call(node, settings, fn, args, kwargs, on_log=lambda line: logger.info(redact(line)))
             return handle
 
         if task.isasync:

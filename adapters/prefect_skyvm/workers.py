@@ -35,6 +35,7 @@ from prefect_skyvm import flow_node
 from skyvm.api import NodeHandle, Run, backend_for, node_image
 from skyvm.backends.base import EXIT_CANCELLED, JobState, NodeRef
 from skyvm.errors import InfrastructureError, NodeCancelled, NodeFailed, SettingsError
+from skyvm.redact import redact
 from skyvm.settings import NodeSettings
 
 if TYPE_CHECKING:
@@ -251,7 +252,7 @@ class SkyVMWorker(BaseWorker[SkyVMJobConfiguration, SkyVMVariables, SkyVMWorkerR
     def _printer(self, configuration: SkyVMJobConfiguration) -> Optional[Callable[[str], None]]:
         if not configuration.stream_output:
             return None
-        return lambda line: print(line, file=sys.stdout, flush=True)
+        return lambda line: print(redact(line), file=sys.stdout, flush=True)
 
     async def _run_on_node(self, flow_run: "FlowRun", configuration: SkyVMJobConfiguration, task_status, start) -> SkyVMWorkerResult:
         logger = self.get_flow_run_logger(flow_run)

@@ -33,6 +33,7 @@ from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 from airflow_skyvm.operators.skyvm import node_name
 from skyvm.api import NodeHandle, Run
 from skyvm.errors import SkyVMError
+from skyvm.redact import redact
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
 
 # The workload (with its token) travels as a secret env var and is written to a
@@ -106,7 +107,7 @@ class SkyVMExecutor(BaseExecutor):
                 settings = settings.model_copy(update={"secrets": {**settings.secrets, WORKLOAD_ENV: workload.model_dump_json()}})
                 node = node_name(ti)
                 log = self.log
-                self._handles[key] = self._run.start_command(node, settings, COMMAND, on_log=lambda line, k=key: log.debug("%s: %s", k.task_id, line))
+                self._handles[key] = self._run.start_command(node, settings, COMMAND, on_log=lambda line, k=key: log.debug("%s: %s", k.task_id, redact(line)))
                 self.log.info("SkyVMExecutor: %s on a %s node", key, settings.backend)
             except SkyVMError as exc:
                 self.log.error("SkyVMExecutor cannot run %s: %s", key, exc)
@@ -121,7 +122,7 @@ class SkyVMExecutor(BaseExecutor):
             if exc is None:
                 self.success(key)
             else:
-                self.log.error("SkyVMExecutor: %s failed on its node: %s\n%s", key, exc, handle.logs()[-4000:])
+                self.log.error("SkyVMExecutor: %s failed on its node: %s\n%s", key, redact(str(exc)), redact(handle.logs()[-4000:]))
                 self.fail(key, info=str(exc))
 
     def end(self) -> None:

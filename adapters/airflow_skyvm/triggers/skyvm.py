@@ -27,6 +27,7 @@ from typing import Any, AsyncIterator, Optional
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from skyvm.api import DetachedNode, teardown
+from skyvm.redact import redact
 
 # Airflow 3.3+ calls BaseTrigger.on_kill() when a user acts on the deferred task (apache/airflow#65590).
 AIRFLOW_CALLS_TRIGGER_ON_KILL = "on_kill" in vars(BaseTrigger)
@@ -87,7 +88,7 @@ class SkyVMTrigger(BaseTrigger):
         except Exception as exc:  # noqa: BLE001 - the backend's trouble, whatever its kind
             raise NodeUnreachable(f"{type(exc).__name__}: {exc}") from exc
         for line in text.splitlines():
-            self.log.info("%s", line)
+            self.log.info("%s", redact(line))
         return status
 
     def _event(self, status: str, **fields: Any) -> TriggerEvent:
