@@ -16,15 +16,37 @@ import threading
 from skyvm import redact
 
 
+# Secrets read on a thread that may not message the supervisor, until the main thread does (flush).
+_pending: list[str] = []
+_pending_lock = threading.Lock()
+
+
 def _mask(secret: str) -> None:
     if _may_message_the_supervisor():
-        from airflow.sdk.log import mask_secret
+        flush()
+        _tell_supervisor(secret)
+        return
+    from airflow.sdk._shared.secrets_masker import _secrets_masker
 
-        mask_secret(secret)  # this process's masker, and the supervisor's
-    else:
-        from airflow.sdk._shared.secrets_masker import _secrets_masker
+    _secrets_masker().add_mask(secret)
+    with _pending_lock:
+        _pending.append(secret)
 
-        _secrets_masker().add_mask(secret)
+
+def flush() -> None:
+    """Tell the supervisor of the secrets read on other threads; a no-op but on the main thread."""
+    if threading.current_thread() is not threading.main_thread() or not _pending:
+        return
+    with _pending_lock:
+        pending, _pending[:] = list(_pending), []
+    for secret in pending:
+        _tell_supervisor(secret)
+
+
+def _tell_supervisor(secret: str) -> None:
+    from airflow.sdk.log import mask_secret
+
+    mask_secret(secret)  # this process's masker, and the supervisor's when there is one
 
 
 def _may_message_the_supervisor() -> bool:
@@ -33,7 +55,8 @@ def _may_message_the_supervisor() -> bool:
     Not from an event loop (a triggerer, an async task: it can deadlock), nor from another thread
     than the main one where the channel has no lock of its own (Task SDK 1.1, Airflow 3.1), as
     skyvm's launcher threads could interleave with the task's own requests. Those places mask in
-    this process only; skyvm scrubs the lines it forwards itself, whatever Airflow knows.
+    this process at once and tell the supervisor at the next ``flush`` on the main thread (the
+    operator flushes before it returns or raises); skyvm scrubs what it forwards itself meanwhile.
     """
     try:
         asyncio.get_running_loop()

@@ -26,7 +26,7 @@ import yaml
 
 from test_clouds import cloud_dags, environment_changes, put_connections  # noqa: F401 - cloud_dags is a fixture
 
-from engine_checks import Watch, canary_markers, leaked  # noqa: E402 - tests/, shared by both engine suites
+from engine_checks import Watch, canary_markers, leaked, marker  # noqa: E402 - tests/, shared by both engine suites
 
 PRINTED = ("CANARY_LITERAL", "CANARY_FROM_ENV", "CANARY_FROM_CONN", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 OWN_CONNECTIONS = ("canary_aws", "canary_token", "skyvm_canary")
@@ -143,3 +143,34 @@ def test_a_deferred_node_leaves_no_secret_in_the_metadata_db_nor_in_its_log(cana
     assert not leaked(markers, logs=logs)
     for name in PRINTED:
         assert f"{name}=***" in logs, f"{name} not in the log; its end:\n{logs[-3000:]}"
+
+
+def test_a_supervised_task_writes_no_secret_to_its_task_log_file(airflow_db, tmp_path):
+    """The worker's path: the task runs under Airflow's supervisor (supervised.py), which writes the task
+    log file. The node prints the secret and fails; then the task logs it on skyvm's loggers, a library's
+    and the operator's own (structlog) one, through a handler added only then, and fails quoting it. The
+    file holds every one of those lines, masked, as does the late handler's."""
+    import runpy
+
+    here = Path(__file__).resolve().parent
+    LATE_LOGGERS = runpy.run_path(str(here / "dags" / "skyvm_redact_dags.py"))["LATE_LOGGERS"]
+    secret = marker("supervised")
+    late_log = tmp_path / "late.log"
+    env = {
+        **os.environ,
+        "CANARY_REDACT": secret,
+        "CANARY_LATE_LOG": str(late_log),
+        "AIRFLOW__CORE__EXECUTOR": "supervised.SupervisingExecutor",
+        "PYTHONPATH": os.pathsep.join([str(here), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run([sys.executable, str(here / "supervised.py"), str(here / "dags" / "skyvm_redact_dags.py"), "skyvm_redact"], env=env, capture_output=True, text=True, timeout=600)
+
+    assert 'STATES {"late_leaks": "failed"}' in out.stdout, out.stdout[-3000:] + out.stderr[-3000:]
+    task_log = "\n".join(p.read_text() for p in sorted((airflow_db / "logs" / "dag_id=skyvm_redact").rglob("*.log")))
+    assert not leaked({"secret": secret}, task_log=task_log, late_handler=late_log.read_text(), worker_output=out.stdout + out.stderr)
+    assert "the node prints ***" in task_log and "and fails with ***" in task_log  # the node's lines, as the operator logs them
+    for name in LATE_LOGGERS:
+        assert f"late *** on {name}" in task_log and f"{name}|late *** on {name}" in late_log.read_text(), name
+    assert "the operator's own logger: ***" in task_log
+    assert task_log.count("an SDK error quoting ***") >= 2  # the stdlib record's traceback and the operator's
+    assert "the task fails quoting ***" in task_log  # Airflow's own "Task failed with exception"

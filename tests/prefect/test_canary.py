@@ -20,7 +20,7 @@ import uuid
 import yaml
 from prefect import flow, task
 
-from engine_checks import Watch, canary_markers, leaked
+from engine_checks import Watch, canary_markers, leaked, marker
 from prefect_skyvm import SkyVMTaskRunner
 
 PRINTED = ("CANARY_LITERAL", "CANARY_FROM_ENV", "CANARY_FROM_BLOCK", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -136,3 +136,59 @@ def test_no_secret_of_a_failing_node_surfaces_anywhere(s3_server, registry, tmp_
     )
     assert not found, f"secret markers surfaced: {found}"
     assert "boom: the literal secret is ***" in task_state.message  # the exception the engine recorded, redacted
+
+
+LATE_LOGGERS = ("skyvm", "skyvm.local", "skyvm.skypilot", "skyvm.api", "skyvm.connectors.aws")
+
+
+@task
+def prints_and_raises():
+    import os
+
+    print(f"the node's token is {os.environ['CANARY_TOKEN']}", flush=True)
+    raise RuntimeError(f"failing with {os.environ['CANARY_TOKEN']}")
+
+
+def test_late_handlers_on_every_logger_send_no_secret_to_the_prefect_api(tmp_path):
+    """Prefect's API handler put on ``skyvm`` after the secret was read (as PREFECT_LOGGING_EXTRA_LOGGERS
+    does for a user who wants skyvm's logs in the UI), records with the secret on skyvm's loggers and
+    on the run logger, exceptions quoting it, a node printing it: the API's logs hold each, masked."""
+    import logging
+
+    from prefect.logging import get_run_logger
+    from prefect.logging.handlers import APILogHandler
+
+    secret = marker("late")
+    path = tmp_path / "skyvm.yaml"
+    path.write_text(yaml.safe_dump({"defaults": {"cpus": 0.5, "memory": 0.5, "secrets": {"CANARY_TOKEN": secret}}}))
+    api = APILogHandler()
+
+    @flow(task_runner=SkyVMTaskRunner(str(path)))
+    def late_handlers():
+        node = prints_and_raises.submit()  # the runner reads the secret here
+        node.wait()
+        skyvm_log = logging.getLogger("skyvm")
+        skyvm_log.addHandler(api)
+        try:
+            for name in LATE_LOGGERS:
+                logging.getLogger(name).warning("late %s on %s", secret, name)
+            try:
+                raise ValueError(f"an SDK error quoting {secret}")
+            except ValueError:
+                logging.getLogger("skyvm.connectors.aws").exception("late exception on skyvm.connectors.aws")
+                get_run_logger().exception("late exception on the run logger")
+            get_run_logger().info(f"run logger {secret}")
+        finally:
+            skyvm_log.removeHandler(api)
+        return node.state.is_failed()
+
+    flow_state = late_handlers(return_state=True)
+    assert flow_state.is_completed() and flow_state.result() is True, flow_state  # the node failed, the flow went on
+
+    logs = prefect_records(flow_state.state_details.flow_run_id)["api_logs"]
+    assert secret not in logs, logs[-3000:]
+    for name in LATE_LOGGERS:
+        assert f"late *** on {name}" in logs, name
+    assert logs.count("ValueError: an SDK error quoting ***") == 2 and "late exception on the run logger" in logs
+    assert "run logger ***" in logs
+    assert "the node's token is ***" in logs and "RuntimeError: failing with ***" in logs  # printed by the node

@@ -174,6 +174,7 @@ class SkyVMOperator(BaseOperator):
         finally:
             teardown(run)  # the run holds the node: stops it if still running, releases its cluster
             self._node = None
+            masking.flush()  # secrets read on skyvm's threads: masked in the task log before Airflow logs the outcome
 
     def execute_complete(self, context, event: dict) -> Any:
         """Back from the trigger: log what it did not, fetch the result, release the cluster.
@@ -199,6 +200,7 @@ class SkyVMOperator(BaseOperator):
                 teardown(node)
             except Exception:  # noqa: BLE001 - the task's own error (or result) matters more
                 self.log.exception("skyvm: releasing cluster %s of node %r failed", node.cluster, node.node)
+            masking.flush()
 
     def _settle(self, value: Callable[[], Any], logs: Callable[[], list[str]]) -> Any:
         """The node's value, or Airflow's exception for how it ended (``value`` raises NodeFailed when the node failed)."""
