@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -53,6 +54,21 @@ def nothing_left_running():
         if leftover:
             subprocess.run(["docker", "rm", "-f", *[r["name"] for r in leftover]], capture_output=True)
             pytest.fail(f"containers left behind by the tests: {[r['name'] for r in leftover]}")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_credential_files_left():
+    """After the run, this test home's credential directory (in /dev/shm: not a temp dir) goes too."""
+    yield
+    from skyvm.connectors import files
+
+    if "skyvm.backends.skypilot" in sys.modules:  # credential sets' backends hold directories until closed
+        sys.modules["skyvm.backends.skypilot"]._close_credentialed()
+    files.gc_secret_dirs()  # those of processes a test killed
+    files._cleanup()
+    root = files.secrets_root()
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 @pytest.fixture(scope="session")

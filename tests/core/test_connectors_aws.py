@@ -165,3 +165,68 @@ def test_missing_boto3_names_the_extra(account, monkeypatch):
     with pytest.raises(ConnectorError) as err:
         conn("secret-key", **KEYS).identity()
     assert "pip install 'skyvm[aws]'" in str(err.value)
+
+
+def test_a_store_held_through_a_long_node_renews_its_minted_keys(s3_server, monkeypatch):
+    """A payload store opened when a node starts is read when it ends: by then minted keys may be
+    past their renewal (here: keys of 900 s renewed 2 s after minting), so the store takes fresh ones."""
+    from skyvm.connectors.base import MARGIN_ENV
+    from skyvm.payloads import open_store
+
+    monkeypatch.setenv(MARGIN_ENV, "898")
+    monkeypatch.setenv("TEAM_AWS_KEY", "AKIASTORE")
+    monkeypatch.setenv("TEAM_AWS_SECRET", "store-" + uuid.uuid4().hex)
+    aws_module._cache.clear()
+    c = conn("session-token", endpoint_url=s3_server, duration_seconds=900, **KEYS)
+    url = f"s3://skyvm-test/renew-{uuid.uuid4().hex[:8]}"
+    store = open_store(url, s3_server, storage_options=c.renewing_fs_options(url, s3_server), node="long")
+    store.put("payload", b"argument")
+    first_fs, first_keys = store.fs, aws_module._cache[c.fingerprint()]
+    assert store.fs is first_fs  # kept while its keys are fresh
+    time.sleep(2.5)
+    assert store.get("payload") == b"argument"
+    renewed = aws_module._cache[c.fingerprint()]
+    assert store.fs is not first_fs and renewed is not first_keys and renewed.expires_at > first_keys.expires_at
+    assert store.fs.storage_options["token"] == renewed.token
+
+
+def test_minted_keys_reach_skypilots_long_lived_boto3_through_a_renewed_profile(s3_server, monkeypatch):
+    """SkyPilot's API server keeps one boto3 session for its life: it must see renewed keys without a restart."""
+    import json as _json
+    import subprocess
+    import sys
+
+    from skyvm.connectors.base import MARGIN_ENV
+    from skyvm.skypilot.credentials import CredentialSet
+
+    monkeypatch.setenv(MARGIN_ENV, "898")
+    monkeypatch.setenv("TEAM_AWS_KEY", "AKIAPROFILE")
+    monkeypatch.setenv("TEAM_AWS_SECRET", "profile-" + uuid.uuid4().hex)
+    aws_module._cache.clear()
+    creds = CredentialSet([conn("federation-token", endpoint_url=s3_server, duration_seconds=900, **KEYS)])
+    try:
+        env = {k: v for k, v in {**os.environ, **creds.environment()}.items() if v is not None}
+        assert "credential_process" in Path(env["AWS_CONFIG_FILE"]).read_text()
+        assert stat.S_IMODE(Path(env["AWS_CONFIG_FILE"]).stat().st_mode) == 0o600
+        script = (
+            "import sys, json, boto3\n"
+            "c = boto3.Session().get_credentials()\n"
+            "for _ in range(2):\n"
+            "    f = c.get_frozen_credentials()\n"
+            "    print(json.dumps([f.access_key, bool(f.token), c._expiry_time.timestamp()]), flush=True)\n"
+            "    sys.stdin.readline()\n"
+        )
+        reader = subprocess.Popen([sys.executable, "-c", script], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        first = _json.loads(reader.stdout.readline())
+        renew_at = creds.renew_at
+        time.sleep(2.5)  # past renew_at: the set's timer rewrites the file with nobody calling
+        assert creds.renew_at > renew_at
+        reader.stdin.write("\n")
+        reader.stdin.flush()
+        second = _json.loads(reader.stdout.readline())
+        reader.stdin.close()
+        reader.wait(timeout=30)
+        assert first[1] and second[1]
+        assert second[2] > first[2]  # the same process, fresh keys
+    finally:
+        creds.close()
