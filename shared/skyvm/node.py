@@ -212,6 +212,11 @@ def _mask_output() -> None:
     if secrets:
         sys.stdout = _MaskingStream(sys.stdout, secrets)
         sys.stderr = _MaskingStream(sys.stderr, secrets)
+        # And every log record made here: a flow run on a node (the Prefect worker's) logs to
+        # Prefect's API through its handlers, not through stdout.
+        from skyvm import redact
+
+        redact.register(*secrets)
 
 
 def cmd_run(args) -> int:
