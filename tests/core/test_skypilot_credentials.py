@@ -177,6 +177,41 @@ def test_a_foreign_listener_on_a_sets_port_is_an_error_naming_the_port(standin_v
         backend.close()
 
 
+def test_the_sets_server_is_kept_while_its_owner_lives_and_replaced_once_its_owner_is_gone(standin_vm, s3_server, registry, monkeypatch):
+    from netutil import wait_http
+    from skyvm.connectors.files import owner_token
+    from skyvm.skypilot.credentials import OWNER_ENV, SET_ENV
+
+    monkeypatch.setenv("TEAM_KEY", "AKIAORPHAN" + uuid.uuid4().hex[:6].upper())
+    monkeypatch.setenv("TEAM_SECRET", "orphan-" + uuid.uuid4().hex)
+    backend = skypilot_backend(SkyVMConfig(team_settings(s3_server, registry)).resolve("n"))
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    servers = [live]
+    try:
+        port = backend.credentials.port()
+        for owner in (owner_token(live.pid), f"{gone.pid}.1"):  # another engine process of the set (alive), then one that is gone
+            # Stands for the set's server, started with the set's identity as SkyPilot's auto-start would.
+            env = {**os.environ, SET_ENV: backend.credentials.ident, OWNER_ENV: owner}
+            server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            servers.append(server)
+            wait_http(f"http://127.0.0.1:{port}/", ok=(200,))
+            assert backend.bridge.status() == []
+            if owner == owner_token(live.pid):
+                assert server.poll() is None  # its owner lives: it is the set's server, kept
+                server.terminate()
+                server.wait(timeout=10)
+            else:
+                assert server.wait(timeout=30) is not None  # left by a killed process: stopped
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                server.kill()
+                server.wait()
+        backend.close()
+
+
 # -- secret files never outlive their process ----------------------------------------------------
 
 _HOLDER = """

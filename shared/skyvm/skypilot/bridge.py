@@ -528,8 +528,10 @@ class LocalServerGuard:
     started for the set? (SkyPilot starts it from this process, so it carries SET_ENV as we do.)
 
     Nothing listening is fine (SkyPilot starts ours). Anything else, a foreign program or another
-    set's server, would take our calls with the wrong account: an error naming the port. Runs in
-    SkyPilot's environment, which has psutil (a SkyPilot dependency).
+    set's server, would take our calls with the wrong account: an error naming the port. The set's
+    server left by a process that was killed (its credential files are gone, or soon) is stopped,
+    and SkyPilot starts a fresh one. Runs in SkyPilot's environment, which has psutil (a SkyPilot
+    dependency).
     """
 
     def __init__(self, port: int, ident: str):
@@ -562,7 +564,7 @@ class LocalServerGuard:
 
         if self._still_ours(psutil):
             return
-        from skyvm.skypilot.credentials import SET_ENV
+        from skyvm.skypilot.credentials import OWNER_ENV, SET_ENV
 
         holders = sorted({c.pid for c in psutil.net_connections("tcp") if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port}, key=lambda p: p or 0)
         said = []
@@ -572,7 +574,12 @@ class LocalServerGuard:
                 continue
             try:
                 proc = psutil.Process(pid)
-                if proc.environ().get(SET_ENV) == self.ident:
+                env = proc.environ()
+                if env.get(SET_ENV) == self.ident:
+                    if _owner_gone(env.get(OWNER_ENV), os.environ.get(OWNER_ENV)):
+                        log.warning("the SkyPilot API server on port %s (pid %s) was left by a process that is gone: stopping it", self.port, pid)
+                        _stop_tree(psutil, proc)
+                        return  # SkyPilot starts the set's server afresh, with this bridge's files
                     self._known = (pid, proc.create_time())
                     return
                 said.append(f"pid {pid} ({' '.join(proc.cmdline())[:200]})")
@@ -584,6 +591,29 @@ class LocalServerGuard:
             f"{', '.join(said) or 'a process this user cannot see'}, not by the SkyPilot API server skyvm started for that set; "
             f"stop that process, or remove the set's entry ({key}) from $SKYVM_HOME/skypilot/ports.json so skyvm allocates another port"
         )
+
+
+def _owner_gone(owner: Optional[str], mine: Optional[str]) -> bool:
+    """Whether the engine process a server was started for (pid.start time) is gone."""
+    from skyvm.connectors.files import process_alive
+
+    if not owner or owner == mine:
+        return False
+    pid, _, started = owner.partition(".")
+    return pid.isdigit() and not process_alive(int(pid), int(started or 0))
+
+
+def _stop_tree(psutil, proc) -> None:
+    """A server and the workers it started: terminated, killed when they do not go within 10 s."""
+    procs = [proc, *proc.children(recursive=True)]
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _gone, alive = psutil.wait_procs(procs, timeout=10)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 def local_server_guard() -> Optional[LocalServerGuard]:

@@ -45,7 +45,7 @@ from typing import Optional
 
 from skyvm.connectors import node_connectors
 from skyvm.connectors.base import Connector
-from skyvm.connectors.files import private_dir, remove, write_private
+from skyvm.connectors.files import owner_token, private_dir, remove, write_private
 from skyvm.errors import InfrastructureError
 from skyvm.payloads import DEFAULT_HOME
 from skyvm.settings import NodeSettings
@@ -57,6 +57,9 @@ DEFAULT_LOCAL_PORT = 46580
 PORT_LOW, PORT_SPAN = DEFAULT_LOCAL_PORT + 1, 2000
 # In the environment of a set's bridge and so of the API server SkyPilot starts from it: whose it is.
 SET_ENV = "SKYVM_SKYPILOT_SET"
+# ... and which process's credential files it reads (pid.start time): a server whose owner was killed
+# reads files that `skyvm gc` removes, so the next bridge of the set replaces it.
+OWNER_ENV = "SKYVM_SKYPILOT_OWNER"
 _warned_remote = False
 
 
@@ -158,7 +161,7 @@ class CredentialSet:
             env = self._write()
         state = self.state_dir()
         state.mkdir(parents=True, exist_ok=True)
-        env.update(SKY_RUNTIME_DIR=str(state), SKYPILOT_API_SERVER_LOCAL_PORT=str(self.port()), **{SET_ENV: self.ident})
+        env.update(SKY_RUNTIME_DIR=str(state), SKYPILOT_API_SERVER_LOCAL_PORT=str(self.port()), **{SET_ENV: self.ident, OWNER_ENV: owner_token()})
         return env
 
     def _write(self) -> dict[str, str]:
