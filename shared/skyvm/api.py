@@ -3,12 +3,18 @@
     import skyvm
     handle = skyvm.submit(train, data, node="train", options={"cpus": 2, "memory": 4})
     handle.result()      # the return value, or raises NodeFailed / InfrastructureError
-    handle.logs()        # the node's stdout and stderr so far
+    handle.logs()        # the last lines of the node's stdout and stderr (every line goes to on_log as it comes)
     handle.cancel()      # stop it; its cluster goes per `down`
 
 A ``Run`` groups nodes (one flow run, one DAG run): clusters are shared by
 signature within it, and ``Run.close()`` tears down its ``down: true``
 clusters. ``skyvm.submit`` uses one default run per process, closed at exit.
+
+A run may live as long as the process (an Airflow scheduler's executor): it
+holds only its unfinished nodes and a bounded cost summary of the finished
+ones; a handle lets go of its payload once the payload is stored, and keeps
+only a bounded tail of its log. Every wait is bounded (``CANCEL_WAIT_S``, the
+nodes' own ``timeout``, ``CLOSE_WAIT_S``).
 """
 
 from __future__ import annotations
@@ -20,7 +26,9 @@ import os
 import threading
 import time
 import uuid
+from collections import deque
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable, Mapping, Optional, Union
 
@@ -30,7 +38,7 @@ from skyvm import node as node_runtime
 from skyvm import redact
 from skyvm.connectors.base import DEFAULT_NODE_TTL_S
 from skyvm.backends.base import JobState, JobStatus, NodeRef
-from skyvm.errors import InfrastructureError, NodeCancelled, NodeFailed, NodeTimeout, PayloadError, SettingsError, SkyVMError
+from skyvm.errors import InfrastructureError, NodeAborted, NodeCancelled, NodeFailed, NodeTimeout, PayloadError, SettingsError, SkyVMError
 from skyvm.payloads import open_store
 from skyvm.plan import TaskSpec, plan_node
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
@@ -76,14 +84,25 @@ def check_launchable(node: str, settings: NodeSettings) -> None:
         raise SettingsError([(f"nodes.{node}.{field}", msg) for field, msg in problems], source=f"node '{node}'")
 
 
-def backend_for(settings: NodeSettings):
-    if settings.backend == "local":
+# A backend's name (NodeRef.backend) -> the ``backend`` setting that reaches it. The local backend is
+# Docker, or plain processes on a host without an engine: both are "local".
+BACKEND_SETTING = {"local": "local", "local-process": "local", "skypilot": "skypilot"}
+
+
+def backend_for(settings: NodeSettings, name: Optional[str] = None):
+    """The backend that runs nodes of these settings, or, given ``name`` (a ``NodeRef.backend``: a node
+    found again), the one that launched it, whatever ``settings.backend`` says."""
+    kind = settings.backend if name is None else BACKEND_SETTING.get(name)
+    if kind == "local":
         from skyvm.backends.local import local_backend
 
         return local_backend()
-    from skyvm.backends.skypilot import skypilot_backend
+    if kind == "skypilot":
+        from skyvm.backends.skypilot import skypilot_backend
 
-    return skypilot_backend(settings)
+        return skypilot_backend(settings if settings.backend == "skypilot" else settings.model_copy(update={"backend": "skypilot"}))
+    what = f"backend name {name!r}" if name is not None else f"backend {settings.backend!r}"
+    raise SettingsError([("backend", f"unknown {what}: accepted are {', '.join(BACKEND_SETTING)}")])
 
 
 _image_cache: dict[tuple, str] = {}
@@ -126,8 +145,16 @@ def new_attempt_id(node: str) -> str:
 LAUNCH_THREADS = int(os.environ.get("SKYVM_LAUNCH_THREADS", "32"))
 # Consecutive failed status calls before a polled node counts as gone.
 POLL_FAILURES = 5
-# How long cancel() waits for a node to stop before it says so.
-CANCEL_WAIT_S = 60.0
+# How long cancel() waits for a node to stop before it says so (Run.close waits this long once, for all).
+CANCEL_WAIT_S = float(os.environ.get("SKYVM_CANCEL_WAIT_S", "60"))
+# Run.close(cancel=False) waits at most this long for a node that has no ``timeout`` of its own.
+CLOSE_WAIT_S = float(os.environ.get("SKYVM_CLOSE_WAIT_S", "3600"))
+# What a handle keeps of its log in memory (its error messages and logs() use it): the last lines, up to
+# this many and this many characters in all. Every line goes to on_log as it comes.
+LOG_TAIL_LINES = int(os.environ.get("SKYVM_LOG_TAIL_LINES", "1000"))
+LOG_TAIL_CHARS = 1 << 20
+# Cost rows of finished nodes a run keeps for its summary (the total counts them all).
+COST_ROWS = 1000
 _launcher: Optional[ThreadPoolExecutor] = None
 _launcher_lock = threading.Lock()
 
@@ -153,6 +180,31 @@ def finisher() -> ThreadPoolExecutor:
         return _finisher
 
 
+class LogTail:
+    """The last lines of a log, bounded in lines and characters."""
+
+    def __init__(self, lines: Optional[int] = None, chars: Optional[int] = None):
+        self._lines: deque[str] = deque(maxlen=LOG_TAIL_LINES if lines is None else lines)
+        self._max_chars = LOG_TAIL_CHARS if chars is None else chars
+        self._chars = 0
+        self._lock = threading.Lock()
+
+    def append(self, line: str) -> None:
+        line = line[-self._max_chars :]
+        with self._lock:
+            if len(self._lines) == self._lines.maxlen:
+                self._chars -= len(self._lines[0])
+            self._lines.append(line)
+            self._chars += len(line)
+            while self._chars > self._max_chars:
+                self._chars -= len(self._lines.popleft())
+
+    def last(self, n: Optional[int] = None) -> list[str]:
+        with self._lock:
+            lines = list(self._lines)
+        return lines if n is None else lines[-n:]
+
+
 class NodeHandle:
     """A submitted node: ``result()``, ``logs()``, ``cancel()``, ``done()``."""
 
@@ -161,9 +213,10 @@ class NodeHandle:
         self.node = node
         self.settings = settings
         self.attempt_id = new_attempt_id(node)
-        self._payload = payload
+        self._payload: Optional[bytes] = payload  # let go of once stored: a payload may be large
         self._on_log = on_log
-        self._lines: list[str] = []
+        self._tail = LogTail()
+        self._waiter = 0  # the watcher's key for this node while it is followed
         self._future: Future = Future()
         self._cancel = threading.Event()
         self._timed_out = False
@@ -179,6 +232,7 @@ class NodeHandle:
         # image and an uploaded payload are content-addressed and shared): a cancel ends the node at once.
         self._phase_lock = threading.Lock()
         self._launching = False
+        self._completed = False  # _complete runs once (an exit and a watcher's failure may both arrive)
         launcher().submit(self._launch)
 
     # -- public ------------------------------------------------------------
@@ -203,7 +257,8 @@ class NodeHandle:
         self._future.add_done_callback(lambda _f: fn(self))
 
     def logs(self) -> str:
-        return "\n".join(self._lines)
+        """The last lines of the node's stdout and stderr (``LOG_TAIL_LINES``; every line went to ``on_log``)."""
+        return "\n".join(self._tail.last())
 
     @property
     def cluster(self) -> Optional[str]:
@@ -227,21 +282,23 @@ class NodeHandle:
             return None
         return (self.finished_at or time.time()) - self.started_at
 
-    def cancel(self, wait_s: float = CANCEL_WAIT_S) -> bool:
+    def cancel(self, wait_s: Optional[float] = None) -> bool:
         """Stop the node, in whatever phase it is: queued, building, provisioning or running.
 
         A node cancelled before it started never starts. Returns False when it had already
-        finished; raises InfrastructureError when it did not stop within ``wait_s``.
+        finished; raises InfrastructureError when it did not stop within ``wait_s``
+        (default ``CANCEL_WAIT_S``).
         """
         if self._future.done():
             return False
+        wait_s = CANCEL_WAIT_S if wait_s is None else wait_s
         self.request_cancel()
         if not self.wait(wait_s):
             raise InfrastructureError(f"node {self.node!r} did not stop within {wait_s:g}s of being cancelled (cluster {self.cluster})")
         return True
 
     def request_cancel(self) -> None:
-        """Ask the node to stop without waiting (Run.close asks them all, then waits)."""
+        """Ask the node to stop without waiting (Run.close asks them all at once, then waits once)."""
         self._cancel.set()
         with self._phase_lock:
             if not self._launching:
@@ -249,16 +306,22 @@ class NodeHandle:
         from skyvm.pool import wake_all
 
         wake_all()  # a node queued for a cluster looks at its flag now
-        self._stop_attempt()
+        if self.ref is not None:
+            # Stopping an attempt is a backend call that may take seconds (a grace period): many nodes stop
+            # side by side. (An attempt still launching is stopped by its launch thread, which sees the flag.)
+            threading.Thread(target=self._stop_attempt, daemon=True, name=f"skyvm-cancel-{self.node[:20]}").start()
 
     # -- the node's life ------------------------------------------------------
 
     def _log(self, line: str) -> None:
         # A node that prints a credential it was given must not put it in the engine's log.
         line = redact.redact(line)
-        self._lines.append(line)
+        self._tail.append(line)
         if self._on_log and self.settings.stream_logs:
-            self._on_log(line)
+            try:
+                self._on_log(line)
+            except BaseException:  # noqa: BLE001 - the engine's log sink failing (or exiting) must not lose the node
+                log.exception("node %s: its log sink failed on a line", self.node)
 
     def _stop_attempt(self) -> None:
         ref, backend = self.ref, self._backend
@@ -281,7 +344,9 @@ class NodeHandle:
             if self._cancel.is_set():
                 raise NodeCancelled(f"node {self.node!r} was cancelled before it started")
             self._backend = backend = backend_for(s)
-            self._store, spec = prepare(self.run.run_id, self.node, self.attempt_id, s, self._payload, backend)
+            payload, self._payload = self._payload, None  # the store has it from here on
+            self._store, spec = prepare(self.run.run_id, self.node, self.attempt_id, s, payload, backend)
+            del payload
             self.spec = spec
             with self._phase_lock:
                 if self._cancel.is_set():
@@ -290,8 +355,11 @@ class NodeHandle:
             self.started_at = time.time()
             self.ref = ref = backend.launch(spec, on_log=self._log, cancelled=self._cancel.is_set)
         except BaseException as exc:  # noqa: BLE001 - everything is reported through the future
+            self._payload = None
             self._fail(exc)
             return
+        # Told if the process's watcher gives up, so that nobody waits on this node forever.
+        self._waiter = watcher().add_waiter(self._on_watcher_failed)
         if self._cancel.is_set():
             self._stop_attempt()
         if s.timeout is not None:
@@ -325,23 +393,43 @@ class NodeHandle:
 
     def _on_exit(self, status) -> None:
         # Reading the result may take a while (a bucket): not on the watcher's thread.
-        finisher().submit(self._complete, status)
+        try:
+            finisher().submit(self._complete, status)
+        except RuntimeError:  # the interpreter is shutting down: no new threads
+            self._complete(status)
 
-    def _complete(self, status) -> None:
+    def _on_watcher_failed(self, error: BaseException) -> None:
+        """The watcher following this node gave up: the node is stopped, and its waiter gets the error."""
+        lost = InfrastructureError(f"node {self.node!r} on {self.cluster}: {error}; the node was no longer followed, so it was cancelled")
+
+        def abandon() -> None:
+            self._stop_attempt()
+            self._complete(JobStatus(JobState.GONE, None, str(error)), error=lost)
+
+        threading.Thread(target=abandon, daemon=True, name="skyvm-abandon").start()
+
+    def _complete(self, status, error: Optional[BaseException] = None) -> None:
+        with self._phase_lock:
+            if self._completed:
+                return
+            self._completed = True
         ref, backend, s = self.ref, self._backend, self.settings
         if self._deadline is not None:
             watcher().cancel_deadline(self._deadline)
+        watcher().remove_waiter(self._waiter)
         try:
-            backend.release(ref, s.down, discard=self._cancel.is_set() or self._timed_out)
+            backend.release(ref, s.down, discard=self._cancel.is_set() or self._timed_out or error is not None)
         except Exception as exc:  # noqa: BLE001 - the node's own outcome matters more
             log.warning("releasing cluster %s: %s", ref.cluster, exc)
         self.finished_at = time.time()
         try:
+            if error is not None:
+                raise error
             if self._timed_out:
                 raise NodeTimeout(f"node {self.node!r} exceeded its timeout of {s.timeout:g}s and was cancelled")
             if self._cancel.is_set() and status.state is not JobState.SUCCEEDED:
                 raise NodeCancelled(f"node {self.node!r} was cancelled")
-            outcome = read_outcome(self._store, self.spec.result_url, status, self.node, ref.cluster, self._lines[-30:])
+            outcome = read_outcome(self._store, self.spec.result_url, status, self.node, ref.cluster, self._tail.last(30))
             self.result_meta = outcome.meta
             self._future.set_result(outcome.value())
         except BaseException as exc:  # noqa: BLE001
@@ -416,6 +504,18 @@ class Outcome:
                 original = cloudpickle.loads(result["exc"])
             except Exception:  # noqa: BLE001 - the exception's class may not exist here
                 original = None
+        if original is not None and not isinstance(original, Exception):
+            # SystemExit, KeyboardInterrupt...: they ended the node; here they would end the launching
+            # process (an engine re-raising them), so they are reported, never handed on.
+            code = original.code if isinstance(original, SystemExit) else None
+            err = NodeAborted(
+                redact.redact(f"node {self.node!r} was ended by {result.get('exc_type')}({result.get('message')}) raised by its code"),
+                remote_traceback=redact.redact(result.get("traceback", "")),
+                exc_type=result.get("exc_type", ""),
+                returncode=result.get("returncode"),
+                exit_code=code,
+            )
+            original = None
         # An engine records this exception's text (Prefect's state message, its API logs): no secret in it.
         err.remote_exception = None if original is None else redact.scrub_exception(original)
         raise err
@@ -463,7 +563,7 @@ class DetachedNode:
         return self.node_ref.cluster
 
     def _backend(self):
-        return backend_for(self.settings)
+        return backend_for(self.settings, self.node_ref.backend)
 
     def status(self):
         return self._backend().status(self.node_ref)
@@ -491,7 +591,12 @@ class Run:
     def __init__(self, settings: Union[None, str, os.PathLike, Mapping[str, Any], SkyVMConfig] = None, run_id: Optional[str] = None):
         self.config = as_config(settings)
         self.run_id = run_id or f"run-{uuid.uuid4().hex[:12]}"
-        self.handles: list[NodeHandle] = []
+        # Only unfinished nodes are held: a finished one leaves its cost row and is dropped.
+        self._live: dict[str, NodeHandle] = {}
+        self._costs: deque[dict] = deque(maxlen=COST_ROWS)
+        self._cost_total = 0.0
+        self._cost_nodes = 0
+        self._lock = threading.Lock()
         self._backends: set = set()
         self._closed = False
         from skyvm.backends.local import run_lease
@@ -565,48 +670,122 @@ class Run:
         check_launchable(node, settings)
         self._backends.add(backend_for(settings))
         handle = NodeHandle(self, node, settings, payload, on_log)
-        self.handles.append(handle)
+        with self._lock:
+            self._live[handle.attempt_id] = handle
+        handle.add_done_callback(self._finished)  # at once when it has already finished
         return handle
 
-    def cost_summary(self) -> list[dict]:
-        """Per node with a known VM price: duration, $/h and cost (duration x price)."""
-        return [
-            {"node": h.node, "cluster": h.cluster, "duration_s": round(h.duration_s or 0, 1), "hourly_price": h.hourly_price, "cost": round(h.cost, 6)}
-            for h in self.handles
-            if h.cost is not None
-        ]
+    @property
+    def handles(self) -> list[NodeHandle]:
+        """The run's nodes that have not finished yet. A finished node is dropped (its cost stays in
+        ``cost_summary()``): a run may last as long as its process, an Airflow scheduler's."""
+        with self._lock:
+            return list(self._live.values())
 
-    def close(self, cancel: bool = True) -> None:
-        """End the run: cancel what still runs (or wait for it), then release its clusters."""
+    def _finished(self, handle: NodeHandle) -> None:
+        row = _cost_row(handle)
+        with self._lock:
+            self._live.pop(handle.attempt_id, None)
+            if row is not None:
+                self._costs.append(row)
+                self._cost_total += row["cost"]
+                self._cost_nodes += 1
+
+    def cost_summary(self) -> list[dict]:
+        """Per node with a known VM price: duration, $/h and cost (duration x price); the last
+        ``COST_ROWS`` finished nodes, then those still running (so far)."""
+        with self._lock:
+            rows = list(self._costs)
+            live = list(self._live.values())
+        return rows + [row for row in map(_cost_row, live) if row is not None]
+
+    def close(self, cancel: bool = True, timeout: Optional[float] = None) -> None:
+        """End the run: cancel what still runs (or wait for it), then release its clusters.
+
+        Every wait is bounded. ``cancel=True``: every unfinished node is asked to stop at once, and
+        they are waited for together, at most ``timeout`` seconds (default ``CANCEL_WAIT_S``); nodes
+        that did not stop are named in an error log, and their clusters go with the run's anyway.
+        ``cancel=False``: the nodes are waited for, at most ``timeout`` seconds; without one, as long
+        as the longest of their own ``timeout`` settings (plus ``CANCEL_WAIT_S`` to stop), or
+        ``CLOSE_WAIT_S`` for a node without one. Nodes still running then are cancelled as above, the
+        run's clusters are released, and ``NodeTimeout`` names them.
+        """
         if self._closed:
             return
         self._closed = True
+        late: list[NodeHandle] = []
         if cancel:
-            for handle in self.handles:
-                if not handle.done():
-                    handle.request_cancel()
-            for handle in self.handles:
-                if not handle.wait(CANCEL_WAIT_S):
-                    log.error("node %s did not stop within %gs of being cancelled (cluster %s)", handle.node, CANCEL_WAIT_S, handle.cluster)
+            self._cancel_all(self.handles, CANCEL_WAIT_S if timeout is None else timeout)
         else:
-            for handle in self.handles:
-                handle.wait()
-        summary = self.cost_summary()
-        if summary:
-            lines = [f"  {r['node']:<24} {r['cluster']:<40} {r['duration_s']:>8.1f}s x ${r['hourly_price']:.4f}/h = ${r['cost']:.6f}" for r in summary]
-            total = sum(r["cost"] for r in summary)
-            log.info("skyvm cost summary of run %s:\n%s\n  total $%.6f", self.run_id, "\n".join(lines), total)
+            pending = self.handles
+            bound = self._close_bound(pending) if timeout is None else timeout
+            late = self._wait_all(pending, bound, "still running {bound:g}s into close(cancel=False), cancelling them")
+            if late:
+                self._cancel_all(late, CANCEL_WAIT_S)
+        self._log_costs()
         for backend in self._backends:
             backend.end_run(self.run_id)
         from skyvm.backends.local import run_lease
 
         run_lease(self.run_id).unlink(missing_ok=True)
+        if late:
+            raise NodeTimeout(
+                f"run {self.run_id}: node(s) {', '.join(repr(h.node) for h in late)} did not finish within {bound:g}s of close(cancel=False) and were cancelled"
+            )
+
+    @staticmethod
+    def _close_bound(handles: list[NodeHandle]) -> float:
+        """How long close(cancel=False) waits: the longest of the nodes' own timeouts still to run."""
+        bound = 0.0
+        now = time.time()
+        for h in handles:
+            if h.settings.timeout is None:
+                bound = max(bound, CLOSE_WAIT_S)
+            else:
+                ran = now - h.started_at if h.started_at is not None else 0.0
+                bound = max(bound, h.settings.timeout - ran + CANCEL_WAIT_S)
+        return bound
+
+    def _cancel_all(self, handles: list[NodeHandle], bound: float) -> None:
+        """Ask every node to stop at once, then wait once for all of them, at most ``bound`` seconds."""
+        handles = [h for h in handles if not h.done()]
+        for handle in handles:
+            handle.request_cancel()
+        self._wait_all(handles, bound, "did not stop within {bound:g}s of being cancelled; their clusters are removed with the run")
+
+    def _wait_all(self, handles: list[NodeHandle], bound: float, unfinished: str) -> list[NodeHandle]:
+        """One wait for all the nodes, at most ``bound`` seconds: those still unfinished, named in an error log."""
+        wait_futures([h._future for h in handles], timeout=bound)
+        late = [h for h in handles if not h.done()]
+        if late:
+            names = ", ".join(f"{h.node} (cluster {h.cluster})" for h in late)
+            log.error("run %s: %d node(s) %s: %s", self.run_id, len(late), unfinished.format(bound=bound), names)
+        return late
+
+    def _log_costs(self) -> None:
+        with self._lock:
+            rows, finished, total = list(self._costs), self._cost_nodes, self._cost_total
+            live = list(self._live.values())
+        running = [row for row in map(_cost_row, live) if row is not None]
+        if not rows and not running:
+            return
+        lines = [f"  {r['node']:<24} {r['cluster']:<40} {r['duration_s']:>8.1f}s x ${r['hourly_price']:.4f}/h = ${r['cost']:.6f}" for r in rows + running]
+        total += sum(r["cost"] for r in running)
+        shown = "" if finished <= len(rows) else f" (the last {len(rows)} of {finished} finished nodes listed)"
+        log.info("skyvm cost summary of run %s%s:\n%s\n  total $%.6f", self.run_id, shown, "\n".join(lines), total)
 
     def __enter__(self) -> "Run":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close(cancel=True)
+
+
+def _cost_row(h: NodeHandle) -> Optional[dict]:
+    cost = h.cost
+    if cost is None:
+        return None
+    return {"node": h.node, "cluster": h.cluster, "duration_s": round(h.duration_s or 0, 1), "hourly_price": h.hourly_price, "cost": round(cost, 6)}
 
 
 def teardown(node: Union["NodeHandle", "DetachedNode", "Run", None]) -> None:
@@ -619,8 +798,10 @@ def teardown(node: Union["NodeHandle", "DetachedNode", "Run", None]) -> None:
             node.cancel()
         node.release()
     elif isinstance(node, NodeHandle):
-        node.cancel()
-        node.run.close(cancel=True)
+        try:
+            node.cancel()
+        finally:  # a stop that failed still ends the run and releases its clusters
+            node.run.close(cancel=True)
     elif isinstance(node, Run):
         node.close(cancel=True)
     else:

@@ -41,6 +41,17 @@ class NodeFailed(SkyVMError):
         super().__init__(text)
 
 
+class NodeAborted(NodeFailed):
+    """User code on the node raised a ``BaseException`` that is no ``Exception`` (``SystemExit``,
+    ``KeyboardInterrupt``): it ended the node, and must never stop the process that launched it,
+    so this (an ``Exception``) is raised there instead. ``exit_code`` is ``sys.exit(n)``'s ``n``
+    (None for other kinds, or ``sys.exit()`` without a code)."""
+
+    def __init__(self, message: str, *, exit_code=None, **kwargs):
+        super().__init__(message, **kwargs)
+        self.exit_code = exit_code
+
+
 class InfrastructureError(SkyVMError):
     """The node could not be run: image, registry, container, VM or cloud trouble.
 

@@ -6,6 +6,12 @@ come, and their end is the node's end. Attempts that can only be polled (a
 SkyPilot job, a node found again from its reference) are asked for their
 status and new log lines every ``poll_s``, from the same thread. Timeouts are
 checked there too.
+
+The thread is supervised: a callback that raises (even ``SystemExit``) is
+logged and the node goes on; a failed round is logged and the next one starts
+with everything still registered; after ``LOOP_FAILURES`` failed rounds in a
+row it gives up and every waiter (``add_waiter``) gets an error naming it,
+rather than waiting forever on a dead thread.
 """
 
 from __future__ import annotations
@@ -23,6 +29,12 @@ from typing import Callable, Optional
 log = logging.getLogger("skyvm.watcher")
 
 LineSink = Callable[[str], None]
+
+# Failed rounds in a row after which the watcher gives up (each failure is logged; a round that
+# works resets the count): then every waiter gets an error naming it, and the next watcher() is new.
+LOOP_FAILURES = 5
+# Output with no newline is passed on in pieces of this size rather than buffered without bound.
+MAX_LINE_BYTES = 64 * 1024
 
 
 @dataclass
@@ -67,10 +79,14 @@ class Watcher:
         self._lock = threading.Lock()
         self._polled: dict[int, _Polled] = {}
         self._deadlines: dict[int, _Deadline] = {}
+        self._waiters: dict[int, Callable[[BaseException], None]] = {}
         self._ids = iter(range(1, 1 << 62))
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        # Set once the loop gave up: the process's next watcher() is a new one.
+        self.failed: Optional[BaseException] = None
+        self._failures = 0  # failed rounds in a row
         self._thread = threading.Thread(target=self._loop, daemon=True, name="skyvm-watcher")
         self._thread.start()
 
@@ -80,24 +96,36 @@ class Watcher:
         except OSError:
             pass
 
+    @property
+    def alive(self) -> bool:
+        return self.failed is None and self._thread.is_alive()
+
     # -- registration --------------------------------------------------------
+
+    # A registration that reaches a watcher which has given up goes to the process's current one.
 
     def add_stream(self, fileobj, read: Callable[[int], bytes], on_line: LineSink, on_end: Callable[[], None], *, docker_frames: bool) -> None:
         with self._lock:
-            self._sel.register(fileobj, selectors.EVENT_READ, _Stream(read, on_line, on_end, docker_frames))
+            registered = self.failed is None
+            if registered:
+                self._sel.register(fileobj, selectors.EVENT_READ, _Stream(read, on_line, on_end, docker_frames))
+        if not registered:
+            return watcher().add_stream(fileobj, read, on_line, on_end, docker_frames=docker_frames)
         self._wake()
 
     def add_polled(self, poll: Callable[[], bool], every_s: float) -> int:
-        with self._lock:
-            key = next(self._ids)
-            self._polled[key] = _Polled(poll, every_s, time.monotonic())
-        self._wake()
-        return key
+        return self._add(self._polled, _Polled(poll, every_s, time.monotonic())) or watcher().add_polled(poll, every_s)
 
     def add_deadline(self, at_monotonic: float, fire: Callable[[], None]) -> int:
+        return self._add(self._deadlines, _Deadline(at_monotonic, fire)) or watcher().add_deadline(at_monotonic, fire)
+
+    def _add(self, table: dict, item) -> int:
+        """The item's key, or 0 when this watcher has given up (the caller goes to the current one)."""
         with self._lock:
+            if self.failed is not None:
+                return 0
             key = next(self._ids)
-            self._deadlines[key] = _Deadline(at_monotonic, fire)
+            table[key] = item
         self._wake()
         return key
 
@@ -105,30 +133,103 @@ class Watcher:
         with self._lock:
             self._deadlines.pop(key, None)
 
+    def add_waiter(self, on_failure: Callable[[BaseException], None]) -> int:
+        """Someone waits on what this watcher follows: told (``on_failure(error)``) if the watcher gives up,
+        at once if it already has, so that nobody waits on a dead thread."""
+        with self._lock:
+            if self.failed is None:
+                key = next(self._ids)
+                self._waiters[key] = on_failure
+                return key
+        on_failure(self.failed)
+        return 0
+
+    def remove_waiter(self, key: int) -> None:
+        with self._lock:
+            self._waiters.pop(key, None)
+
     # -- the loop ----------------------------------------------------------------
 
     def _timeout(self) -> float:
         now = time.monotonic()
         with self._lock:
             times = [p.next_at for p in self._polled.values()] + [d.at for d in self._deadlines.values()]
-        return max(0.0, min(times) - now) if times else 5.0
+        # After a failed round the next comes soon: a watcher that keeps failing gives up in seconds.
+        idle = 1.0 if self._failures else 5.0
+        return min(idle, max(0.0, min(times) - now)) if times else idle
 
     def _loop(self) -> None:
+        """Supervises the rounds: a round that fails is logged and the next starts with every stream,
+        poll and deadline still registered; only after LOOP_FAILURES failed rounds in a row does the
+        watcher give up, and then every waiter gets an error naming it."""
         while True:
             try:
-                events = self._sel.select(self._timeout())
-            except OSError:
-                events = []
-            for key, _mask in events:
-                if key.data is None:
-                    try:
-                        while self._wake_r.recv(4096):
-                            pass
-                    except (BlockingIOError, OSError):
+                self._round()
+                self._failures = 0
+            except BaseException as exc:  # noqa: BLE001 - this thread follows every node of the process
+                self._failures = failures = self._failures + 1
+                log.error("skyvm watcher: a round failed (%d in a row of at most %d): %s: %s", failures, LOOP_FAILURES, type(exc).__name__, exc, exc_info=True)
+                if failures >= LOOP_FAILURES:
+                    self._give_up(exc, failures)
+                    return
+                self._drop_closed_streams()
+                time.sleep(min(0.05 * 2**failures, 1.0))
+
+    def _round(self) -> None:
+        try:
+            events = self._sel.select(self._timeout())
+        except OSError:
+            # A stream's file was closed under the watcher (EBADF): find it, or this select fails forever.
+            self._drop_closed_streams()
+            events = []
+        for key, _mask in events:
+            if key.data is None:
+                try:
+                    while self._wake_r.recv(4096):
                         pass
-                    continue
-                self._read(key.fileobj, key.data)
-            self._run_due()
+                except (BlockingIOError, OSError):
+                    pass
+                continue
+            self._read(key.fileobj, key.data)
+        self._run_due()
+
+    def _drop_closed_streams(self) -> None:
+        """End every stream whose file is no longer open (its end is its node's end, as when it reads b"")."""
+        with self._lock:
+            keys = [k for k in self._sel.get_map().values() if k.data is not None]
+        for key in keys:
+            try:
+                bad = key.fileobj.fileno() < 0
+            except (OSError, ValueError):
+                bad = True
+            if bad:
+                self._end(key.fileobj, key.data)
+
+    def _give_up(self, exc: BaseException, failures: int) -> None:
+        error = _WatcherFailed(f"skyvm's watcher thread stopped after {failures} failed rounds in a row, the last: {type(exc).__name__}: {exc}")
+        with self._lock:
+            self.failed = error
+            waiters = list(self._waiters.values())
+            self._waiters.clear()
+            self._polled.clear()
+            self._deadlines.clear()
+            streams = [k.fileobj for k in self._sel.get_map().values()]
+            for fileobj in streams:
+                try:
+                    self._sel.unregister(fileobj)
+                except (KeyError, ValueError):
+                    pass
+        log.error("%s: the %d node(s) it followed are told so", error, len(waiters))
+        for sock in (self._wake_r, self._wake_w, self._sel):
+            try:
+                sock.close()
+            except OSError:
+                pass
+        for on_failure in waiters:
+            try:
+                on_failure(error)
+            except BaseException:  # noqa: BLE001 - every waiter is told, whatever one of them does
+                log.exception("telling a waiter that the watcher stopped failed")
 
     def _read(self, fileobj, stream: _Stream) -> None:
         try:
@@ -137,9 +238,18 @@ class Watcher:
             return
         except OSError:
             chunk = b""
+        except BaseException:  # noqa: BLE001 - a broken reader ends its stream, not the watcher
+            log.exception("reading a node's stream failed: it counts as ended")
+            chunk = b""
         if chunk:
-            self._feed(stream, chunk)
+            try:
+                self._feed(stream, chunk)
+            except BaseException:  # noqa: BLE001 - the chunk is lost, the stream goes on
+                log.exception("a node's output could not be split into lines")
             return
+        self._end(fileobj, stream)
+
+    def _end(self, fileobj, stream: _Stream) -> None:
         with self._lock:
             try:
                 self._sel.unregister(fileobj)
@@ -150,7 +260,7 @@ class Watcher:
             stream.text = b""
         try:
             stream.on_end()
-        except Exception:  # noqa: BLE001 - one node's bookkeeping must not stop the watcher
+        except BaseException:  # noqa: BLE001 - one node's bookkeeping must not stop the watcher
             log.exception("node end callback failed")
 
     def _feed(self, stream: _Stream, chunk: bytes) -> None:
@@ -166,12 +276,16 @@ class Watcher:
         *complete, stream.text = stream.text.split(b"\n")
         for line in complete:
             self._emit(stream, line)
+        # Output that never ends a line (a progress bar) goes out in pieces, not held without bound.
+        while len(stream.text) >= MAX_LINE_BYTES:
+            piece, stream.text = stream.text[:MAX_LINE_BYTES], stream.text[MAX_LINE_BYTES:]
+            self._emit(stream, piece)
 
     @staticmethod
     def _emit(stream: _Stream, line: bytes) -> None:
         try:
             stream.on_line(line.decode(errors="replace").rstrip("\r"))
-        except Exception:  # noqa: BLE001 - a broken log sink must not stop the node
+        except BaseException:  # noqa: BLE001 - a broken log sink (even one raising SystemExit) must not stop the node
             log.exception("log sink failed")
 
     def _run_due(self) -> None:
@@ -181,13 +295,18 @@ class Watcher:
             due_deadlines = [(k, d) for k, d in self._deadlines.items() if d.at <= now]
             for k, _ in due_deadlines:
                 self._deadlines.pop(k, None)
-        for _k, deadline in due_deadlines:
-            # Firing may block (a cancel): not in this thread, which streams every node's log.
-            threading.Thread(target=deadline.fire, daemon=True, name="skyvm-deadline").start()
+        for key, deadline in due_deadlines:
+            try:
+                # Firing may block (a cancel): not in this thread, which streams every node's log.
+                threading.Thread(target=deadline.fire, daemon=True, name="skyvm-deadline").start()
+            except BaseException:  # noqa: BLE001 - no thread to be had now: try again shortly
+                log.exception("starting a node's timeout failed; retrying in 1s")
+                with self._lock:
+                    self._deadlines[key] = _Deadline(time.monotonic() + 1.0, deadline.fire)
         for key, polled in due_polls:
             try:
                 finished = polled.poll()
-            except Exception:  # noqa: BLE001 - a failed poll is retried at the next round
+            except BaseException:  # noqa: BLE001 - a failed poll is retried at the next round
                 log.debug("poll failed", exc_info=True)
                 finished = False
             with self._lock:
@@ -197,15 +316,19 @@ class Watcher:
                     polled.next_at = time.monotonic() + polled.every_s
 
 
+class _WatcherFailed(RuntimeError):
+    pass
+
+
 _watcher: Optional[Watcher] = None
 _watcher_lock = threading.Lock()
 _watcher_pid: Optional[int] = None
 
 
 def watcher() -> Watcher:
-    """The process's watcher (a new one after a fork)."""
+    """The process's watcher (a new one after a fork, or after the last one gave up)."""
     global _watcher, _watcher_pid
     with _watcher_lock:
-        if _watcher is None or _watcher_pid != os.getpid():
+        if _watcher is None or _watcher_pid != os.getpid() or not _watcher.alive:
             _watcher, _watcher_pid = Watcher(), os.getpid()
         return _watcher
