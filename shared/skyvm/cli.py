@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from typing import Optional
 
@@ -57,10 +58,18 @@ def _pools_or_none(list_pools):
         return []
 
 
-def cmd_status(args) -> int:
-    from skyvm.backends.local import docker_available, list_managed
+def _install(row: dict) -> str:
+    """Which skyvm install a container is of: its home's id and path."""
+    return f"{row['home'] or '?'} ({row['home_path'] or 'path unknown'})"
 
-    rows = [{"backend": "local", **r} for r in list_managed()]
+
+def cmd_status(args) -> int:
+    from skyvm.backends.local import docker_available, home_id, list_managed
+
+    every = list_managed(all_homes=True)
+    mine = home_id()
+    rows = [{"backend": "local", "install": _install(r), **r} for r in every if args.all_homes or r["home"] == mine]
+    others = {r["home"] for r in every if r["home"] != mine}
     sky_rows, pool_rows = _skypilot_rows() if args.skypilot else ([], [])
     if args.json:
         print(json.dumps(rows + sky_rows + pool_rows, indent=2))
@@ -68,9 +77,12 @@ def cmd_status(args) -> int:
     if not docker_available():
         print("no Docker engine reachable: nothing to list for the local backend")
     elif not rows:
-        print("nothing running: skyvm has no clusters on this machine")
+        print("nothing running: this skyvm install has no clusters on this machine")
     else:
-        print(_table(rows, ["name", "state", "run_id", "node", "signature", "down", "status"]))
+        columns = ["name", "state", "run_id", "node", "signature", "down", "status"]
+        print(_table(rows, columns + ["install"] if args.all_homes else columns))
+    if others and not args.all_homes:
+        print(f"({len(every) - len(rows)} cluster(s) of {len(others)} other skyvm install(s) on this engine: skyvm status --all-homes)")
     if args.skypilot:
         if sky_rows:
             print("\nSkyPilot clusters (skyvm's labels):")
@@ -83,12 +95,26 @@ def cmd_status(args) -> int:
     return 0
 
 
-def cmd_gc(args) -> int:
-    from skyvm.backends.local import gc, gc_images
+def _home_id(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{4,12}", value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not an install's id: 4 to 12 hex digits, as `skyvm status --all-homes` shows it")
+    return value
 
-    removed = gc(dry_run=args.dry_run)
+
+def cmd_gc(args) -> int:
+    from skyvm.backends.local import gc_clusters, gc_images, home_id, list_managed
+
+    homes = args.home_id or ("all" if args.all_homes else "own")
+    removed = gc_clusters(dry_run=args.dry_run, homes=homes)
     verb = "would remove" if args.dry_run else "removed"
-    print(f"{verb} {len(removed)} cluster(s)" + (": " + ", ".join(removed) if removed else ""))
+    mine = home_id()
+    # Another install's cluster is named with its install: whose it was is never a guess.
+    names = [r["name"] if r["home"] == mine else f"{r['name']} (install {_install(r)})" for r in removed]
+    print(f"{verb} {len(removed)} cluster(s)" + (": " + ", ".join(names) if names else ""))
+    if homes == "own":
+        others = {r["home"] for r in list_managed(all_homes=True) if r["home"] != mine}
+        if others:
+            print(f"left alone: clusters of {len(others)} other skyvm install(s) ({', '.join(sorted(others))}); --home-id ID or --all-homes removes theirs")
     from skyvm.connectors.files import gc_secret_dirs
 
     secrets = gc_secret_dirs(dry_run=args.dry_run)
@@ -184,12 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     q = skysub.add_parser("install", help="make $SKYVM_HOME/skypilot-venv with SkyPilot and skyvm")
     q.add_argument("--version", default="0.14.1")
     q.set_defaults(fn=cmd_skypilot_install)
-    p = sub.add_parser("status", help="list the clusters skyvm started")
+    p = sub.add_parser("status", help="list the clusters this skyvm install (its SKYVM_HOME) started")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--all-homes", action="store_true", help="every skyvm install's clusters on this Docker engine, with the install of each")
     p.add_argument("--skypilot", action="store_true", help="also SkyPilot's clusters that skyvm launched (asks SkyPilot's API server)")
     p.set_defaults(fn=cmd_status)
-    p = sub.add_parser("gc", help="remove clusters that no live run owns")
+    p = sub.add_parser("gc", help="remove clusters of this skyvm install that no live run owns")
     p.add_argument("--dry-run", action="store_true")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--home-id", metavar="ID", type=_home_id, help="instead, the clusters of the skyvm install with this id (`skyvm status --all-homes`) that no live run owns")
+    which.add_argument("--all-homes", action="store_true", help="also every other skyvm install's clusters on this Docker engine that no live run owns")
     p.add_argument("--images", type=int, metavar="KEEP", help="also remove node images but the newest KEEP")
     p.add_argument("--skypilot", action="store_true", help="also tear down skyvm's idle SkyPilot clusters (INIT or STOPPED) and the pools of runs that are over")
     p.add_argument("--all-skypilot", action="store_true", help="tear down every SkyPilot cluster and pool skyvm launched, running nodes and shared pools included")

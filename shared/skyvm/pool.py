@@ -53,6 +53,7 @@ class ClusterPool:
         self._cond = threading.Condition()
         self._clusters: dict[str, Cluster] = {}
         self._warmed: set[tuple[str, str]] = set()  # (run, signature) whose pool was started ahead
+        self._reserved: dict[str, int] = {}  # signature -> slots whose cluster is being found outside the lock
         _pools.add(self)
 
     def acquire(
@@ -62,37 +63,94 @@ class ClusterPool:
         claim_warm: Optional[Callable[[TaskSpec, set], Optional[str]]] = None,
         taken: Optional[Callable[[], set]] = None,
         cancelled: Optional[Callable[[], bool]] = None,
+        name_for: Optional[Callable[[int], str]] = None,
         wake_s: float = 0.5,
     ) -> tuple[Cluster, bool]:
         """(a cluster now marked busy, whether it must be started). Blocks at the node's limit.
 
         ``claim_warm(spec, known)`` may offer a warm cluster this process does not know (another
-        process's, locally); ``taken()`` names clusters that exist but are not in the pool.
+        process's, locally); ``taken()`` names clusters that exist but are not in the pool;
+        ``name_for(slot)`` names the slot-th cluster (default: the spec's own names).
+
+        Both callbacks ask the engine (a listing, an exec into a container): they run outside the
+        pool's lock, on a slot reserved under it, so a slow engine call never holds up a release
+        or another node taking a free cluster; what they found is committed under the lock again.
         """
         limit = slots(spec)
-        with self._cond:
-            while True:
+        name_for = name_for or spec.cluster_name_for
+        sig = spec.signature
+        while True:
+            with self._cond:
+                free, known = self._reserve(spec, limit, cancelled, wake_s)
+                if free is not None:
+                    return free, False
+            try:
+                name = claim_warm(spec, known) if claim_warm else None
+                exists = taken() if taken and name is None else set()
+            except BaseException:
+                with self._cond:
+                    self._unreserve(sig)
+                raise
+            with self._cond:
+                self._unreserve(sig)
+                if name is not None:
+                    cluster = self._clusters.get(name)
+                    if cluster is None:
+                        return self._add(name, spec), False
+                    if not cluster.busy:
+                        # Known here meanwhile (a pool started ahead): one cluster, taken once.
+                        return self._take(cluster, spec), False
+                    # Another node of this process took it meanwhile: it is theirs; start a new one.
                 if cancelled is not None and cancelled():
                     raise NodeCancelled(f"node {spec.node!r} was cancelled while queued for a cluster (max_clusters={limit})")
-                mine = [c for c in self._clusters.values() if c.signature == spec.signature]
-                for cluster in mine:
-                    if not cluster.busy:
-                        cluster.busy = True
-                        cluster.runs.add(spec.run_id)
-                        return cluster, False
-                # The limit is the asking node's own: a later run with a lower one is held to it.
-                if sum(1 for c in mine if c.busy) < limit:
-                    name = claim_warm(spec, set(self._clusters)) if claim_warm else None
-                    if name is not None:
-                        return self._add(name, spec), False
-                    exists = set(self._clusters) | (taken() if taken else set())
-                    slot = 0
-                    while spec.cluster_name_for(slot) in exists:
-                        slot += 1
-                    return self._add(spec.cluster_name_for(slot), spec), True
-                self._cond.wait(timeout=wake_s)
+                for cluster in self._clusters.values():
+                    if cluster.signature == sig and not cluster.busy:
+                        return self._take(cluster, spec), False  # freed while the engine answered: no start
+                exists |= set(self._clusters)
+                slot = 0
+                while name_for(slot) in exists:
+                    slot += 1
+                return self._add(name_for(slot), spec), True
 
-    def start_ahead(self, spec: TaskSpec, start: Callable[[str], None], *, taken: Optional[Callable[[], set]] = None) -> list[str]:
+    def _reserve(self, spec: TaskSpec, limit: int, cancelled, wake_s: float) -> tuple[Optional[Cluster], set]:
+        """Under the lock: (a free cluster of the signature, now taken; no names), or (None, the
+        names known here) once a slot under the limit is reserved for this node, whose cluster is then
+        looked for outside the lock. Waits meanwhile; stops waiting when the node is cancelled."""
+        sig = spec.signature
+        while True:
+            if cancelled is not None and cancelled():
+                raise NodeCancelled(f"node {spec.node!r} was cancelled while queued for a cluster (max_clusters={limit})")
+            mine = [c for c in self._clusters.values() if c.signature == sig]
+            for cluster in mine:
+                if not cluster.busy:
+                    return self._take(cluster, spec), set()
+            # The limit is the asking node's own: a later run with a lower one is held to it.
+            # Reserved slots count as busy: their clusters are being found or named outside the lock.
+            if sum(1 for c in mine if c.busy) + self._reserved.get(sig, 0) < limit:
+                self._reserved[sig] = self._reserved.get(sig, 0) + 1
+                return None, set(self._clusters)
+            self._cond.wait(timeout=wake_s)
+
+    def _unreserve(self, sig: str) -> None:
+        self._reserved[sig] -= 1
+        if not self._reserved[sig]:
+            del self._reserved[sig]
+        self._cond.notify_all()
+
+    @staticmethod
+    def _take(cluster: Cluster, spec: TaskSpec) -> Cluster:
+        cluster.busy = True
+        cluster.runs.add(spec.run_id)
+        return cluster
+
+    def start_ahead(
+        self,
+        spec: TaskSpec,
+        start: Callable[[str], None],
+        *,
+        taken: Optional[Callable[[], set]] = None,
+        name_for: Optional[Callable[[int], str]] = None,
+    ) -> list[str]:
         """``pool: {workers: N}``: the signature's N clusters started now, in parallel, before its
         first node takes one, so no node of the run waits for a cold start. Once per run and
         signature; nodes asking meanwhile wait for these rather than start their own. The names
@@ -100,15 +158,21 @@ class ClusterPool:
         pool = spec.settings.pool
         if pool is None:
             return []
+        key = (spec.run_id, spec.signature)
         with self._cond:
-            if (spec.run_id, spec.signature) in self._warmed:
+            if key in self._warmed:
                 return []
-            self._warmed.add((spec.run_id, spec.signature))
+        name_for = name_for or spec.cluster_name_for
+        exists = taken() if taken else set()  # the engine is asked outside the lock
+        with self._cond:
+            if key in self._warmed:
+                return []
+            self._warmed.add(key)
             mine = sum(1 for c in self._clusters.values() if c.signature == spec.signature)
-            exists = set(self._clusters) | (taken() if taken else set())
+            exists |= set(self._clusters)
             names, slot = [], 0
             while len(names) < pool.workers - mine:
-                name = spec.cluster_name_for(slot)
+                name = name_for(slot)
                 slot += 1
                 if name not in exists:
                     names.append(name)

@@ -25,6 +25,21 @@ def test_bucket_unreachable_mid_run_names_the_store(judge):
     judge(trials.bucket_unreachable())
 
 
+@pytest.fixture(scope="module")
+def node_image_ref(docker_engine):
+    """skyvm's node image, built once here: both installs of a trial name it, so neither builds."""
+    from skyvm.api import node_image
+    from skyvm.settings import NodeSettings
+
+    return node_image(NodeSettings())
+
+
+@pytest.mark.parametrize("down", ["down-true", "down-false"])
+def test_two_installs_on_one_engine_never_share_a_cluster(judge, node_image_ref, down):
+    out = judge(trials.two_installs(node_image_ref, down=down == "down-true"))
+    assert out.observed["a_cluster"] not in (out.observed["b_beside_busy"], out.observed["b_beside_idle"])
+
+
 @pytest.fixture
 def standin(standin_vm):
     if importlib.util.find_spec("sky") is not None:
@@ -42,14 +57,10 @@ def test_skypilot_process_killed_mid_node(judge, standin, s3_server, registry):
 
 
 @pytest.fixture(scope="module")
-def private_engine(docker_engine):
+def private_engine(node_image_ref):
     """A Docker engine of these trials' own, with skyvm's node image loaded (built in the shared one)."""
-    from skyvm.api import node_image
-    from skyvm.settings import NodeSettings
-
-    image = node_image(NodeSettings())
-    with trials.private_dockerd(image) as engine:
-        yield engine, image
+    with trials.private_dockerd(node_image_ref) as engine:
+        yield engine, node_image_ref
     assert engine.processes() == 0, "the private dockerd (or its containerd) is still running"
 
 

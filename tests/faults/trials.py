@@ -85,12 +85,13 @@ def token() -> str:
 # -- counting what is left ---------------------------------------------------------------------
 
 
-def skyvm_containers(*filters: str, docker_host: Optional[str] = None) -> list[str]:
-    """Containers skyvm started from this process's skyvm home (its `dev.skyvm.home` label)."""
+def skyvm_containers(*filters: str, docker_host: Optional[str] = None, home: Optional[str] = None) -> list[str]:
+    """Containers skyvm started from a skyvm home (its `dev.skyvm.home` label): this process's, or
+    the install with the id ``home``."""
     from skyvm.backends.local import home_id
 
     host = ["-H", docker_host] if docker_host else []
-    args = ["docker", *host, "ps", "-a", "--format", "{{.Names}}", "--filter", "label=dev.skyvm.managed=1", "--filter", f"label=dev.skyvm.home={home_id()}"]
+    args = ["docker", *host, "ps", "-a", "--format", "{{.Names}}", "--filter", "label=dev.skyvm.managed=1", "--filter", f"label=dev.skyvm.home={home or home_id()}"]
     for f in filters:
         args += ["--filter", f]
     out = subprocess.run(args, capture_output=True, text=True, timeout=60)
@@ -229,6 +230,151 @@ def sigkill_then_gc() -> Outcome:
             proc.kill()
             proc.wait(30)
     out.left = {"containers": len(run_containers(run_id)), "launcher processes": int(proc.poll() is None)}
+    return out
+
+
+# -- two skyvm installs on one Docker engine ---------------------------------------------------------
+
+# One install's process: its nodes, where each ran (from inside: the cluster's own name) and the
+# labels of that container (from the engine), as JSON lines starting with "@".
+INSTALL_SCRIPT = """
+import json, os, subprocess, sys, time
+import skyvm
+
+role, settings, gate, go = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
+QUICK = "echo ran-in $SKYVM_CLUSTER"
+
+def say(step, handle=None, **kw):
+    if handle is not None:
+        try:
+            kw["result"] = handle.result(300)
+        except Exception as exc:
+            kw["error"] = f"{type(exc).__name__}: {exc}"
+        out = subprocess.run(["docker", "inspect", "--format", "{{json .Config.Labels}}", handle.cluster or "-"], capture_output=True, text=True)
+        kw.update(cluster=handle.cluster, fresh=handle.ref.fresh if handle.ref else None, labels=json.loads(out.stdout) if out.returncode == 0 else None)
+    print("@" + json.dumps({"step": step, **kw}), flush=True)
+
+with skyvm.Run(settings) as run:
+    if role == "a":
+        # A node that runs until the trial opens its gate, while the other install submits its own.
+        busy = run.submit_command(f"echo started; while [ ! -e {gate} ]; do sleep 0.1; done; echo passed the gate", node="a-gated")
+        while "started" not in busy.logs() and not busy.done():
+            time.sleep(0.1)
+        print("@" + json.dumps({"step": "busy", "cluster": busy.cluster}), flush=True)
+        say("idle", busy)  # its cluster is warm and idle now, this run still live
+        while not os.path.exists(go):
+            time.sleep(0.1)
+        say("again", run.submit_command(QUICK, node="a-again"))
+    else:
+        for _ in range(2):  # the second on the first's cluster, warm
+            say("quick", run.submit_command(QUICK, node="b-quick"))
+"""
+
+
+def _steps(lines: list[str]) -> list[dict]:
+    return [json.loads(line[1:]) for line in lines if line.startswith("@")]
+
+
+def _ran_in_own(step: dict, install: str, home_id: str, home: Path, other: set) -> None:
+    """A node's answer says it ran in a cluster of its own install (by name, inside and out, and
+    by the container's labels), never in the other install's."""
+    cluster = step["cluster"]
+    expect(step.get("result") == f"ran-in {cluster}", f"install {install}'s node did not finish in its cluster {cluster}: {step}")
+    labels = step.get("labels") or {}
+    expect(
+        labels.get("dev.skyvm.home") == home_id and labels.get("dev.skyvm.home-path") == str(home),
+        f"install {install}'s node ran in {cluster}, whose labels say install {labels.get('dev.skyvm.home')} at {labels.get('dev.skyvm.home-path')}, not {home_id} at {home}",
+    )
+    expect(cluster not in other, f"install {install}'s node ran in the other install's cluster {cluster}")
+
+
+def two_installs(image: str, down: bool) -> Outcome:
+    """Two skyvm installs (two SKYVM_HOMEs: two CI jobs, two users) with equal settings on one
+    engine. A runs a node that waits on a gate; B runs quick nodes meanwhile (its first cold, its
+    second warm on its own cluster); the gate opens; B runs again while A's cluster is warm and
+    idle in A's live run; A runs again. Every node finishes right in a container of its own
+    install, A's cluster stays A's (never killed, never taken), and nothing is left of either:
+    with ``down: false`` after `skyvm gc`, which leaves the other install's clusters alone until
+    it is named with ``--home-id``."""
+    from skyvm.backends.local import home_id
+
+    t = token()
+    homes = {k: Path(tempfile.mkdtemp(prefix=f"skyvm-fault-install-{k}-")).resolve() for k in "ab"}
+    ids = {k: home_id(h) for k, h in homes.items()}
+    gate, go = homes["a"] / "store" / f"gate-{t}", homes["a"] / f"go-{t}"
+    gate.parent.mkdir(parents=True)
+    settings = json.dumps({"defaults": {"image": image, "cpus": 0.5, "memory": 0.5, "down": down, "labels": {"fault-trial": t}}})
+    env = {k: {**os.environ, "SKYVM_HOME": str(h)} for k, h in homes.items()}
+    out = Outcome()
+    out.observed["installs"] = ids
+
+    def install(role: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", INSTALL_SCRIPT, role, settings, str(gate), str(go)], env=env[role], capture_output=True, text=True, timeout=600)
+
+    def skyvm_cli(role: str, *args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "skyvm", *args], env=env[role], capture_output=True, text=True, timeout=180)
+        expect(done.returncode == 0, f"skyvm {' '.join(args)} of install {role} failed: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    def quick_nodes(stage: str, a_clusters: set) -> set:
+        b = install("b")
+        steps = [s for s in _steps(b.stdout.splitlines()) if s["step"] == "quick"]
+        expect(b.returncode == 0 and len(steps) == 2, f"install B ({stage}) did not run its two nodes (exit {b.returncode}):\n{(b.stdout + b.stderr)[-3000:]}")
+        for step in steps:
+            _ran_in_own(step, "B", ids["b"], homes["b"], a_clusters)
+        expect(steps[1]["fresh"] is False and steps[1]["cluster"] == steps[0]["cluster"], f"install B's second node did not reuse its own warm cluster: {steps}")
+        out.observed[f"b_{stage}"] = steps[0]["cluster"]
+        return {s["cluster"] for s in steps}
+
+    a = subprocess.Popen([sys.executable, "-c", INSTALL_SCRIPT, "a", settings, str(gate), str(go)], env=env["a"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        reader = threading.Thread(target=lambda: lines.extend(iter(a.stdout.readline, "")), daemon=True)
+        reader.start()
+
+        def a_step(name: str) -> dict:
+            wait_for(lambda: any(s["step"] == name for s in _steps(lines)) or a.poll() is not None, 300, f"install A's step {name!r}")
+            found = [s for s in _steps(lines) if s["step"] == name]
+            expect(bool(found), f"install A ended before its step {name!r} (exit {a.poll()}):\n" + "".join(lines)[-3000:])
+            return found[0]
+
+        a_cluster = a_step("busy")["cluster"]
+        out.observed["a_cluster"] = a_cluster
+        b_clusters = quick_nodes("beside_busy", {a_cluster})  # A's node runs meanwhile
+        gate.touch()
+        idle = a_step("idle")
+        expect(idle.get("result") == "passed the gate", f"install A's node did not finish right while B ran beside it: {idle}")
+        b_clusters |= quick_nodes("beside_idle", {a_cluster})  # A's cluster is warm and idle, its run live
+        go.touch()
+        again = a_step("again")
+        _ran_in_own(again, "A", ids["a"], homes["a"], b_clusters)
+        expect(again["cluster"] == a_cluster and again["fresh"] is False, f"install A's warm cluster {a_cluster} was not there for its next node (it ran on {again['cluster']}, fresh={again['fresh']})")
+        a.wait(120)
+        reader.join(10)
+        expect(a.returncode == 0, f"install A's process failed (exit {a.returncode}):\n" + "".join(lines)[-3000:])
+        if not down:
+            # Warm clusters of both stay. B's own gc, status name only B's, and say A's are there.
+            status = skyvm_cli("b", "status")
+            expect(all(c in status for c in b_clusters) and a_cluster not in status, f"B's skyvm status does not list exactly B's clusters:\n{status}")
+            every = skyvm_cli("b", "status", "--all-homes")
+            expect(a_cluster in every and ids["a"] in every and str(homes["a"]) in every, f"skyvm status --all-homes does not name A's cluster and install:\n{every}")
+            gc = skyvm_cli("b", "gc")
+            expect(all(c in gc for c in b_clusters) and a_cluster not in gc.split("left alone")[0] and ids["a"] in gc, f"B's skyvm gc did not remove only B's clusters, naming A's install as left alone:\n{gc}")
+            expect(bool(skyvm_containers(home=ids["a"])), "B's skyvm gc removed A's warm cluster")
+            gc = skyvm_cli("b", "gc", "--home-id", ids["a"])
+            expect(a_cluster in gc and ids["a"] in gc and str(homes["a"]) in gc, f"skyvm gc --home-id did not remove A's cluster naming A's install:\n{gc}")
+            out.observed["gc --home-id"] = gc.strip()[-300:]
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait(30)
+        out.left = settle(lambda: {f"containers of install {k.upper()}": len(skyvm_containers(home=i)) for k, i in ids.items()})
+        out.left["launcher processes"] = int(a.poll() is None)
+        leftover = [n for i in ids.values() for n in skyvm_containers(home=i)]
+        if leftover:  # counted above; not left to the next trial
+            subprocess.run(["docker", "rm", "-f", *leftover], capture_output=True, timeout=120)
+        for h in homes.values():
+            shutil.rmtree(h, ignore_errors=True)
     return out
 
 

@@ -13,7 +13,10 @@ contract as plain processes (no isolation; it says so once).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -30,7 +33,7 @@ from skyvm.errors import InfrastructureError, NodeCancelled, UnsatisfiableReques
 from skyvm.pool import ClusterPool
 from skyvm.watcher import watcher
 from skyvm.payloads import DEFAULT_HOME
-from skyvm.plan import TaskSpec
+from skyvm.plan import MAX_NAME, TaskSpec
 
 log = logging.getLogger("skyvm.local")
 
@@ -41,15 +44,32 @@ L_NODE = f"{LABEL}.node"
 L_SIG = f"{LABEL}.signature"
 L_DOWN = f"{LABEL}.down"
 L_OWNER = f"{LABEL}.owner-pid"
-# Which skyvm home (state directory: locks, run leases) started a container: gc only
-# judges containers whose locks and leases it can see.
+# Which skyvm install (its home: the state directory of locks, run leases, the default store)
+# started a container, as an id and as the home's path. A cluster is its install's alone: the busy
+# locks that say whether a node runs in it, and the store it mounts, are that home's.
 L_HOME = f"{LABEL}.home"
+L_HOME_PATH = f"{LABEL}.home-path"
 
 
-def home_id() -> str:
-    import hashlib
+def home_id(home: Optional[Path] = None) -> str:
+    """The install's id: a hash of its home's resolved path (this process's ``SKYVM_HOME`` by default)."""
+    return _home_id(str(Path(home or DEFAULT_HOME).resolve()))
 
-    return hashlib.sha256(str(DEFAULT_HOME.resolve()).encode()).hexdigest()[:12]
+
+@functools.lru_cache(maxsize=None)
+def _home_id(path: str) -> str:
+    return hashlib.sha256(path.encode()).hexdigest()[:12]
+
+
+def local_cluster_name(spec: TaskSpec, slot: int) -> str:
+    """The slot-th local cluster of the spec's signature: its cluster name with the install's id.
+
+    Container names are global on the engine: with the id in them, two installs (which keep
+    their busy locks apart) can never pick the same free name at once, even for equal run ids.
+    """
+    tag = "-" + home_id()[:8]
+    suffix = f"-{slot}" if slot else ""
+    return spec.cluster_name[: MAX_NAME - len(tag) - len(suffix)].rstrip("-") + tag + suffix
 
 
 def _docker_env(config: Optional[str] = None) -> dict:
@@ -122,13 +142,18 @@ def check_satisfiable(spec: TaskSpec) -> None:
         log.info("local backend: instance_type %s is not emulated; cpus/memory limits apply", s.instance_type)
 
 
-class _ClusterLock:
-    """Whether a cluster is busy, across processes: an flock held while a node runs in it."""
+def _state_dir(kind: str, home: Optional[Path] = None) -> Path:
+    d = Path(home or DEFAULT_HOME) / kind
+    d.mkdir(parents=True, exist_ok=True)
+    return d
 
-    def __init__(self, name: str):
-        d = DEFAULT_HOME / "locks"
-        d.mkdir(parents=True, exist_ok=True)
-        self.path = d / f"{name}.lock"
+
+class _ClusterLock:
+    """Whether a cluster is busy, across the processes of one install: an flock held while a node
+    runs in it, under that install's home."""
+
+    def __init__(self, name: str, home: Optional[Path] = None):
+        self.path = _state_dir("locks", home) / f"{name}.lock"
         self.fd: Optional[int] = None
 
     def try_acquire(self) -> bool:
@@ -148,17 +173,13 @@ class _ClusterLock:
             self.fd = None
 
 
-def run_lease(run_id: str) -> Path:
+def run_lease(run_id: str, home: Optional[Path] = None) -> Path:
     """A run is live while the process that owns it is: gc spares its clusters."""
-    d = DEFAULT_HOME / "runs"
-    d.mkdir(parents=True, exist_ok=True)
-    return d / f"{run_id}.json"
+    return _state_dir("runs", home) / f"{run_id}.json"
 
 
-def _users_file(cluster: str) -> Path:
-    d = DEFAULT_HOME / "clusters"
-    d.mkdir(parents=True, exist_ok=True)
-    return d / f"{cluster}.runs"
+def _users_file(cluster: str, home: Optional[Path] = None) -> Path:
+    return _state_dir("clusters", home) / f"{cluster}.runs"
 
 
 def add_cluster_user(cluster: str, run_id: str) -> None:
@@ -167,33 +188,36 @@ def add_cluster_user(cluster: str, run_id: str) -> None:
         fh.write(run_id + "\n")
 
 
-def cluster_users(cluster: str) -> set[str]:
+def cluster_users(cluster: str, home: Optional[Path] = None) -> set[str]:
     try:
-        return set(_users_file(cluster).read_text().split())
+        return set(_users_file(cluster, home).read_text().split())
     except OSError:
         return set()
 
 
-def _detached_marker(cluster: str) -> Path:
-    d = DEFAULT_HOME / "clusters"
-    d.mkdir(parents=True, exist_ok=True)
-    return d / f"{cluster}.detached"
+def _detached_marker(cluster: str, home: Optional[Path] = None) -> Path:
+    return _state_dir("clusters", home) / f"{cluster}.detached"
 
 
-def _detached_busy(cluster: str) -> bool:
+def _busy_inside(cluster: str) -> bool:
+    """Whether some attempt runs in the cluster, as the cluster itself says."""
+    return docker("exec", cluster, "python3", "-m", "skyvm.node", "busy", check=False, timeout=60).returncode == 0
+
+
+def _detached_busy(cluster: str, home: Optional[Path] = None) -> bool:
     """Whether a detached attempt still runs in the cluster. Asks inside only when one was ever started there."""
-    marker = _detached_marker(cluster)
+    marker = _detached_marker(cluster, home)
     if not marker.exists():
         return False
-    busy = docker("exec", cluster, "python3", "-m", "skyvm.node", "busy", check=False, timeout=60).returncode == 0
+    busy = _busy_inside(cluster)
     if not busy:
         marker.unlink(missing_ok=True)
     return busy
 
 
-def run_is_live(run_id: str) -> bool:
+def run_is_live(run_id: str, home: Optional[Path] = None) -> bool:
     try:
-        pid = json.loads(run_lease(run_id).read_text())["pid"]
+        pid = json.loads(run_lease(run_id, home).read_text())["pid"]
         os.kill(pid, 0)
         return True
     except (OSError, ValueError, KeyError):
@@ -321,8 +345,11 @@ class DockerBackend(Backend):
             raise InfrastructureError(f"node {spec.node!r}: cannot pull {spec.image} from {reg.server}: {text}") from None
 
     def _claim_warm(self, spec: TaskSpec, known: set) -> Optional[str]:
-        """A running cluster of the signature that another process (or an earlier run) left warm."""
-        for row in self.api.containers(filters={"label": f"{L_SIG}={spec.signature}", "status": "running"}):
+        """A running cluster of the signature that another process of this install (or an earlier
+        run) left warm. Never another install's: its busy locks are not ours to see, and it mounts
+        that install's store."""
+        mine = [f"{L_SIG}={spec.signature}", f"{L_HOME}={home_id()}"]
+        for row in self.api.containers(filters={"label": mine, "status": "running"}):
             name = row["Names"][0].lstrip("/")
             if name in known:
                 continue
@@ -355,7 +382,7 @@ class DockerBackend(Backend):
         self._pull(spec)
         labels = {
             L_MANAGED: "1", L_RUN: spec.run_id, L_NODE: spec.node, L_SIG: spec.signature, L_DOWN: str(s.down).lower(),
-            L_OWNER: str(os.getpid()), L_HOME: home_id(), **{f"{LABEL}.user.{k}": v for k, v in s.labels.items()},
+            L_OWNER: str(os.getpid()), L_HOME: home_id(), L_HOME_PATH: str(DEFAULT_HOME.resolve()), **{f"{LABEL}.user.{k}": v for k, v in s.labels.items()},
         }
         env = {"SKYVM_CLUSTER": name}
         if os.environ.get("SKYVM_IDLE_POLL_S"):
@@ -493,11 +520,12 @@ class DockerBackend(Backend):
         import docker
 
         check_satisfiable(spec)
-        ahead = self.pool.start_ahead(spec, lambda name: self._start_ahead(spec, name), taken=self._taken)
+        name_for = functools.partial(local_cluster_name, spec)
+        ahead = self.pool.start_ahead(spec, lambda name: self._start_ahead(spec, name), taken=self._taken, name_for=name_for)
         if ahead and on_log:
             on_log(f"skyvm: pool of {len(ahead)} warm cluster(s) started ahead for {spec.node}'s signature: {', '.join(ahead)}")
         while True:
-            cluster, fresh = self.pool.acquire(spec, claim_warm=self._claim_warm, taken=self._taken, cancelled=cancelled)
+            cluster, fresh = self.pool.acquire(spec, claim_warm=self._claim_warm, taken=self._taken, cancelled=cancelled, name_for=name_for)
             name = cluster.name
             if name in self._locks:
                 break
@@ -634,25 +662,33 @@ class DockerBackend(Backend):
             return
         # Found again from its reference (a trigger): its cluster goes when down says so and nothing runs there.
         if down:
-            lock = _ClusterLock(ref.cluster)
-            if lock.try_acquire():
-                try:
-                    if not _detached_busy(ref.cluster):
-                        self._remove(ref.cluster)
-                finally:
-                    lock.release()
+            self._remove_if_idle(ref.cluster)
         run_lease(ref.run_id).unlink(missing_ok=True)
 
     def end_run(self, run_id: str) -> None:
         for cluster in self.pool.end_run(run_id):
-            lock = _ClusterLock(cluster.name)
-            if lock.try_acquire():  # only when no node runs in it
-                try:
-                    if not _detached_busy(cluster.name):
-                        self._remove(cluster.name)
-                finally:
-                    lock.release()
+            self._remove_if_idle(cluster.name)
         run_lease(run_id).unlink(missing_ok=True)
+
+    def _remove_if_idle(self, name: str) -> None:
+        """Remove a cluster of this install when no node runs in it. Another install's is left
+        alone, whatever a reference says: its busy locks are under its own home."""
+        import docker
+
+        try:
+            labels = self.api.inspect_container(name)["Config"]["Labels"] or {}
+        except docker.errors.NotFound:
+            return
+        if labels.get(L_HOME) != home_id():
+            log.warning("cluster %s belongs to another skyvm install (home %s at %s): not removed", name, labels.get(L_HOME), labels.get(L_HOME_PATH, "?"))
+            return
+        lock = _ClusterLock(name)
+        if lock.try_acquire():  # only when no node runs in it
+            try:
+                if not _detached_busy(name):
+                    self._remove(name)
+            finally:
+                lock.release()
 
 
 class _ClusterGone(Exception):
@@ -766,11 +802,14 @@ def same_path_volumes(paths) -> list[str]:
     return args
 
 
-def list_managed(all_states: bool = True) -> list[dict]:
-    """Every container skyvm started on this engine, with its labels."""
+def list_managed(all_states: bool = True, all_homes: bool = False) -> list[dict]:
+    """The containers skyvm started on this engine, with their labels: this install's, or every
+    install's (``all_homes``)."""
     if not docker_available():
         return []
     args = ["ps", "--filter", f"label={L_MANAGED}=1", "--format", "{{json .}}", "--no-trunc"]
+    if not all_homes:
+        args[1:1] = ["--filter", f"label={L_HOME}={home_id()}"]
     if all_states:
         args.insert(1, "-a")
     rows = []
@@ -787,36 +826,78 @@ def list_managed(all_states: bool = True) -> list[dict]:
                 "signature": labels.get(L_SIG, "")[:12],
                 "down": labels.get(L_DOWN, ""),
                 "home": labels.get(L_HOME, ""),
+                "home_path": labels.get(L_HOME_PATH, ""),
                 "image": row["Image"],
             }
         )
     return rows
 
 
-def gc(dry_run: bool = False) -> list[str]:
-    """Remove skyvm containers (of this skyvm home) that no live run owns and no node is running in."""
+def _state_home(row: dict) -> Optional[Path]:
+    """The home whose locks and leases say whether a cluster is in use: this install's, or another
+    install's that is still on this machine; None when that install's state is gone."""
+    if row["home"] == home_id():
+        return DEFAULT_HOME
+    path = row["home_path"]
+    if path and Path(path).is_dir() and home_id(Path(path)) == row["home"]:
+        return Path(path)
+    return None
+
+
+def _may_remove(row: dict, home: Optional[Path]) -> tuple[bool, Optional[_ClusterLock]]:
+    """(whether no live run owns the cluster and no node runs in it, its busy lock: held when
+    given, to release once the cluster is gone)."""
+    running = row["state"] == "running"
+    if home is not None:
+        owners = {row["run_id"]} | cluster_users(row["name"], home)
+        if running and any(run_is_live(r, home) for r in owners):
+            return False, None
+        try:
+            lock = _ClusterLock(row["name"], home)
+            if not lock.try_acquire():
+                return False, None  # a node is running in it right now
+        except OSError:
+            pass  # another user's home, not writable here: the cluster says below
+        else:
+            if running and _detached_busy(row["name"], home):
+                lock.release()
+                return False, None  # a detached node (a deferred Airflow task) is running in it
+            return True, lock
+    # The install's state is gone (or not ours to lock): only the cluster can say whether a node runs.
+    return not (running and _busy_inside(row["name"])), None
+
+
+def gc_clusters(dry_run: bool = False, homes: str = "own") -> list[dict]:
+    """Remove skyvm containers that no live run owns and no node is running in; the rows removed.
+
+    ``homes``: "own" (this install's), "all" (every install's on this engine), or one install's id
+    (a prefix of it will do). Another install's are judged by its own home's locks and leases when
+    that home is still on this machine, else by asking the cluster whether a node runs in it.
+    """
     removed = []
-    mine = home_id()
-    for row in list_managed():
-        if row["home"] != mine:
-            continue  # another skyvm home's: its locks and leases are not ours to read
-        owners = {row["run_id"]} | cluster_users(row["name"])
-        if row["state"] == "running" and any(run_is_live(r) for r in owners):
+    for row in list_managed(all_homes=homes != "own"):
+        if homes not in ("own", "all") and not row["home"].startswith(homes):
             continue
-        lock = _ClusterLock(row["name"])
-        if not lock.try_acquire():
-            continue  # a node is running in it right now
-        if row["state"] == "running" and _detached_busy(row["name"]):
-            lock.release()
-            continue  # a detached node (a deferred Airflow task) is running in it
+        home = _state_home(row)
+        removable, lock = _may_remove(row, home)
+        if not removable:
+            continue
         try:
             if not dry_run:
                 docker("rm", "--force", row["name"], check=False)
-                _users_file(row["name"]).unlink(missing_ok=True)
-            removed.append(row["name"])
+                if home is not None:
+                    with contextlib.suppress(OSError):  # another user's home may not be writable here
+                        _users_file(row["name"], home).unlink(missing_ok=True)
+            removed.append(row)
         finally:
-            lock.release()
+            if lock is not None:
+                lock.release()
     return removed
+
+
+def gc(dry_run: bool = False) -> list[str]:
+    """Remove this install's skyvm containers that no live run owns and no node is running in: their names."""
+    return [row["name"] for row in gc_clusters(dry_run)]
 
 
 def gc_images(keep: int = 2, dry_run: bool = False) -> list[str]:
