@@ -12,7 +12,7 @@
                      IAM Credentials API from ``service_account_json``/``credentials`` or, with
                      neither, from ADC; ``delegates`` for a delegation chain
 
-Access tokens are cached per connector and refreshed ``REFRESH_MARGIN_S`` before
+Access tokens are cached per connector and refreshed the refresh margin (``base.refresh_margin_s``) before
 they expire. A node gets an access token narrowed by a Credential Access
 Boundary to the payload store's bucket and prefix (an STS token exchange), so
 the launcher's key never leaves it; with a storage emulator (``endpoint_url``,
@@ -40,7 +40,7 @@ from pydantic import Field, field_validator, model_validator
 
 from skyvm import redact
 from skyvm.connectors import refs
-from skyvm.connectors.base import DEFAULT_NODE_TTL_S, REFRESH_MARGIN_S, Connector, ConnectorError, NodeAccess, require
+from skyvm.connectors.base import DEFAULT_NODE_TTL_S, Connector, ConnectorError, NodeAccess, refresh_margin_s, require
 from skyvm.connectors.common import check_method_fields, http_json, parse_json_secret, references, register_key_file, sdk_call, until
 from skyvm.connectors.files import write_private
 
@@ -93,7 +93,7 @@ def _expiry_ts(creds: Any) -> Optional[float]:
 
 def _stale(creds: Any) -> bool:
     expires = _expiry_ts(creds)
-    return not getattr(creds, "token", None) or (expires is not None and expires - time.time() < REFRESH_MARGIN_S)
+    return not getattr(creds, "token", None) or (expires is not None and expires - time.time() < refresh_margin_s())
 
 
 def bucket_of(url: str) -> tuple[str, str]:
@@ -300,7 +300,7 @@ class GcpConnector(Connector):
         return f"{base}/v1/projects/-/serviceAccounts/{self.target_principal}:generateAccessToken"
 
     def _auth(self) -> _Auth:
-        """The connector's credentials holding a token valid for REFRESH_MARGIN_S more (built once, cached)."""
+        """The connector's credentials holding a token valid for the refresh margin more (built once, cached)."""
         key = self.fingerprint()
         with _cache_lock:
             auth = _cache.get(key)
