@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import os
 import threading
 import uuid
@@ -29,7 +30,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from prefect_skyvm.context import current_options, profile_from_tags
 from skyvm.api import NodeHandle, Run, check_launchable
-from skyvm.errors import InfrastructureError, NodeFailed
+from skyvm.errors import InfrastructureError, NodeAborted, NodeFailed, SkyVMError
 from skyvm.redact import redact
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
 
@@ -37,11 +38,12 @@ SettingsArg = Union[None, str, os.PathLike, Mapping[str, Any], SkyVMConfig]
 
 
 class NodeCrashed(BaseException):
-    """The node could not run (image, registry, container, VM). A BaseException, so
-    Prefect's task engine records the run as Crashed, not Failed, and does not
-    spend the task's retries on it."""
+    """The node could not run (image, registry, container, VM), or its code raised a BaseException
+    (``sys.exit``, ``KeyboardInterrupt``: ``NodeAborted``). A BaseException, so Prefect's task engine
+    records the run as Crashed, not Failed, and does not spend the task's retries on it; the runner
+    turns it into the future's Crashed state, so it never reaches the flow (as with prefect-dask)."""
 
-    def __init__(self, error: InfrastructureError):
+    def __init__(self, error: SkyVMError):
         super().__init__(str(error))
         self.error = error
 
@@ -58,6 +60,9 @@ def _outcome(handle: NodeHandle) -> Any:
     """The node's return value, or the exception Prefect should see."""
     try:
         return handle.result()
+    except NodeAborted as exc:
+        # sys.exit(3) in the task's body ended the node; it must not end the flow's process too.
+        raise NodeCrashed(exc) from exc
     except NodeFailed as exc:
         original = getattr(exc, "remote_exception", None)
         if isinstance(original, BaseException):
@@ -229,7 +234,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
                         await asyncio.sleep(0.05)
                 except BaseException:
                     # Prefect's timeout (or a cancel) interrupted the wait: stop the node too.
-                    await asyncio.to_thread(handle.cancel)
+                    await asyncio.to_thread(_stop, handle)
                     raise
                 return _outcome(handle)
 
@@ -243,13 +248,32 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
                     while not handle.wait(0.1):
                         pass
                 except BaseException:
-                    handle.cancel()
+                    _stop(handle)
                     raise
                 return _outcome(handle)
 
         copy = task.with_options()
         copy.fn = remote
         return copy
+
+
+def _stop(handle: NodeHandle) -> None:
+    """Stop a node whose wait was interrupted (Prefect's timeout, a cancel). A stop that fails is
+    logged: the interruption stays the task's error, never replaced by the stop's."""
+    try:
+        handle.cancel()
+    except Exception as exc:  # noqa: BLE001 - the original error is the one the task reports
+        _run_logger().warning("skyvm: stopping node %s after its wait was interrupted failed: %s", handle.node, exc)
+
+
+def _run_logger():
+    from prefect.logging import get_run_logger
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger("prefect_skyvm")
 
 
 def task_nodes_run_id(flow_run_id) -> str:

@@ -355,7 +355,9 @@ class SkyVMWorker(BaseWorker[SkyVMJobConfiguration, SkyVMVariables, SkyVMWorkerR
         except (ValueError, TypeError) as exc:
             raise InfrastructureNotFound(f"{infrastructure_pid!r} is not a skyvm node reference: {exc}") from None
         settings = configuration.base_settings(ref.node, f"node {ref.node!r}")
-        backend = backend_for(settings.model_copy(update={"backend": ref.backend}))
+        # The backend that launched the node (its reference says which; "local-process" is the local one),
+        # with the node's own settings: never a copy whose backend field was overwritten with a backend's name.
+        backend = backend_for(settings, ref.backend)
 
         def stop() -> None:
             if backend.status(ref).state is JobState.GONE:

@@ -447,3 +447,126 @@ def test_cancelling_a_running_flow_leaves_no_container(tmp_path):
     proc.wait(timeout=60)
     remaining = [r for r in list_managed() if r["name"] in {c["name"] for c in running}]
     assert remaining == []
+
+
+# -- errors stay truthful -------------------------------------------------------------------------
+
+
+def test_a_task_ending_its_node_with_sys_exit_or_keyboard_interrupt_is_crashed_and_the_flow_goes_on(tmp_path):
+    """Remote code never stops the process that launched it (as with prefect-dask and prefect-ray): the
+    tasks are Crashed with the remote traceback, the next task runs, the flow process exits 0."""
+    script = tmp_path / "exiting_flow.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys
+            from prefect import flow, task
+            from prefect_skyvm import SkyVMTaskRunner
+
+            RUNNER = SkyVMTaskRunner({"defaults": {"cpus": 0.5, "memory": 0.5}})
+
+            @task
+            def exits():
+                sys.exit(3)
+
+            @task
+            def interrupted():
+                raise KeyboardInterrupt("pressed on the node")
+
+            @task
+            def after(x):
+                return f"ran after {x}"
+
+            @flow(task_runner=RUNNER)
+            def goes_on():
+                crashed = [exits.submit(), interrupted.submit()]
+                for future in crashed:
+                    future.wait()
+                for future in crashed:
+                    print("STATE", future.state.type.value, "|", future.state.message.replace("\\n", " // "), flush=True)
+                return after.submit("the crashes").result()
+
+            @flow(task_runner=RUNNER.duplicate())
+            def resolves():
+                return exits.submit().result()
+
+            state = goes_on(return_state=True)
+            print("FLOW", state.type.value, state.result(raise_on_failure=False), flush=True)
+            state = resolves(return_state=True)
+            print("RESOLVED", state.type.value, type(state.result(raise_on_failure=False)).__name__, flush=True)
+            """
+        )
+    )
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}  # the session's real API
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    states = [line for line in out.stdout.splitlines() if line.startswith("STATE ")]
+    assert len(states) == 2, text[-4000:]
+    exited, interrupt = states
+    assert exited.startswith("STATE CRASHED | skyvm node crashed: node 'exits' was ended by SystemExit(3)")
+    assert "Remote traceback:" in exited and "in exits" in exited and "SystemExit: 3" in exited
+    assert interrupt.startswith("STATE CRASHED | skyvm node crashed: node 'interrupted' was ended by KeyboardInterrupt(pressed on the node)")
+    assert "in interrupted" in interrupt
+    assert "FLOW COMPLETED ran after the crashes" in out.stdout
+    # Resolving a crashed task's future fails the flow with the crash, as for any crashed task.
+    assert "RESOLVED FAILED NodeAborted" in out.stdout
+
+
+@task(timeout_seconds=15)
+def stalls():
+    print("stalling", flush=True)
+    time.sleep(600)
+
+
+def test_a_task_timeout_stays_its_error_when_stopping_the_node_fails(runner, monkeypatch):
+    """The node's container is frozen (docker pause) once its attempt runs, so no stop request reaches it:
+    the task is still TimedOut, and the failed stop is logged on the task run."""
+    import skyvm.api
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    monkeypatch.setattr(skyvm.api, "CANCEL_WAIT_S", 2.0)  # skyvm's own bound on a stop
+    paused: list[str] = []
+
+    @flow(task_runner=runner)
+    def f():
+        from prefect.context import FlowRunContext
+
+        flow_run_id = FlowRunContext.get().flow_run.id
+        future = stalls.submit()
+        deadline = time.time() + 120
+        while not paused and time.time() < deadline:
+            for row in prefect_containers(flow_run_id):
+                busy = subprocess.run(["docker", "exec", row["name"], "python3", "-m", "skyvm.node", "busy"], capture_output=True)
+                if busy.returncode == 0:  # the attempt runs
+                    subprocess.run(["docker", "pause", row["name"]], check=True, capture_output=True)
+                    paused.append(row["name"])
+                    break
+            time.sleep(0.2)
+        future.wait()
+        return future
+
+    try:
+        state = f(return_state=True)
+    finally:
+        # The frozen node cannot be stopped from inside: the test removes its own container.
+        for name in paused:
+            subprocess.run(["docker", "rm", "-f", name], capture_output=True)
+    assert paused, "the node's attempt never ran"
+    task_state = state.result(raise_on_failure=False)
+    assert task_state.name == "TimedOut" and "exceeded timeout of 15" in task_state.message, task_state
+
+    async def read_logs():
+        async with get_client() as client:
+            for _ in range(50):
+                logs = await client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_state.state_details.task_run_id])))
+                if any("stopping node stalls" in log.message for log in logs):
+                    return logs
+                await asyncio.sleep(0.2)
+            return logs
+
+    messages = [log.message for log in asyncio.run(read_logs())]
+    assert any("stopping node stalls after its wait was interrupted failed" in m and "did not stop within 2s" in m for m in messages), messages

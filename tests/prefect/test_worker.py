@@ -445,3 +445,39 @@ def test_kill_infrastructure_from_another_process_stops_the_node(api, worker, so
     done = wait_final(flow_run.id, timeout=120)
     assert done.state.is_crashed() and "outside this worker" in done.state.message, done.state
     _wait(lambda: node_containers(flow_run.id) == [], "the node's container to go", timeout=60)
+
+
+KILL_FROM_ANOTHER_PROCESS = '''
+import asyncio, sys
+from prefect.exceptions import InfrastructureNotFound
+from prefect_skyvm.workers import SkyVMJobConfiguration, SkyVMWorker
+
+async def main():
+    async with SkyVMWorker(work_pool_name=sys.argv[1]) as worker:
+        try:
+            await worker.kill_infrastructure(sys.argv[2], SkyVMJobConfiguration(), grace_seconds=1)
+        except InfrastructureNotFound as exc:
+            print("NOT FOUND:", exc)
+        except Exception as exc:
+            print("ERROR:", type(exc).__name__, exc)
+
+asyncio.run(main())
+'''
+
+
+def test_kill_infrastructure_sends_a_local_process_node_to_the_local_backend_never_to_skypilot(api, worker, tmp_path):
+    """A node the local backend ran as a plain process (a host without Docker) has "local-process" in its
+    reference: killing it goes to the local backend with the node's own settings, never to SkyPilot
+    (here SkyPilot is unreachable, so a wrong route is an error)."""
+    import json
+
+    from skyvm.backends.base import NodeRef
+
+    ref = NodeRef(backend="local-process", cluster="process-4194000", attempt_id=f"probe-{uuid.uuid4().hex[:12]}", node="probe", run_id="prefect-flow-gone")
+    script = tmp_path / "kill.py"
+    script.write_text(KILL_FROM_ANOTHER_PROCESS)
+    env = {**os.environ, "PREFECT_API_URL": api["url"], "SKYVM_SKYPILOT_PYTHON": str(tmp_path / "no-skypilot" / "python")}
+    out = subprocess.run([sys.executable, str(script), POOL, json.dumps(ref.to_dict())], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "NOT FOUND: skyvm node 'probe' on process-4194000 no longer exists" in out.stdout, out.stdout + out.stderr[-3000:]
+    assert "skypilot" not in out.stdout.lower()
