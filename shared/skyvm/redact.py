@@ -49,7 +49,7 @@ def register(*values: Any) -> None:
         new = [v for v in dict.fromkeys(values) if isinstance(v, str) and len(v) >= MIN_LENGTH and v not in _secrets]
         if new:
             _secrets.update(new)
-            _pattern = re.compile("|".join(re.escape(s) for s in sorted(_secrets, key=len, reverse=True)))
+            _pattern = _compiled()
         listeners = list(_listeners)
     if new:
         _install()
@@ -59,6 +59,24 @@ def register(*values: Any) -> None:
 
 def register_all(values: Iterable[Any]) -> None:
     register(*list(values))
+
+
+def forget(*values: Any) -> None:
+    """Stop hiding values that served one use only (an Airflow task's workload, once the task is over),
+    so that a long-lived process (a scheduler's executor) does not keep, and match, one per task.
+    Listeners are not told: an engine's own masker keeps what it was given."""
+    global _pattern
+    with _lock:
+        gone = [v for v in values if v in _secrets]
+        if not gone:
+            return
+        _secrets.difference_update(gone)
+        _pattern = _compiled()
+
+
+def _compiled() -> re.Pattern[str] | None:
+    """One alternation of every secret (under _lock), longest first; None when there is none."""
+    return re.compile("|".join(re.escape(s) for s in sorted(_secrets, key=len, reverse=True))) if _secrets else None
 
 
 def known() -> frozenset[str]:

@@ -14,8 +14,6 @@ import pytest
 
 from netutil import free_port
 
-
-
 HERE = Path(__file__).resolve().parent
 
 
@@ -96,3 +94,64 @@ def test_executor_runs_every_task_on_its_own_node(airflow_stack):
     assert first["attempt"] != second["attempt"]
     assert first["limits"]["cpus"] == 1.25 and second["limits"]["cpus"] == 0.5
     assert second["upstream_cpus"] == 1.25  # XCom crossed from one node to the next through the execution API
+
+
+def run_containers(run_id: str) -> list[str]:
+    from skyvm.backends.local import home_id, list_managed
+
+    return [r["name"] for r in list_managed() if r["run_id"] == run_id and r["home"] == home_id()]
+
+
+def test_end_is_bounded_cancels_the_nodes_still_running_and_fails_their_tasks(airflow_db, capfd):
+    """The scheduler stopping: end() waits end_timeout, names what still runs, cancels it, leaves nothing.
+    On the way: a finished task's workload (its token) is no secret the executor keeps any more."""
+    import threading
+
+    from workloads import execute_task
+
+    from airflow_skyvm.executors.skyvm_executor import SkyVMExecutor
+    from skyvm import redact
+
+    class SleepyExecutor(SkyVMExecutor):
+        # The task "quick" ends at once; any other sleeps until it is cancelled.
+        command = 'case "$SKYVM_AIRFLOW_WORKLOAD" in *\\"quick\\"*) echo quick ;; *) echo skyvm-sleepy-started; sleep 600 ;; esac'
+
+    executor = SleepyExecutor(parallelism=2, end_timeout=2)
+    executor.start()
+    sleeper, quick = execute_task("skyvm_end_bound", "sleeper", "manual-1"), execute_task("skyvm_end_bound", "quick", "manual-1")
+    for workload in (sleeper, quick):
+        executor.queue_workload(workload, session=None)
+    executor.heartbeat()  # as the scheduler's loop: queued -> nodes
+    handle = executor._handles[sleeper.ti.key]
+    events = {}
+    deadline = time.time() + 300
+    while time.time() < deadline and not (quick.ti.key in events and "skyvm-sleepy-started" in handle.logs()):
+        executor.heartbeat()
+        events.update(executor.get_event_buffer())
+        time.sleep(0.5)
+    assert "skyvm-sleepy-started" in handle.logs(), handle.logs()
+    assert events[quick.ti.key][0] == "success"
+    known = redact.known()
+    assert sleeper.model_dump_json() in known  # a running task's workload is masked...
+    assert quick.model_dump_json() not in known  # ...a finished one's is let go
+    ender = threading.Thread(target=executor.end, daemon=True)
+    ender.start()
+    ender.join(240)  # a liveness bound far above end_timeout + the cancel: only a hang fails it
+    assert not ender.is_alive(), "end() did not return"
+    state, info = executor.get_event_buffer()[sleeper.ti.key]
+    assert state == "failed" and "still running 2s after the executor was told to end" in info
+    out = capfd.readouterr()
+    assert "1 task(s) still running 2s into end()" in out.out + out.err and "sleeper" in out.out + out.err
+    assert run_containers(executor._run.run_id) == []  # the node was stopped, its cluster removed
+    assert sleeper.model_dump_json() not in redact.known()
+
+
+def test_a_bad_end_timeout_is_named(airflow_db, monkeypatch):
+    from airflow_skyvm.executors.skyvm_executor import SkyVMExecutor
+    from skyvm.errors import SkyVMError
+
+    monkeypatch.setenv("AIRFLOW__SKYVM__EXECUTOR_END_TIMEOUT", "soon")
+    with pytest.raises(SkyVMError, match=r"\[skyvm\] executor_end_timeout: expected seconds \(a number >= 0, e.g. 60\), got 'soon'"):
+        SkyVMExecutor()
+    monkeypatch.setenv("AIRFLOW__SKYVM__EXECUTOR_END_TIMEOUT", "5")
+    assert SkyVMExecutor().end_timeout == 5.0

@@ -19,21 +19,26 @@ Per task, settings come from the shared settings YAML (``nodes[task_id]``,
 - the workload's token is valid for ``[scheduler] task_queued_timeout``:
   provisioning must fit in it;
 - each resume after a deferral is a new workload, so a new node.
+
+When the scheduler stops, ``end()`` waits for the running nodes at most ``[skyvm]
+executor_end_timeout`` seconds (default 60; keep it under the deployment's stop grace
+period), then names the tasks still running, cancels their nodes and fails them.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import time
 import uuid
 from typing import Any, Optional, Sequence
 
 from airflow.configuration import conf
 from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 
-from airflow_skyvm.operators.skyvm import node_name
+from airflow_skyvm.nodes import node_name
 from skyvm.api import NodeHandle, Run
 from skyvm.errors import SkyVMError
-from skyvm.redact import redact
+from skyvm import redact
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
 
 # The workload (with its token) travels as a secret env var and is written to a
@@ -43,6 +48,24 @@ COMMAND = (
     'f="/tmp/skyvm-workload-$$.json"; printf "%s" "$' + WORKLOAD_ENV + '" > "$f"; '
     'python3 -m airflow.sdk.execution_time.execute_workload --json-path "$f"; rc=$?; rm -f "$f"; exit $rc'
 )
+
+
+#: how long end() waits for running nodes before cancelling them, unless [skyvm] executor_end_timeout says
+DEFAULT_END_TIMEOUT_S = 60.0
+
+
+def end_timeout_setting() -> float:
+    """``[skyvm] executor_end_timeout`` (``AIRFLOW__SKYVM__EXECUTOR_END_TIMEOUT``), checked."""
+    raw = conf.get("skyvm", "executor_end_timeout", fallback=None)
+    if raw is None or str(raw).strip() == "":
+        return DEFAULT_END_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # NaN too
+        raise SkyVMError(f"[skyvm] executor_end_timeout: expected seconds (a number >= 0, e.g. 60), got {raw!r}")
+    return value
 
 
 def task_sdk_requirement() -> str:
@@ -56,11 +79,16 @@ class SkyVMExecutor(BaseExecutor):
     serve_logs = False
     is_local = False
 
-    def __init__(self, parallelism: int = PARALLELISM, *args: Any, **kwargs: Any):
+    #: the shell command a node runs for a workload (the workload itself is in its environment)
+    command = COMMAND
+
+    def __init__(self, parallelism: int = PARALLELISM, *args: Any, end_timeout: Optional[float] = None, **kwargs: Any):
         super().__init__(parallelism, *args, **kwargs)
         self._config: Optional[SkyVMConfig] = None
         self._run: Optional[Run] = None
+        # Only the nodes still running: sync() drops each as it finishes, so nothing grows with the tasks run.
         self._handles: dict[Any, NodeHandle] = {}
+        self.end_timeout = end_timeout_setting() if end_timeout is None else end_timeout
 
     def start(self) -> None:
         settings_file = conf.get("skyvm", "settings_file", fallback=None) or None
@@ -107,7 +135,7 @@ class SkyVMExecutor(BaseExecutor):
                 settings = settings.model_copy(update={"secrets": {**settings.secrets, WORKLOAD_ENV: workload.model_dump_json()}})
                 node = node_name(ti)
                 log = self.log
-                self._handles[key] = self._run.start_command(node, settings, COMMAND, on_log=lambda line, k=key: log.debug("%s: %s", k.task_id, redact(line)))
+                self._handles[key] = self._run.start_command(node, settings, self.command, on_log=lambda line, k=key: log.debug("%s: %s", k.task_id, redact.redact(line)))
                 self.log.info("SkyVMExecutor: %s on a %s node", key, settings.backend)
             except SkyVMError as exc:
                 self.log.error("SkyVMExecutor cannot run %s: %s", key, exc)
@@ -122,19 +150,38 @@ class SkyVMExecutor(BaseExecutor):
             if exc is None:
                 self.success(key)
             else:
-                self.log.error("SkyVMExecutor: %s failed on its node: %s\n%s", key, redact(str(exc)), redact(handle.logs()[-4000:]))
-                self.fail(key, info=str(exc))
+                error = redact.redact(str(exc))
+                self.log.error("SkyVMExecutor: %s failed on its node: %s\n%s", key, error, redact.redact(handle.logs()[-4000:]))
+                self.fail(key, info=error)
+            self._forget_workload(handle)  # after its last words are scrubbed
+
+    @staticmethod
+    def _forget_workload(handle: NodeHandle) -> None:
+        # The workload (its token) was registered as a secret when the node started; a scheduler
+        # that kept every task's would grow, and scan them all for every log line, forever.
+        redact.forget(handle.settings.secrets.get(WORKLOAD_ENV))
 
     def end(self) -> None:
-        """Wait for the running nodes, then release their clusters."""
+        """Wait for the running nodes, at most ``end_timeout`` seconds; then cancel those still
+        running (their tasks fail, named in the log) and release every cluster."""
+        deadline = time.monotonic() + self.end_timeout
         for handle in list(self._handles.values()):
-            handle.wait()
+            handle.wait(max(0.0, deadline - time.monotonic()))
         self.sync()
-        if self._run is not None:
-            self._run.close(cancel=True)
+        if self._handles:
+            still = ", ".join(f"{key} (node {h.node}, cluster {h.cluster})" for key, h in self._handles.items())
+            self.log.error(
+                "SkyVMExecutor: %d task(s) still running %gs into end() ([skyvm] executor_end_timeout), cancelling their nodes: %s",
+                len(self._handles), self.end_timeout, still,
+            )
+            for key in self._handles:
+                self.fail(key, info=f"cancelled: still running {self.end_timeout:g}s after the executor was told to end")
+        self.terminate()
 
     def terminate(self) -> None:
         """Stop every node now and release the clusters."""
         if self._run is not None:
             self._run.close(cancel=True)
+        for handle in self._handles.values():
+            self._forget_workload(handle)
         self._handles.clear()

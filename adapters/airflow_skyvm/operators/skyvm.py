@@ -21,6 +21,7 @@ from typing import Any, Optional
 from airflow_skyvm.exceptions import SkyVMNodeFailedException, SkyVMNodeSkippedException, exit_codes, node_exit_code
 from airflow_skyvm import masking
 from airflow_skyvm.hooks.skyvm import SkyVMHook
+from airflow_skyvm.nodes import node_name
 from skyvm.api import DetachedNode, Run, teardown
 from skyvm.backends.base import JobState
 from skyvm.errors import InfrastructureError, NodeFailed
@@ -36,12 +37,6 @@ except ImportError:  # pragma: no cover
 
 # Airflow logs through structlog, which skyvm.redact does not see: its own masker learns our secrets too.
 masking.install()
-
-
-def node_name(ti) -> str:
-    """A task instance's node name: its task_id, plus the map index of a mapped task."""
-    map_index = getattr(ti, "map_index", -1)
-    return ti.task_id if map_index in (-1, None) else f"{ti.task_id}-{map_index}"
 
 
 def _status_of(event: Mapping[str, Any]) -> Any:
