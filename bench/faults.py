@@ -1,6 +1,6 @@
 """Fault trials, many times: ``python -m bench faults --trials 20`` runs every trial of this
-environment's module in tests/faults (core: the local backend and the SkyPilot stand-in; prefect;
-airflow) 20 times in one pytest session, and reports per trial its passes, failures and what was
+environment's module in tests/faults (core: the local backend, two installs on one engine and
+the SkyPilot stand-in; prefect; airflow) 20 times in one pytest session, and reports per trial its passes, failures and what was
 left behind. The trials themselves live in tests/faults (trials.py and the test modules): the
 suite's fixtures (servers, the stand-in, the engines) serve both."""
 
