@@ -27,6 +27,7 @@ period), then names the tasks still running, cancels their nodes and fails them.
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import time
 import uuid
@@ -68,6 +69,7 @@ def end_timeout_setting() -> float:
     return value
 
 
+@functools.cache  # asked for every task: one metadata lookup per process, not one per task
 def task_sdk_requirement() -> str:
     return f"apache-airflow-task-sdk=={importlib.metadata.version('apache-airflow-task-sdk')}"
 
