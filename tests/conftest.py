@@ -16,8 +16,31 @@ from pathlib import Path
 
 import pytest
 
-# Every skyvm state file of the test run goes to one place, set before skyvm is imported.
-os.environ.setdefault("SKYVM_HOME", tempfile.mkdtemp(prefix="skyvm-test-home-"))
+
+def _private_home() -> str:
+    """A skyvm home (install) of this test session only, set before skyvm is imported.
+
+    Never ./dev's shared home: two sessions on one home are one install, and one session's
+    end-of-run cleanup would take the other's clusters for its own. ``SKYVM_TEST_HOME`` names
+    one on purpose. The wheel cache of ./dev's home is shared when present: it is
+    content-addressed and written by rename, and building it again costs half a minute.
+    """
+    if os.environ.get("SKYVM_TEST_HOME"):
+        return os.environ["SKYVM_TEST_HOME"]
+    home = Path(tempfile.mkdtemp(prefix="skyvm-test-home-"))
+    shared_wheels = Path(__file__).resolve().parent.parent / ".dev" / "home" / "wheels"
+    if shared_wheels.is_dir():
+        (home / "wheels").symlink_to(shared_wheels)
+    return str(home)
+
+
+os.environ["SKYVM_HOME"] = _private_home()
+if not os.environ.get("SKYVM_TEST_HOME"):
+    import atexit
+    import shutil
+
+    # After every fixture's teardown: the session's locks, leases and store go with it.
+    atexit.register(shutil.rmtree, os.environ["SKYVM_HOME"], ignore_errors=True)
 os.environ.setdefault("SKYVM_IDLE_POLL_S", "1")
 
 from skyvm.backends.local import docker_available, list_managed  # noqa: E402
@@ -43,7 +66,7 @@ def nothing_left_running():
     if docker_available():
         from skyvm.backends.local import gc
 
-        stale = gc()  # clusters of earlier, dead runs (e.g. warm ones a demo left): not this run's doing
+        stale = gc()  # a home named by SKYVM_TEST_HOME may hold clusters of its earlier, dead runs
         if stale:
             print(f"removed {len(stale)} stale skyvm cluster(s) of earlier runs: {stale}")
     yield
