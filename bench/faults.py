@@ -21,8 +21,9 @@ MODULES = {"core": "test_core_faults.py", "prefect": "test_prefect_faults.py", "
 
 
 @scenario(
-    "faults", env="core", n=20, reps=1, smoke_n=1, n_means="trials of each", in_all=False,
-    help="fault trials (tests/faults) of this environment, each N times (--trials N): passes, failures, leftovers",
+    "faults", env="core", n=20, reps=1, smoke_n=1, n_means="trials of each", in_all=False, options={"select": ""},
+    help="fault trials (tests/faults) of this environment, each N times (--trials N): passes, failures, leftovers; "
+    "--set select=EXPR runs only the trials pytest's -k EXPR picks",
 )
 def faults(bench: Bench) -> None:
     module = MODULES.get(bench.env)
@@ -39,6 +40,8 @@ def faults(bench: Bench) -> None:
     if sky_python.exists():
         env.setdefault("SKYVM_TEST_SKYPILOT_PYTHON", str(sky_python))
     cmd = [sys.executable, "-m", "pytest", str(TESTS / "faults" / module), "-q", "-p", "no:cacheprovider", "-o", "console_output_style=classic"]
+    if bench.opt("select", ""):
+        cmd += ["-k", bench.opt("select", "")]
     print(f"  {' '.join(cmd[2:])}  (SKYVM_FAULT_TRIALS={bench.n})", flush=True)
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
     print("\n".join(proc.stdout.splitlines()[-15:]), flush=True)
