@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 from urllib.parse import unquote, urlparse
 
-from skyvm.errors import PayloadError
+from skyvm.errors import PayloadError, SkyVMError
 from skyvm.redact import redact, register
 
 MAGIC = b"SKYVM1\n"
@@ -294,8 +294,8 @@ class FsspecStore(Store):
     def _call(self, action: str, key: str, fn: Callable[[], Any]) -> Any:
         try:
             return fn()
-        except PayloadError:
-            raise
+        except SkyVMError:
+            raise  # already skyvm's own and classified (a credential reference that cannot be read: not a store fault)
         except Exception as exc:  # noqa: BLE001 - every SDK's errors become one clear PayloadError
             raise self._error(action, key, exc) from None
 
