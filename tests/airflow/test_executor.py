@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from netutil import free_port
+from netutil import start_owned
 
 HERE = Path(__file__).resolve().parent
 
@@ -30,16 +30,12 @@ def query(db: Path, sql: str, *params):
 def airflow_stack(tmp_path):
     home = tmp_path / "airflow-home"
     home.mkdir()
-    port = free_port()
     env = {
         **os.environ,
         "AIRFLOW_HOME": str(home),
         "AIRFLOW__CORE__EXECUTOR": "airflow_skyvm.executors.skyvm_executor.SkyVMExecutor",
         "AIRFLOW__CORE__DAGS_FOLDER": str(HERE / "executor_dags"),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
         "AIRFLOW__API_AUTH__JWT_SECRET": "skyvm-test-secret-" + os.urandom(8).hex(),
         "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
         "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
@@ -47,11 +43,23 @@ def airflow_stack(tmp_path):
     }
     out = airflow(env, "db", "migrate")
     assert out.returncode == 0, out.stderr[-3000:]
-    procs = []
-    logs = {}
-    for name, args in (("api-server", ["api-server", "--port", str(port)]), ("dag-processor", ["dag-processor"]), ("scheduler", ["scheduler"])):
-        logs[name] = tmp_path / f"{name}.log"
-        procs.append(subprocess.Popen([sys.executable, "-m", "airflow", *args], env=env, stdout=open(logs[name], "w"), stderr=subprocess.STDOUT, start_new_session=True))
+    logs = {name: tmp_path / f"{name}.log" for name in ("api-server", "dag-processor", "scheduler")}
+
+    def start(name: str, args: list, env: dict) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "airflow", *args], env=env, stdout=open(logs[name], "w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def with_port(port: int) -> dict:
+        return {
+            **env,
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
+            "AIRFLOW__API__PORT": str(port),
+            "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        }
+
+    # The api-server on a port it holds itself: never another test run's (the nodes and the scheduler talk to it).
+    api, port = start_owned(lambda port: start("api-server", ["api-server", "--port", str(port)], with_port(port)), None, logs["api-server"], what="Airflow api-server", timeout=180)
+    env = with_port(port)
+    procs = [api, start("dag-processor", ["dag-processor"], env), start("scheduler", ["scheduler"], env)]
     try:
         yield env, home / "airflow.db", logs
     finally:
