@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any, Optional
 
-from skyvm.errors import NodeFailed
+from skyvm.errors import InfrastructureError, NodeFailed
 
 try:  # Airflow 3.2+: the Task SDK's own
     from airflow.sdk.exceptions import AirflowException, AirflowSkipException
@@ -64,6 +64,12 @@ class SkyVMNodeFailedException(AirflowException, NodeFailed):
             logs=logs,
             remote_exception=getattr(exc, "remote_exception", None),
         )
+
+
+class SkyVMInfrastructureException(AirflowException, InfrastructureError):
+    """The task's node could not run or be followed (image, registry, container, VM, a trigger that
+    lost it): an ``AirflowException`` as Airflow's operators raise, and still a
+    ``skyvm.errors.InfrastructureError``. Its message names the node, its cluster and what to check."""
 
 
 class SkyVMNodeSkippedException(AirflowSkipException):

@@ -139,6 +139,24 @@ def test_a_failed_node_raises_an_airflow_exception_carrying_the_remote_traceback
     assert af_containers("skyvm_direct") == []
 
 
+def test_a_node_that_cannot_run_raises_an_airflow_exception_naming_the_cause(dags):
+    """Not the user's code but the node's infrastructure (here: an image this engine lacks): still
+    Airflow's kind of exception, and still skyvm's InfrastructureError, naming the node and the image."""
+    from types import SimpleNamespace
+
+    from airflow_skyvm.exceptions import SkyVMInfrastructureException
+    from skyvm.errors import InfrastructureError
+
+    op = SkyVMOperator(task_id="no_image", python_callable=double, op_args=[1], image="skyvm-no-such-image:404")
+    ti = SimpleNamespace(dag_id="skyvm_direct_infra", run_id="manual-1", task_id=op.task_id, map_index=-1)
+    with pytest.raises(AirflowException) as info:
+        op.execute({"ti": ti})
+    err = info.value
+    assert isinstance(err, SkyVMInfrastructureException) and isinstance(err, InfrastructureError)
+    assert "no_image" in str(err) and "skyvm-no-such-image:404" in str(err)
+    assert af_containers("skyvm_direct_infra") == []
+
+
 def test_skip_on_exit_code_as_the_docker_provider_has_it(dags, capfd):
     dr, states = run_dag(dags.skip_dag)
     expected = {task_id: state for task_id, (_, _, state) in dags.SKIP_CASES.items()}

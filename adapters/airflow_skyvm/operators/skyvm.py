@@ -18,7 +18,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from types import SimpleNamespace
 from typing import Any, Optional
 
-from airflow_skyvm.exceptions import SkyVMNodeFailedException, SkyVMNodeSkippedException, exit_codes, node_exit_code
+from airflow_skyvm.exceptions import SkyVMInfrastructureException, SkyVMNodeFailedException, SkyVMNodeSkippedException, exit_codes, node_exit_code
 from airflow_skyvm import masking
 from airflow_skyvm.hooks.skyvm import SkyVMHook
 from airflow_skyvm.nodes import node_name
@@ -181,7 +181,7 @@ class SkyVMOperator(BaseOperator):
         self._node = node  # until the cluster is released, on_kill tears it down
         try:
             if event.get("status") == "error":
-                raise InfrastructureError(event.get("message") or f"skyvm: waiting on node {node.node!r} on cluster {node.cluster} failed")
+                raise SkyVMInfrastructureException(event.get("message") or f"skyvm: waiting on node {node.node!r} on cluster {node.cluster} failed")
             if event.get("unanswered_checks"):
                 self.log.info("skyvm: while deferred, node %r's cluster did not answer %d status checks (retried)", node.node, event["unanswered_checks"])
             # The trigger streamed the log up to log_offset into this task's log already.
@@ -215,6 +215,10 @@ class SkyVMOperator(BaseOperator):
             if code != 0 and code not in self.skip_on_exit_code:
                 raise SkyVMNodeFailedException.from_node_failed(exc, lines()) from None
             result = None  # sys.exit(0) ends the callable as it would end a process: successfully
+        except SkyVMInfrastructureException:
+            raise
+        except InfrastructureError as exc:  # the node could not run: Airflow's convention is an AirflowException
+            raise SkyVMInfrastructureException(str(exc)) from exc
         if code in self.skip_on_exit_code:
             raise SkyVMNodeSkippedException(
                 f"skyvm: node {self.task_id!r} exited with code {code}, listed in skip_on_exit_code {list(self.skip_on_exit_code)}: skipping the task",
