@@ -240,3 +240,32 @@ class ClusterPool:
     def names(self) -> set:
         with self._cond:
             return set(self._clusters)
+
+
+class _BackendPool:
+    """(Transitional shim, issue 18) The process's one pool for a backend; delegates to the backend for now."""
+
+    def __init__(self, backend):
+        self.backend = backend
+
+    def launch(self, spec: TaskSpec, *, on_log=None, cancelled: Optional[Callable[[], bool]] = None):
+        return self.backend.launch(spec, on_log=on_log, cancelled=cancelled)
+
+    def release(self, ref, down: bool, discard: bool = False) -> None:
+        self.backend.release(ref, down, discard=discard)
+
+    def end_run(self, run_id: str) -> None:
+        self.backend.end_run(run_id)
+
+
+_by_backend: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_by_backend_lock = threading.Lock()
+
+
+def pool_of(backend) -> _BackendPool:
+    """The process's one pool for ``backend``: launch, release and end_run go through it."""
+    with _by_backend_lock:
+        pool = _by_backend.get(backend)
+        if pool is None:
+            pool = _by_backend[backend] = _BackendPool(backend)
+        return pool
