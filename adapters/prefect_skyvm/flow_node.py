@@ -107,9 +107,9 @@ def local_mounts(source_dirs: Iterable[str], result_dir: Optional[str]) -> tuple
       nodes on this machine's engine (nesting), their store paths valid on the host.
     """
     from skyvm.backends.local import same_path_volumes
-    from skyvm.payloads import DEFAULT_HOME
+    from skyvm.home import Home
 
-    home = str(DEFAULT_HOME.resolve())
+    home = str(Home.current().resolved)
     paths = [*source_dirs, home]
     envs = {"SKYVM_HOME": home}
     if result_dir:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from skyvm.errors import InfrastructureError
-from skyvm.payloads import DEFAULT_HOME
+from skyvm.home import Home
 from skyvm.settings import RegistrySettings
 
 log = logging.getLogger("skyvm.images")
@@ -88,7 +88,7 @@ def build_wheels(requirements: Sequence[str] = (), cache: Optional[Path] = None)
     root = project_root()
     source = _tree_hash(root) if root else f"skyvm=={skyvm.__version__}"
     key = hashlib.sha256(json.dumps([source, sorted(requirements), list(RUNTIME_REQUIREMENTS)]).encode()).hexdigest()[:16]
-    out = (cache or DEFAULT_HOME / "wheels") / key
+    out = (cache or Home.current().wheels) / key
     if (out / ".complete").is_file():
         return out
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent if out.parent.exists() else None))

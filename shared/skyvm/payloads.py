@@ -39,7 +39,6 @@ from skyvm.errors import PayloadError, SkyVMError
 from skyvm.redact import redact, register
 
 MAGIC = b"SKYVM1\n"
-DEFAULT_HOME = Path(os.environ.get("SKYVM_HOME", Path.home() / ".skyvm"))
 
 
 def frame(data: bytes) -> bytes:
@@ -365,7 +364,9 @@ def open_store(
     environment and ``endpoint_url`` (payload_store_endpoint) say how to reach the bucket.
     """
     if url is None:
-        return LocalStore(DEFAULT_HOME / "store")
+        from skyvm.home import Home
+
+        return LocalStore(Home.current().store)
     if url.startswith("file://"):
         return LocalStore(Path(url[len("file://") :]))
     if "://" in url:

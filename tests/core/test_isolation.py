@@ -88,7 +88,7 @@ def test_a_local_cluster_name_carries_its_install_and_stays_valid(tmp_path, monk
     mine = local.local_cluster_name(s, 0)
     assert mine.endswith("-" + local.home_id()[:8]) and len(mine) <= MAX_NAME
     assert local.local_cluster_name(s, 12).endswith(local.home_id()[:8] + "-12") and len(local.local_cluster_name(s, 12)) <= MAX_NAME
-    monkeypatch.setattr(local, "DEFAULT_HOME", tmp_path)  # another install: equal settings, another name
+    monkeypatch.setenv("SKYVM_HOME", str(tmp_path))  # another install: equal settings, another name
     assert local.local_cluster_name(s, 0) != mine
 
 

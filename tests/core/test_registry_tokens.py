@@ -67,7 +67,7 @@ def test_an_ecr_token_from_the_aws_connector_pushes_and_pulls_the_node_image(ecr
 
 
 def test_no_registry_password_stays_on_disk(registry, tmp_path):
-    from skyvm.payloads import DEFAULT_HOME
+    from skyvm.home import Home
 
     config = {"defaults": {"registry": registry.model_dump()}}
     with Run(config) as run:
@@ -76,7 +76,7 @@ def test_no_registry_password_stays_on_disk(registry, tmp_path):
     import base64
 
     encoded = base64.b64encode(f"skyvm:{password}".encode()).decode()
-    for path in [*DEFAULT_HOME.rglob("*"), *(p for p in (Path.home() / ".docker").rglob("*") if (Path.home() / ".docker").exists())]:
+    for path in [*Home.current().path.rglob("*"), *(p for p in (Path.home() / ".docker").rglob("*") if (Path.home() / ".docker").exists())]:
         if path.is_file() and path.stat().st_size < 1_000_000:
             text = path.read_text(errors="replace")
             assert password not in text and encoded not in text, path

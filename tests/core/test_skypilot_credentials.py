@@ -25,7 +25,7 @@ from skyvm.connectors.aws import AwsConnector
 from skyvm.connectors.base import MARGIN_ENV
 from skyvm.connectors.files import secrets_root
 from skyvm.errors import InfrastructureError
-from skyvm.payloads import DEFAULT_HOME
+from skyvm.home import Home
 from skyvm.settings import SkyVMConfig
 from skyvm.skypilot import credentials as credentials_module
 from skyvm.skypilot.credentials import CredentialSet, credential_set
@@ -67,7 +67,7 @@ def test_connector_credentials_go_to_skypilot_privately_and_the_node_gets_scoped
     assert seen["AWS_PROFILE"] == "skyvm"
     files = seen["AWS_SHARED_CREDENTIALS_FILE"]
     assert files["mode"] == "0o600" and files["dir_mode"] == "0o700"
-    assert Path(seen["SKY_RUNTIME_DIR"]).parent == DEFAULT_HOME / "skypilot"
+    assert Path(seen["SKY_RUNTIME_DIR"]).parent == Home.current().skypilot
     assert seen["SKYPILOT_API_SERVER_LOCAL_PORT"] != "46580"
     # Every task's secrets reach SkyPilot as names only in the record; the team's secret nowhere.
     assert secret not in (standin_vm.dir / "calls.jsonl").read_text()

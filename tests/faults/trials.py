@@ -144,9 +144,9 @@ def open_gate_in(container: str, gate: str, docker_host: Optional[str] = None) -
 
 def _store_dir() -> Path:
     """The directory store: bind-mounted at the same path in every local cluster."""
-    from skyvm.payloads import DEFAULT_HOME
+    from skyvm.home import Home
 
-    path = DEFAULT_HOME / "store"
+    path = Home.current().store
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -32,7 +32,7 @@ from skyvm.backends.base import Backend, JobState, JobStatus, LogSink, NodeRef, 
 from skyvm.errors import InfrastructureError, NodeCancelled, UnsatisfiableRequest
 from skyvm.pool import ClusterPool
 from skyvm.watcher import watcher
-from skyvm.payloads import DEFAULT_HOME
+from skyvm.home import Home
 from skyvm.plan import MAX_NAME, TaskSpec
 
 log = logging.getLogger("skyvm.local")
@@ -53,7 +53,7 @@ L_HOME_PATH = f"{LABEL}.home-path"
 
 def home_id(home: Optional[Path] = None) -> str:
     """The install's id: a hash of its home's resolved path (this process's ``SKYVM_HOME`` by default)."""
-    return _home_id(str(Path(home or DEFAULT_HOME).resolve()))
+    return _home_id(str(Path(home or Home.current().path).resolve()))
 
 
 @functools.lru_cache(maxsize=None)
@@ -75,7 +75,7 @@ def local_cluster_name(spec: TaskSpec, slot: int) -> str:
 def _docker_env(config: Optional[str] = None) -> dict:
     # skyvm's own docker config dir: registry logins never touch the user's ~/.docker.
     env = dict(os.environ)
-    env["DOCKER_CONFIG"] = config or str(DEFAULT_HOME / "docker")
+    env["DOCKER_CONFIG"] = config or str(Home.current().path / "docker")
     return env
 
 
@@ -143,7 +143,7 @@ def check_satisfiable(spec: TaskSpec) -> None:
 
 
 def _state_dir(kind: str, home: Optional[Path] = None) -> Path:
-    d = Path(home or DEFAULT_HOME) / kind
+    d = Path(home or Home.current().path) / kind
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -382,7 +382,7 @@ class DockerBackend(Backend):
         self._pull(spec)
         labels = {
             L_MANAGED: "1", L_RUN: spec.run_id, L_NODE: spec.node, L_SIG: spec.signature, L_DOWN: str(s.down).lower(),
-            L_OWNER: str(os.getpid()), L_HOME: home_id(), L_HOME_PATH: str(DEFAULT_HOME.resolve()), **{f"{LABEL}.user.{k}": v for k, v in s.labels.items()},
+            L_OWNER: str(os.getpid()), L_HOME: home_id(), L_HOME_PATH: str(Home.current().path.resolve()), **{f"{LABEL}.user.{k}": v for k, v in s.labels.items()},
         }
         env = {"SKYVM_CLUSTER": name}
         if os.environ.get("SKYVM_IDLE_POLL_S"):
@@ -390,7 +390,7 @@ class DockerBackend(Backend):
         minutes = s.autostop_minutes
         watch = ["python3", "-m", "skyvm.node", "idle-watch"] + (["--minutes", str(minutes)] if minutes is not None else [])
         binds = []
-        store = s.payload_store or str(DEFAULT_HOME / "store")
+        store = s.payload_store or str(Home.current().path / "store")
         if "://" not in store or store.startswith("file://"):
             # The VM would reach a directory store through a mount; here the same path is bind-mounted.
             path = store.removeprefix("file://")
@@ -710,7 +710,7 @@ class ProcessBackend(Backend):
         self._lock = threading.Lock()
         self._procs: dict[str, subprocess.Popen] = {}
         self._exits: dict[str, JobStatus] = {}
-        self.state = DEFAULT_HOME / "node-state"
+        self.state = Home.current().path / "node-state"
         if not ProcessBackend._warned:
             ProcessBackend._warned = True
             log.warning("no Docker engine reachable: the local backend runs nodes as plain processes (no container, no limits)")
@@ -837,7 +837,7 @@ def _state_home(row: dict) -> Optional[Path]:
     """The home whose locks and leases say whether a cluster is in use: this install's, or another
     install's that is still on this machine; None when that install's state is gone."""
     if row["home"] == home_id():
-        return DEFAULT_HOME
+        return Home.current().path
     path = row["home_path"]
     if path and Path(path).is_dir() and home_id(Path(path)) == row["home"]:
         return Path(path)

@@ -31,12 +31,12 @@ SHM = Path("/dev/shm")
 
 def secrets_root() -> Path:
     """Where this install's credential directories go (see the module's docstring)."""
-    from skyvm.backends.local import home_id
-    from skyvm.payloads import DEFAULT_HOME
+    from skyvm.home import Home
 
+    home = Home.current()
     if SHM.is_dir() and os.access(SHM, os.W_OK | os.X_OK):
-        return SHM / f"skyvm-{os.getuid()}-{home_id()}"
-    return DEFAULT_HOME / "secrets"
+        return SHM / f"skyvm-{os.getuid()}-{home.id}"
+    return home.secrets
 
 
 def start_time(pid: int) -> Optional[int]:

@@ -484,9 +484,9 @@ class SubprocessBridge:
 
 def skypilot_python() -> Optional[str]:
     """The Python of skyvm's own SkyPilot environment (made by `skyvm skypilot install`), if there is one."""
-    from skyvm.payloads import DEFAULT_HOME
+    from skyvm.home import Home
 
-    candidate = Path(os.environ.get("SKYVM_SKYPILOT_PYTHON") or DEFAULT_HOME / "skypilot-venv" / "bin" / "python")
+    candidate = Path(os.environ.get("SKYVM_SKYPILOT_PYTHON") or Home.current().skypilot_venv / "bin" / "python")
     return str(candidate) if candidate.exists() else None
 
 

@@ -81,8 +81,7 @@ def gc_pools(bridge: SkyBridge, *, everything: bool = False, dry_run: bool = Fal
 
 def _live_run_labels() -> set[str]:
     """The runs of this skyvm home whose process still lives, as their label values."""
-    from skyvm.backends.local import run_is_live
-    from skyvm.payloads import DEFAULT_HOME
+    from skyvm.home import Home
     from skyvm.skypilot.task_config import _label_value
 
-    return {_label_value(p.stem) for p in (DEFAULT_HOME / "runs").glob("*.json") if run_is_live(p.stem)}
+    return {_label_value(run) for run in Home.current().live_runs()}

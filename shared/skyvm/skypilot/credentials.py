@@ -47,7 +47,7 @@ from skyvm.connectors import node_connectors
 from skyvm.connectors.base import Connector
 from skyvm.connectors.files import owner_token, private_dir, remove, write_private
 from skyvm.errors import InfrastructureError
-from skyvm.payloads import DEFAULT_HOME
+from skyvm.home import Home
 from skyvm.settings import NodeSettings
 
 log = logging.getLogger("skyvm.skypilot")
@@ -64,7 +64,7 @@ _warned_remote = False
 
 
 def ports_file() -> Path:
-    return DEFAULT_HOME / "skypilot" / "ports.json"
+    return Home.current().skypilot / "ports.json"
 
 
 @contextlib.contextmanager
@@ -138,14 +138,12 @@ class CredentialSet:
         return [c.name for c in self.connectors]
 
     def state_dir(self) -> Path:
-        return DEFAULT_HOME / "skypilot" / self.key
+        return Home.current().skypilot / self.key
 
     @property
     def ident(self) -> str:
         """install:set, what the set's API server carries in its environment (SET_ENV)."""
-        from skyvm.backends.local import home_id
-
-        return f"{home_id()}:{self.key}"
+        return f"{Home.current().id}:{self.key}"
 
     def port(self) -> int:
         """The set's own port, allocated once per install and recorded (see the module's docstring)."""

@@ -10,11 +10,11 @@ import subprocess
 import sys
 
 from skyvm.errors import InfrastructureError
-from skyvm.payloads import DEFAULT_HOME
+from skyvm.home import Home
 
 
 def install(version: str = "0.14.1") -> str:
-    venv = DEFAULT_HOME / "skypilot-venv"
+    venv = Home.current().skypilot_venv
     python = venv / "bin" / "python"
     if not python.exists():
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
