@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from skyvm import connectors, redact
+from skyvm import connectors, redact, tables
 from skyvm.settings import NodeSettings, SkyVMConfig
 
 OK, FAIL, SKIP = "OK", "FAIL", "SKIP"
@@ -165,11 +165,6 @@ def run_checks(config: SkyVMConfig, profile: Optional[str] = None, node: Optiona
 
 
 def format_rows(rows: list[Row]) -> str:
-    data = [r.as_dict() for r in rows]
-    if not data:
+    if not rows:
         return "nothing to check: the settings use no connector, remote store, registry or cloud"
-    cols = ["check", "target", "result", "detail"]
-    widths = {c: max(len(c), *(len(d[c]) for d in data)) for c in cols[:-1]}
-    lines = ["  ".join(c.upper().ljust(widths.get(c, 0)) for c in cols).rstrip()]
-    lines += ["  ".join(d[c].ljust(widths.get(c, 0)) for c in cols).rstrip() for d in data]
-    return redact.redact("\n".join(lines))
+    return redact.redact(tables.render([r.as_dict() for r in rows], ["check", "target", "result", "detail"]))

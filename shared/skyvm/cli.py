@@ -10,6 +10,7 @@ from typing import Optional
 
 import yaml
 
+from skyvm import tables
 from skyvm.errors import SettingsError, SkyVMError
 from skyvm.settings import SkyVMConfig
 
@@ -29,15 +30,6 @@ def cmd_settings(args) -> int:
     else:
         print(yaml.safe_dump(data, sort_keys=True), end="")
     return 0
-
-
-def _table(rows: list[dict], columns: list[str]) -> str:
-    if not rows:
-        return ""
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    lines = ["  ".join(c.upper().ljust(widths[c]) for c in columns)]
-    lines += ["  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns) for r in rows]
-    return "\n".join(lines)
 
 
 def _skypilot_rows() -> tuple[list[dict], list[dict]]:
@@ -80,18 +72,18 @@ def cmd_status(args) -> int:
         print("nothing running: this skyvm install has no clusters on this machine")
     else:
         columns = ["name", "state", "run_id", "node", "signature", "down", "status"]
-        print(_table(rows, columns + ["install"] if args.all_homes else columns))
+        print(tables.render(rows, columns + ["install"] if args.all_homes else columns))
     if others and not args.all_homes:
         print(f"({len(every) - len(rows)} cluster(s) of {len(others)} other skyvm install(s) on this engine: skyvm status --all-homes)")
     if args.skypilot:
         if sky_rows:
             print("\nSkyPilot clusters (skyvm's labels):")
-            print(_table(sky_rows, ["name", "state", "run_id", "node", "resources", "autostop_min", "down"]))
+            print(tables.render(sky_rows, ["name", "state", "run_id", "node", "resources", "autostop_min", "down"]))
         else:
             print("no SkyPilot clusters launched by skyvm")
         if pool_rows:
             print("\nSkyPilot pools (skyvm's labels):")
-            print(_table(pool_rows, ["name", "state", "kind", "run_id", "run_live", "workers", "resources"]))
+            print(tables.render(pool_rows, ["name", "state", "kind", "run_id", "run_live", "workers", "resources"]))
     return 0
 
 

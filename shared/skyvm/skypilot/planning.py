@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
+from skyvm import tables
 from skyvm.errors import InfrastructureError
 from skyvm.plan import resources as node_resources
 from skyvm.settings import NodeSettings, SkyVMConfig
@@ -87,9 +88,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         else:
             total += r["hourly_price"]
             table.append((r["node"], req(r), r["cloud"], r["region"] or "-", r["zone"] or "-", r["instance_type"], "yes" if r["use_spot"] else "no", f"{r['hourly_price']:.4f}"))
-    widths = [max(len(h), *(len(str(t[i])) for t in table)) if table else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(t, widths)) for t in table]
+    lines = [tables.render(table, header)]
     lines.append(f"\nTOTAL (every node above running at once): ${total:.4f}/hour")
     for r in rows:
         if "error" in r:
