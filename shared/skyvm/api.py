@@ -599,9 +599,9 @@ class Run:
         self._lock = threading.Lock()
         self._backends: set = set()
         self._closed = False
-        from skyvm.backends.local import run_lease
+        from skyvm.home import Home
 
-        run_lease(self.run_id).write_text(json.dumps({"pid": os.getpid(), "started": time.time()}))
+        self._lease = Home.current().hold_run(self.run_id)  # gc spares the run's clusters while it is held
 
     def resolve(self, node: str, *, profile: Optional[str] = None, options: Optional[Mapping[str, Any]] = None, override: Optional[Mapping[str, Any]] = None) -> NodeSettings:
         return self.config.resolve(node, profile=profile, code=options, override=override)
@@ -725,9 +725,7 @@ class Run:
         self._log_costs()
         for backend in self._backends:
             backend.end_run(self.run_id)
-        from skyvm.backends.local import run_lease
-
-        run_lease(self.run_id).unlink(missing_ok=True)
+        self._lease.release()
         if late:
             raise NodeTimeout(
                 f"run {self.run_id}: node(s) {', '.join(repr(h.node) for h in late)} did not finish within {bound:g}s of close(cancel=False) and were cancelled"
