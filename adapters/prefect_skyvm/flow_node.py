@@ -2,6 +2,10 @@
 
 Pure functions of the job configuration and the worker's host, so the worker
 (``workers.py``) only launches and follows.
+
+Holds the job variables that are node settings, ``flow_settings``, the environment split, the source
+directories and local mounts. May import: skyvm's core (settings, home, backends' run-arg helpers); no
+prefect_skyvm module but lazily the task runner's run id, and no Prefect at module level.
 """
 
 from __future__ import annotations
@@ -140,11 +144,6 @@ def remove_task_clusters(flow_run_id) -> list[str]:
     their run-id label once the flow's node is gone.
     """
     from prefect_skyvm.task_runners import task_nodes_run_id
-    from skyvm.backends.local import docker, docker_available, list_managed
+    from skyvm.maintenance import remove_run_clusters
 
-    if not docker_available():
-        return []
-    names = [row["name"] for row in list_managed() if row["run_id"] == task_nodes_run_id(flow_run_id)]
-    if names:
-        docker("rm", "-f", *names, check=False)
-    return names
+    return remove_run_clusters(task_nodes_run_id(flow_run_id))

@@ -1,271 +1,326 @@
-"""The cluster policy both backends share: which cluster a node gets.
+"""The one cluster policy, for every backend: which cluster a node gets, reuse, limits, pools, release.
 
-Per signature (the VM and image a node needs): a free warm cluster is reused;
-else a new one is started in the next free slot (``<name>``, ``<name>-1``, ...)
-while fewer than the node's own ``max_clusters`` of that signature are busy;
-else the node waits, and a cancelled node stops waiting and never starts.
-Clusters are remembered per run, so a run's end releases exactly its own.
-A backend only starts, execs in and removes clusters.
+``pool_of(backend)`` is the process's one ``BackendPool`` for a backend:
+
+    ref = pool_of(backend).launch(spec, on_log=..., cancelled=...)   # a cluster chosen, the attempt submitted
+    pool_of(backend).release(ref, down, discard)                     # the attempt is over
+    pool_of(backend).end_run(run_id)                                 # the run is over: its down clusters go
+
+Per signature, in this process, the book in ``skyvm.slots``: a free warm cluster is reused, else one
+is started in the next free slot while fewer than ``max_clusters`` are busy, else the node waits.
+``pool: {workers: N}`` starts the signature's N clusters ahead (or, where the backend's clusters
+are shared, as SkyPilot pools are, makes the one pool once per run and counts the runs on it).
+Across the processes of one install (an Airflow trigger, a Prefect worker, another run) the
+install's ``Home`` says who may take a cluster: a claim is a file lock held while the cluster is
+taken and its attempt submitted, and the cluster's record names the attempt launched there and not
+yet released; an attempt another process left is asked for its status (it may have let go of it,
+as a deferred Airflow task does). A warm cluster that hit its autostop just as it was taken is
+forgotten and the node takes another. A backend only starts, execs in, inspects and removes.
+
+Holds: ``BackendPool``, ``pool_of``, ``reset_pools``; re-exports ``ClusterPool`` and ``wake_all``.
+May import: skyvm.slots, skyvm.home, skyvm.backends.base, skyvm.errors, skyvm.plan (never a backend module, the API).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import weakref
-from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from skyvm.errors import NodeCancelled
+from filelock import Timeout
+
+from skyvm.backends.base import NONE, SHARED, Backend, ClusterGone, LogSink, NodeRef
+from skyvm.home import Home
 from skyvm.plan import TaskSpec
+from skyvm.slots import Cluster, ClusterPool, slots, wake_all
 
-
-@dataclass
-class Cluster:
-    name: str
-    signature: str
-    down: bool
-    busy: bool = False
-    runs: set = field(default_factory=set)
-    placement: dict = field(default_factory=dict)
-
+__all__ = ["BackendPool", "Cluster", "ClusterPool", "pool_of", "reset_pools", "slots", "wake_all"]
 
 log = logging.getLogger("skyvm.pool")
 
-_pools: "weakref.WeakSet[ClusterPool]" = weakref.WeakSet()
+# How long a release waits for another process's claim of the same cluster (a claim is brief).
+RECORD_WAIT_S = 60.0
 
 
-def slots(spec: TaskSpec) -> int:
-    """Clusters of the node's signature that may be busy at once: a pool's workers (one node each
-    at a time), else the node's own ``max_clusters``."""
-    pool = spec.settings.pool
-    return pool.workers if pool is not None else spec.settings.max_clusters
+class BackendPool:
+    """The cluster policy over one backend, for this process (see the module's docstring)."""
 
+    def __init__(self, backend: Backend, home: Optional[Home] = None):
+        self.backend = backend
+        self.slots = ClusterPool()
+        self._home = home
+        self._lock = threading.Lock()
+        self._claims: dict[str, object] = {}  # cluster -> its claim lock, held until the attempt is recorded
+        # Shared clusters (SkyPilot pools) this process made or found: the runs using them, and whether
+        # the last run's end takes them down (a per-run pool with down: true; never a team's shared one).
+        self._shared: dict[str, dict] = {}
+        self._shared_locks: dict[str, threading.Lock] = {}
+        self._let_go: set[str] = set()  # attempts on shared clusters whose launcher let go of them
 
-def wake_all() -> None:
-    """Every pool's waiting nodes look at their cancel flags now."""
-    for pool in list(_pools):
-        pool.wake()
+    @property
+    def home(self) -> Home:
+        return self._home or Home.current()
 
+    def names(self) -> set:
+        """The clusters this process knows (own ones; shared ones apart)."""
+        return self.slots.names()
 
-class ClusterPool:
-    def __init__(self):
-        self._cond = threading.Condition()
-        self._clusters: dict[str, Cluster] = {}
-        self._warmed: set[tuple[str, str]] = set()  # (run, signature) whose pool was started ahead
-        self._reserved: dict[str, int] = {}  # signature -> slots whose cluster is being found outside the lock
-        _pools.add(self)
+    # -- launch ------------------------------------------------------------------
 
-    def acquire(
-        self,
-        spec: TaskSpec,
-        *,
-        claim_warm: Optional[Callable[[TaskSpec, set], Optional[str]]] = None,
-        taken: Optional[Callable[[], set]] = None,
-        cancelled: Optional[Callable[[], bool]] = None,
-        name_for: Optional[Callable[[int], str]] = None,
-        wake_s: float = 0.5,
-    ) -> tuple[Cluster, bool]:
-        """(a cluster now marked busy, whether it must be started). Blocks at the node's limit.
+    def launch(self, spec: TaskSpec, *, on_log: Optional[LogSink] = None, cancelled: Optional[Callable[[], bool]] = None) -> NodeRef:
+        """Get a cluster of the spec's signature and submit its run there, detached; the attempt's reference."""
+        backend = self.backend
+        backend.check(spec)
+        kind = backend.cluster_kind(spec)
+        if kind == NONE:
+            ref = backend.run_attempt(spec, None, on_log=on_log, cancelled=cancelled)
+        elif kind == SHARED:
+            name = backend.shared_name(spec)
+            own = self._ensure_shared(spec, name, on_log)
+            ref = backend.run_attempt(spec, name, on_log=on_log, cancelled=cancelled)
+            ref = dataclasses.replace(ref, extra={**ref.extra, "own_pool": own})
+        else:
+            ref = self._launch_own(spec, on_log, cancelled)
+        return dataclasses.replace(ref, extra={**ref.extra, "kind": kind})
 
-        ``claim_warm(spec, known)`` may offer a warm cluster this process does not know (another
-        process's, locally); ``taken()`` names clusters that exist but are not in the pool;
-        ``name_for(slot)`` names the slot-th cluster (default: the spec's own names).
-
-        Both callbacks ask the engine (a listing, an exec into a container): they run outside the
-        pool's lock, on a slot reserved under it, so a slow engine call never holds up a release
-        or another node taking a free cluster; what they found is committed under the lock again.
-        """
-        limit = slots(spec)
-        name_for = name_for or spec.cluster_name_for
-        sig = spec.signature
+    def _launch_own(self, spec: TaskSpec, on_log: Optional[LogSink], cancelled) -> NodeRef:
+        backend = self.backend
+        name_for = lambda slot: backend.cluster_name(spec, slot)  # noqa: E731
+        claim_warm = self._claim_warm if backend.lists_warm else None
+        taken = self._taken if backend.lists_warm else None
+        if spec.settings.pool is not None:
+            ahead = self.slots.start_ahead(spec, lambda name: self._start_ahead(spec, name), taken=taken, name_for=name_for)
+            if ahead and on_log:
+                on_log(f"skyvm: pool of {len(ahead)} warm cluster(s) started ahead for {spec.node}'s signature: {', '.join(ahead)}")
         while True:
-            with self._cond:
-                free, known = self._reserve(spec, limit, cancelled, wake_s)
-                if free is not None:
-                    return free, False
-            try:
-                name = claim_warm(spec, known) if claim_warm else None
-                exists = taken() if taken and name is None else set()
-            except BaseException:
-                with self._cond:
-                    self._unreserve(sig)
-                raise
-            with self._cond:
-                self._unreserve(sig)
-                if name is not None:
-                    cluster = self._clusters.get(name)
-                    if cluster is None:
-                        return self._add(name, spec), False
-                    if not cluster.busy:
-                        # Known here meanwhile (a pool started ahead): one cluster, taken once.
-                        return self._take(cluster, spec), False
-                    # Another node of this process took it meanwhile: it is theirs; start a new one.
-                if cancelled is not None and cancelled():
-                    raise NodeCancelled(f"node {spec.node!r} was cancelled while queued for a cluster (max_clusters={limit})")
-                for cluster in self._clusters.values():
-                    if cluster.signature == sig and not cluster.busy:
-                        return self._take(cluster, spec), False  # freed while the engine answered: no start
-                exists |= set(self._clusters)
-                slot = 0
-                while name_for(slot) in exists:
-                    slot += 1
-                return self._add(name_for(slot), spec), True
+            cluster, fresh = self.slots.acquire(spec, claim_warm=claim_warm, taken=taken, cancelled=cancelled, name_for=name_for)
+            name = cluster.name
+            if self._claim(name, spec, fresh):
+                break
+            # Another process took this warm cluster meanwhile: it is theirs now.
+            self.slots.forget(name)
+        try:
+            ref = backend.run_attempt(spec, name, fresh=fresh, on_log=on_log, cancelled=cancelled)
+        except ClusterGone:
+            # A warm cluster hit its autostop just now: forget it and take another.
+            self._unclaim(name, gone=True)
+            self.slots.forget(name)
+            return self._launch_own(spec, on_log, cancelled)
+        except BaseException:
+            self._unclaim(name, gone=fresh)
+            if fresh:  # removed by the backend (or never made): not a warm cluster a later node may take
+                self.slots.forget(name)
+            else:
+                self.slots.free(name)
+            raise
+        self._record_attempt(name, ref)
+        return ref
 
-    def _reserve(self, spec: TaskSpec, limit: int, cancelled, wake_s: float) -> tuple[Optional[Cluster], set]:
-        """Under the lock: (a free cluster of the signature, now taken; no names), or (None, the
-        names known here) once a slot under the limit is reserved for this node, whose cluster is then
-        looked for outside the lock. Waits meanwhile; stops waiting when the node is cancelled."""
-        sig = spec.signature
-        while True:
-            if cancelled is not None and cancelled():
-                raise NodeCancelled(f"node {spec.node!r} was cancelled while queued for a cluster (max_clusters={limit})")
-            mine = [c for c in self._clusters.values() if c.signature == sig]
-            for cluster in mine:
-                if not cluster.busy:
-                    return self._take(cluster, spec), set()
-            # The limit is the asking node's own: a later run with a lower one is held to it.
-            # Reserved slots count as busy: their clusters are being found or named outside the lock.
-            if sum(1 for c in mine if c.busy) + self._reserved.get(sig, 0) < limit:
-                self._reserved[sig] = self._reserved.get(sig, 0) + 1
-                return None, set(self._clusters)
-            self._cond.wait(timeout=wake_s)
+    def _start_ahead(self, spec: TaskSpec, name: str) -> None:
+        """A pool's cluster, started before any node needs it; claimed while it starts, so no other
+        process takes it half-made."""
+        if not self._claim(name, spec, fresh=True):
+            raise RuntimeError(f"cluster {name} is held by another process")
+        log.info("starting cluster %s ahead (pool of node %s)", name, spec.node)
+        try:
+            self.backend.start_cluster(spec, name)
+        except BaseException:
+            self._unclaim(name, gone=True)
+            raise
+        self._unclaim(name)
 
-    def _unreserve(self, sig: str) -> None:
-        self._reserved[sig] -= 1
-        if not self._reserved[sig]:
-            del self._reserved[sig]
-        self._cond.notify_all()
-
-    @staticmethod
-    def _take(cluster: Cluster, spec: TaskSpec) -> Cluster:
-        cluster.busy = True
-        cluster.runs.add(spec.run_id)
-        return cluster
-
-    def start_ahead(
-        self,
-        spec: TaskSpec,
-        start: Callable[[str], None],
-        *,
-        taken: Optional[Callable[[], set]] = None,
-        name_for: Optional[Callable[[int], str]] = None,
-    ) -> list[str]:
-        """``pool: {workers: N}``: the signature's N clusters started now, in parallel, before its
-        first node takes one, so no node of the run waits for a cold start. Once per run and
-        signature; nodes asking meanwhile wait for these rather than start their own. The names
-        started (a failed start is forgotten: a node then starts its cluster itself, and says why)."""
+    def _ensure_shared(self, spec: TaskSpec, name: str, on_log: Optional[LogSink]) -> bool:
+        """The shared cluster made once per name (or found), the run counted on it; whether it is the run's own."""
         pool = spec.settings.pool
-        if pool is None:
-            return []
-        key = (spec.run_id, spec.signature)
-        with self._cond:
-            if key in self._warmed:
-                return []
-        name_for = name_for or spec.cluster_name_for
-        exists = taken() if taken else set()  # the engine is asked outside the lock
-        with self._cond:
-            if key in self._warmed:
-                return []
-            self._warmed.add(key)
-            mine = sum(1 for c in self._clusters.values() if c.signature == spec.signature)
-            exists |= set(self._clusters)
-            names, slot = [], 0
-            while len(names) < pool.workers - mine:
-                name = name_for(slot)
-                slot += 1
-                if name not in exists:
-                    names.append(name)
-                    self._add(name, spec)  # busy while it starts
-        started: list[str] = []
+        with self._lock:
+            lock = self._shared_locks.setdefault(name, threading.Lock())
+        with lock:  # nodes of one signature start in parallel: one start among them
+            known = self._shared.get(name)
+            if known is None:
+                self.backend.start_cluster(spec, name, on_log=on_log)
+                known = self._shared[name] = {"runs": set(), "down": spec.settings.down and not (pool and pool.shared)}
+            known["runs"].add(spec.run_id)
+        return not (pool and pool.shared)
 
-        def one(name: str) -> None:
-            try:
-                start(name)
-            except Exception as exc:  # noqa: BLE001 - the node that needs it starts one itself
-                log.warning("pool of %s: starting %s ahead failed: %s", spec.node, name, exc)
-                self.forget(name)
-                return
-            started.append(name)
-            self.free(name)
+    # -- claims across processes ---------------------------------------------------
 
-        threads = [threading.Thread(target=one, args=(n,), daemon=True, name=f"skyvm-ahead-{n}") for n in names]
+    def _claim(self, name: str, spec: TaskSpec, fresh: bool) -> bool:
+        """Take the cluster for the spec's run: False when another process has it (claiming it now,
+        or an attempt of its still runs there). The claim stays held until the attempt is recorded."""
+        with self._lock:
+            if name in self._claims:
+                return True  # claimed by this process (a warm cluster found above)
+        home = self.home
+        lock = home.cluster_lock(name)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False
+        record = home.cluster_record(name)
+        if not fresh and record["attempt"] is not None and not self._finished(record["attempt"]):
+            lock.release()
+            return False
+        runs = [] if fresh else record["runs"]
+        home.write_cluster_record(name, {"runs": sorted({*runs, spec.run_id}), "attempt": None})
+        with self._lock:
+            self._claims[name] = lock
+        return True
+
+    def _unclaim(self, name: str, gone: bool = False) -> None:
+        with self._lock:
+            lock = self._claims.pop(name, None)
+        if gone:
+            self.home.forget_cluster(name)
+        if lock is not None:
+            lock.release()
+
+    def _record_attempt(self, name: str, ref: NodeRef) -> None:
+        home = self.home
+        record = home.cluster_record(name)
+        record["attempt"] = ref.to_dict()
+        home.write_cluster_record(name, record)
+        self._unclaim(name)
+
+    def _finished(self, attempt: dict) -> bool:
+        """Whether an attempt recorded on a cluster is over, as its backend says (another process's)."""
+        try:
+            return self.backend.status(NodeRef.from_dict(attempt)).state.finished
+        except Exception as exc:  # noqa: BLE001 - unknown: the cluster is left to its owner
+            log.warning("cannot ask for the state of attempt %s on %s: %s", attempt.get("attempt_id"), attempt.get("cluster"), exc)
+            return False
+
+    def _claim_warm(self, spec: TaskSpec, known: set) -> Optional[str]:
+        """A running cluster of the signature that another process of this install (or an earlier
+        run) left warm; claimed. Never another install's: the backend lists this install's only."""
+        for row in self.backend.clusters(signature=spec.signature, running=True):
+            name = row["name"]
+            if name not in known and self._claim(name, spec, fresh=False):
+                return name
+        return None
+
+    def _taken(self) -> set:
+        return {row["name"] for row in self.backend.clusters()}
+
+    # -- release -------------------------------------------------------------------
+
+    def let_go(self, ref: NodeRef) -> None:
+        """The launching process stops following the attempt (Airflow's deferral): it runs on, and its
+        cluster leaves this process's book, its record saying it is taken; whoever releases the
+        reference (a trigger, in any process) decides the cluster's end, as for one found again."""
+        kind = ref.extra.get("kind")
+        if kind == SHARED:
+            with self._lock:
+                self._let_go.add(ref.attempt_id)
+        elif kind != NONE:
+            self.slots.forget(ref.cluster)
+
+    def release(self, ref: NodeRef, down: bool, discard: bool = False) -> None:
+        """The attempt is over: its cluster is free for the next node. A cluster this process does not
+        know (the attempt was found again from its reference) goes when ``down`` and nothing runs
+        there; ``discard`` (a cancelled or timed-out attempt) with ``down`` makes a known one go now."""
+        kind = ref.extra.get("kind")
+        if kind == NONE:
+            return  # the attempt's cluster (a managed job's, a process) went with it
+        if kind == SHARED:
+            with self._lock:
+                found_again = ref.attempt_id in self._let_go or ref.cluster not in self._shared
+                self._let_go.discard(ref.attempt_id)
+                gone = found_again and down and bool(ref.extra.get("own_pool"))
+                if gone:
+                    self._shared.pop(ref.cluster, None)
+            if gone:
+                # Nobody here ends the run (an Airflow task deferred): the run's own pool goes now.
+                self._remove_quietly(ref.cluster, shared=True)
+            return
+        self._clear_attempt(ref)
+        if self.slots.get(ref.cluster) is not None:
+            if discard and down:
+                # A cancelled run does not keep its cluster around.
+                self.slots.forget(ref.cluster)
+                self.remove_if_idle(ref.cluster)
+            else:
+                self.slots.free(ref.cluster)
+            return
+        if down:
+            self.remove_if_idle(ref.cluster)
+
+    def _clear_attempt(self, ref: NodeRef) -> None:
+        home = self.home
+        lock = home.cluster_lock(ref.cluster)
+        try:
+            lock.acquire(timeout=RECORD_WAIT_S)
+        except Timeout:
+            log.warning("cluster %s: its record is held by another process; attempt %s stays on it until that ends", ref.cluster, ref.attempt_id)
+            return
+        try:
+            record = home.cluster_record(ref.cluster)
+            if (record["attempt"] or {}).get("attempt_id") == ref.attempt_id:
+                record["attempt"] = None
+                home.write_cluster_record(ref.cluster, record)
+        finally:
+            lock.release()
+
+    def end_run(self, run_id: str) -> None:
+        """The run is over: its ``down`` clusters no run of this process holds go, in parallel; the others
+        stay warm until their autostop."""
+        names = [c.name for c in self.slots.end_run(run_id)]
+        with self._lock:
+            shared = []
+            for name, known in list(self._shared.items()):
+                if run_id in known["runs"]:
+                    known["runs"].discard(run_id)
+                    if known["down"] and not known["runs"]:
+                        shared.append(name)
+                        del self._shared[name]
+        threads = [threading.Thread(target=self.remove_if_idle, args=(n,), daemon=True) for n in names]
+        threads += [threading.Thread(target=self._remove_quietly, args=(n, True), daemon=True) for n in shared]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        return sorted(started)
 
-    def _add(self, name: str, spec: TaskSpec) -> Cluster:
-        cluster = Cluster(name, spec.signature, spec.settings.down, busy=True, runs={spec.run_id})
-        self._clusters[name] = cluster
-        return cluster
+    def remove_if_idle(self, name: str) -> bool:
+        """Remove a cluster when no process claims it and no attempt runs there; whether it went."""
+        home = self.home
+        lock = home.cluster_lock(name)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            return False  # a process is taking it right now
+        try:
+            record = home.cluster_record(name)
+            if record["attempt"] is not None and not self._finished(record["attempt"]):
+                return False
+            self._remove_quietly(name)
+            home.forget_cluster(name)
+            self.slots.forget(name)
+            return True
+        finally:
+            lock.release()
 
-    def get(self, name: str) -> Optional[Cluster]:
-        with self._cond:
-            return self._clusters.get(name)
-
-    def free(self, name: str) -> None:
-        with self._cond:
-            cluster = self._clusters.get(name)
-            if cluster is not None:
-                cluster.busy = False
-            self._cond.notify_all()
-
-    def forget(self, name: str) -> None:
-        """The cluster is gone (removed, or its start failed): never reuse it."""
-        with self._cond:
-            self._clusters.pop(name, None)
-            self._cond.notify_all()
-
-    def wake(self) -> None:
-        """Let waiting nodes look at their cancel flags now."""
-        with self._cond:
-            self._cond.notify_all()
-
-    def end_run(self, run_id: str) -> list[Cluster]:
-        """The run is over: the ``down`` clusters no run holds any more, forgotten and returned for removal."""
-        with self._cond:
-            gone = []
-            for cluster in list(self._clusters.values()):
-                if run_id not in cluster.runs:
-                    continue
-                cluster.runs.discard(run_id)
-                if cluster.down and not cluster.runs and not cluster.busy:
-                    self._clusters.pop(cluster.name)
-                    gone.append(cluster)
-            self._cond.notify_all()
-            return gone
-
-    def names(self) -> set:
-        with self._cond:
-            return set(self._clusters)
+    def _remove_quietly(self, name: str, shared: bool = False) -> None:
+        try:
+            self.backend.remove_cluster(name, shared=shared)
+        except Exception as exc:  # noqa: BLE001 - report, do not hide the original error
+            log.error("could not remove cluster %s of backend %s: %s", name, self.backend.name, exc)
 
 
-class _BackendPool:
-    """(Transitional shim, issue 18) The process's one pool for a backend; delegates to the backend for now."""
-
-    def __init__(self, backend):
-        self.backend = backend
-
-    def launch(self, spec: TaskSpec, *, on_log=None, cancelled: Optional[Callable[[], bool]] = None):
-        return self.backend.launch(spec, on_log=on_log, cancelled=cancelled)
-
-    def release(self, ref, down: bool, discard: bool = False) -> None:
-        self.backend.release(ref, down, discard=discard)
-
-    def end_run(self, run_id: str) -> None:
-        self.backend.end_run(run_id)
-
-
-_by_backend: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_by_backend: "weakref.WeakKeyDictionary[Backend, BackendPool]" = weakref.WeakKeyDictionary()
 _by_backend_lock = threading.Lock()
 
 
-def pool_of(backend) -> _BackendPool:
-    """The process's one pool for ``backend``: launch, release and end_run go through it."""
+def pool_of(backend: Backend) -> BackendPool:
+    """The process's one pool for ``backend``: every launch, release and run's end goes through it."""
     with _by_backend_lock:
         pool = _by_backend.get(backend)
         if pool is None:
-            pool = _by_backend[backend] = _BackendPool(backend)
+            pool = _by_backend[backend] = BackendPool(backend)
         return pool
+
+
+def reset_pools() -> None:
+    """Forget every pool (tests; a process that made new backends): the next ``pool_of`` makes a new one."""
+    with _by_backend_lock:
+        _by_backend.clear()

@@ -1,21 +1,23 @@
-"""The backend interface: one launch path, as Dagster's step handlers (launch, check health, terminate).
+"""The backend contract: what the core calls on a backend, and nothing else.
 
-Every attempt starts detached: the node runtime inside the container or VM
-keeps the attempt's log and exit code, so anyone holding the attempt's
-``NodeRef`` (a small JSON-able reference) can find it again: the process that
-launched it, an Airflow trigger in another process, an executor. A backend
-only starts, execs in, and removes clusters; which cluster a node gets is the
-core ``ClusterPool``'s policy.
+A backend starts, execs in, inspects and removes clusters, and reports them; which cluster a
+node gets (reuse, limits, pools started ahead, release, a run's end) is the core pool's policy
+(``skyvm.pool``), the same for every backend. Every attempt is launched the same way: the node
+runtime inside the cluster keeps the attempt's log and exit code, so whoever holds its
+``NodeRef`` (a small JSON-able reference) follows it: the launching process (by push, ``watch``),
+an Airflow trigger or another process (by polling ``status`` and ``read_log``).
 
-    ref = backend.launch(spec)          # as soon as the work is submitted
-    backend.status(ref)                 # a typed state, GONE included
-    backend.read_log(ref, offset)       # the log from offset on
-    backend.cancel(ref)                 # stop the attempt
-    backend.release(ref)                # the attempt is over: its cluster is free (or goes, per down)
-    backend.end_run(run_id)             # the run is over: its down clusters go
+    cluster level                                   attempt level
+    backend.check(spec)                             backend.status(ref)
+    backend.cluster_kind(spec)                      backend.read_log(ref, offset)
+    backend.cluster_name(spec, slot)                backend.cancel(ref)
+    backend.start_cluster(spec, name)               backend.watch(ref, on_log, on_exit)
+    backend.run_attempt(spec, cluster, fresh=...)
+    backend.clusters(signature=None, running=False)
+    backend.remove_cluster(name, shared=...)
 
-A backend may also offer ``watch(ref, on_log, on_exit)``: push-based
-following that the process's one watcher uses instead of polling.
+Holds: JobState, JobStatus, NodeRef, ClusterGone, the ``Backend`` ABC.
+May import: skyvm.plan, skyvm.errors (never the pool, a backend or the API).
 """
 
 from __future__ import annotations
@@ -86,21 +88,69 @@ def state_of_exit(code: Optional[int]) -> JobState:
     return JobState.SUCCEEDED if code == 0 else JobState.FAILED
 
 
+class ClusterGone(Exception):
+    """The cluster an attempt was to run on is gone (a warm one hit its autostop): the pool takes another."""
+
+
+# How a backend places a node's attempts (``Backend.cluster_kind``).
+OWN = "own"  # a cluster of the pool's choosing, one attempt at a time
+SHARED = "shared"  # one cluster that runs many attempts at once (a SkyPilot pool), named by ``shared_name``
+NONE = "none"  # the attempt brings its own (a managed job, a plain process)
+
+
 class Backend(abc.ABC):
     """Runs TaskSpecs on clusters. Subclasses implement every abstract method (checked at import)."""
 
     name: str = ""
     needs_image: bool = True
+    # Whether the pool may look in ``clusters()`` for warm clusters other processes of this install
+    # left (cheap where the engine is local; a cloud's listing is not asked on every cold start).
+    lists_warm: bool = False
+
+    # -- clusters ----------------------------------------------------------------
+
+    def check(self, spec: TaskSpec) -> None:
+        """Refuse, before anything is started, a node this backend cannot run (UnsatisfiableRequest/InfrastructureError)."""
+
+    def cluster_kind(self, spec: TaskSpec) -> str:
+        """OWN, SHARED or NONE: how the node's attempts are placed."""
+        return OWN
+
+    def shared_name(self, spec: TaskSpec) -> str:
+        """The SHARED cluster of the spec."""
+        raise NotImplementedError(f"backend {self.name} has no shared clusters")
+
+    def cluster_name(self, spec: TaskSpec, slot: int) -> str:
+        """The slot-th cluster of the spec's signature."""
+        return spec.cluster_name_for(slot)
 
     @abc.abstractmethod
-    def launch(self, spec: TaskSpec, *, on_log: Optional[LogSink] = None, cancelled: Optional[Callable[[], bool]] = None) -> NodeRef:
-        """Get a cluster of the spec's signature (the pool's choice) and submit the run, detached.
+    def start_cluster(self, spec: TaskSpec, name: str, *, on_log: Optional[LogSink] = None) -> None:
+        """Make a cluster of the spec's signature ready (a pool's started ahead; a SHARED one). What was
+        half-made is removed when it fails."""
 
-        May wait for a slot (``max_clusters``) or for provisioning; ``cancelled`` is asked while
-        waiting, and a cancelled node never starts (NodeCancelled). ``on_log`` receives what
-        happens before the run's own log (provisioning). Raises InfrastructureError (or
-        UnsatisfiableRequest) when the node cannot run; whatever was half-made is removed.
+    @abc.abstractmethod
+    def run_attempt(
+        self, spec: TaskSpec, cluster: Optional[str], *, fresh: bool = False,
+        on_log: Optional[LogSink] = None, cancelled: Optional[Callable[[], bool]] = None,
+    ) -> NodeRef:
+        """Submit the spec's run on ``cluster`` (None for NONE), detached, and return its reference.
+
+        ``fresh``: the cluster is started first (in one call where the backend can). ``cancelled`` is
+        asked while a cluster provisions: a cancelled node never starts (NodeCancelled). ``on_log``
+        receives what happens before the run's own log. Raises ClusterGone when a warm cluster is
+        gone, InfrastructureError when the node cannot run; a fresh cluster half-made is removed.
         """
+
+    @abc.abstractmethod
+    def clusters(self, signature: Optional[str] = None, running: bool = False) -> list[dict]:
+        """This install's clusters (of ``signature``; only running ones): rows with at least ``name``."""
+
+    @abc.abstractmethod
+    def remove_cluster(self, name: str, *, shared: bool = False) -> None:
+        """Remove a cluster (``shared``: a SHARED one, as a SkyPilot pool). Safe when it is gone already."""
+
+    # -- attempts ----------------------------------------------------------------
 
     @abc.abstractmethod
     def status(self, ref: NodeRef) -> JobStatus:
@@ -114,16 +164,7 @@ class Backend(abc.ABC):
     def cancel(self, ref: NodeRef) -> None:
         """Stop the attempt (SIGTERM to the node runtime, which stops its work). Safe to call twice."""
 
-    @abc.abstractmethod
-    def release(self, ref: NodeRef, down: bool, discard: bool = False) -> None:
-        """The attempt is over: its cluster is free for the next node. A cluster found again from a
-        reference (another process's) goes when ``down``; ``discard`` (a cancelled or timed-out
-        attempt) with ``down`` makes it go now rather than at the run's end."""
-
-    @abc.abstractmethod
-    def end_run(self, run_id: str) -> None:
-        """The run is over: tear down its ``down: true`` clusters; the others stay warm until autostop."""
-
     def watch(self, ref: NodeRef, on_log: LogSink, on_exit: Callable[[JobStatus], None]) -> bool:
-        """Follow the attempt by push (a stream), calling ``on_exit`` once; False when only polling works."""
+        """Follow the attempt by push (a stream), calling ``on_exit`` once; False when only polling works
+        (another process's attempt, or a backend without streams)."""
         return False
