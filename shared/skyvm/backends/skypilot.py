@@ -1,35 +1,35 @@
 """The SkyPilot backend: each node's TaskSpec goes to a VM that SkyPilot picks and provisions.
 
-The same cluster policy as the local backend: a free warm cluster of the
-node's signature is reused (``exec``), else a new one is launched (``launch``
-with autostop/down/retry_until_up); nodes running at once get separate
-clusters up to ``max_clusters`` per signature; clusters of a run with ``down:
-true`` are torn down when the run ends. Spot nodes with ``job_recovery`` run
-as managed jobs, so SkyPilot recovers preemptions and they never reach the
-engine's retries. Nodes with ``pool:`` run as managed jobs on a SkyPilot pool
-of their signature (made once per run, or the team's named one): its warm
-workers start a node in seconds where a new VM takes minutes; a run's own pool
-goes with the run when ``down``. A node is done only when its job is: the exit code of
-``tail_logs`` is checked, never ignored. Every call to SkyPilot goes through
-the bridge (``skyvm.skypilot.bridge``).
+Which cluster a node gets is the core pool's (``skyvm.pool``); this backend starts
+clusters (``launch`` with autostop/down/retry_until_up, the node's attempt in the same
+call), execs attempts on warm ones, and tears them down. Spot nodes with ``job_recovery``
+run as managed jobs (no cluster of ours: NONE), so SkyPilot recovers preemptions and they
+never reach the engine's retries. Nodes with ``pool:`` run as managed jobs on a SkyPilot
+pool of their signature (a SHARED cluster: made once per run, or the team's named one):
+its warm workers start a node in seconds where a new VM takes minutes. A node is done only
+when its job is: the exit code of ``tail_logs`` is checked, never ignored. Every call to
+SkyPilot goes through the bridge (``skyvm.skypilot.bridge``).
+
+Holds: ``SkyPilotBackend``, ``is_managed``, ``missing_for_vms``; ``skypilot_backend`` and
+``all_backends`` (the registry's, re-exported).
+May import: skyvm.backends.base, skyvm.skypilot.*, skyvm.plan, skyvm.settings, skyvm.errors
+(never the pool or the API).
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, NoReturn, Optional
 
-from skyvm.backends.base import Backend, JobState, JobStatus, LogSink, NodeRef
+from skyvm.backends.base import NONE, OWN, SHARED, Backend, JobState, JobStatus, LogSink, NodeRef
 from skyvm.errors import InfrastructureError, NodeCancelled
 from skyvm.plan import TaskSpec, pool_name
-from skyvm.pool import ClusterPool
 from skyvm.settings import NodeSettings
 from skyvm.skypilot.bridge import FAILED_JOB_EXIT, SkyBridge, get_bridge
-from skyvm.skypilot.credentials import CredentialSet, credential_set
+from skyvm.skypilot.credentials import CredentialSet
 from skyvm.skypilot.placing import cap_refusal, place
 from skyvm.skypilot.task_config import pool_job_config, pool_task_config, task_config
 
@@ -97,73 +97,82 @@ class SkyPilotBackend(Backend):
         # spec.registry_auth was minted for this attempt: fresh for every launch and exec (tokens expire).
         return task_config(spec)
 
-    def launch(self, spec: TaskSpec, *, on_log: Optional[LogSink] = None, cancelled=None, follow: bool = True) -> NodeRef:
-        task = self._task(spec)
-        base = dict(backend=self.name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id)
-        self._check_cost_cap(spec, task)
+    def check(self, spec: TaskSpec) -> None:
+        self._check_cost_cap(spec, self._task(spec))
+
+    def cluster_kind(self, spec: TaskSpec) -> str:
         if spec.settings.pool is not None:
-            return self._launch_on_pool(spec, base, on_log, follow)
-        if is_managed(spec):
+            return SHARED
+        return NONE if is_managed(spec) else OWN
+
+    def shared_name(self, spec: TaskSpec) -> str:
+        return pool_name(spec.settings, spec.signature, spec.run_id)
+
+    def start_cluster(self, spec: TaskSpec, name: str, *, on_log: Optional[LogSink] = None) -> None:
+        """A node's SkyPilot pool (made when SkyPilot has none of that name), or a cluster with no attempt."""
+        try:
+            if spec.settings.pool is None:
+                self._launch_fresh(spec, {**self._task(spec), "run": None}, name, on_log)
+            elif not self.bridge.pool_status([name]):
+                pool = spec.settings.pool
+                line = f"skyvm: making pool {name} ({pool.workers} worker(s)) for node {spec.node}"
+                log.info(line)
+                if on_log:
+                    on_log(line)
+                self.bridge.pool_apply(pool_task_config(spec, name, pool.workers), name, on_log=on_log)
+        except BaseException as exc:
+            _raise_infra(spec, f"pool {name}" if spec.settings.pool is not None else name, exc)
+
+    def run_attempt(self, spec: TaskSpec, cluster: Optional[str], *, fresh: bool = False, on_log: Optional[LogSink] = None, cancelled=None) -> NodeRef:
+        base = dict(backend=self.name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id)
+        if spec.settings.pool is not None:
+            return self._run_on_pool(spec, cluster, base, on_log)
+        task = self._task(spec)
+        if cluster is None:
             job_id = self.bridge.jobs_launch(task, spec.cluster_name, on_log=on_log)["job_id"]
             log.info("node %s: managed job %s", spec.node, job_id)
             return NodeRef(cluster=f"managed-job-{job_id}", job_id=job_id, managed=True, **base)
-        if not follow:
-            # Nobody in this process waits on it: a cluster of its own, never a warm one another process may hold.
-            cluster = spec.cluster_name_for(0)
-            try:
-                answer, placement = self._launch_fresh(spec, task, cluster, on_log)
-            except BaseException as exc:
-                _raise_infra(spec, cluster, exc)
-            return NodeRef(cluster=cluster, job_id=answer["job_id"], fresh=True, hourly_price=placement.get("hourly_price"), extra={"detached": True}, **base)
-        cluster, fresh = self.pool.acquire(spec, cancelled=cancelled)
         try:
             if fresh:
-                answer, cluster.placement = self._provision(spec, cluster.name, cancelled, lambda: self._launch_fresh(spec, task, cluster.name, on_log))
+                answer, placement = self._provision(spec, cluster, cancelled, lambda: self._launch_fresh(spec, task, cluster, on_log))
+                with self._lock:
+                    self._placements[cluster] = placement
             else:
-                answer = self.bridge.exec(task, cluster.name, on_log=on_log)
+                answer = self.bridge.exec(task, cluster, on_log=on_log)
         except BaseException as exc:
-            if fresh:  # torn down (or never made): not a warm cluster a later node may exec on
-                self.pool.forget(cluster.name)
-            else:
-                self.pool.free(cluster.name)
-            _raise_infra(spec, cluster.name, exc)
-        return NodeRef(cluster=cluster.name, job_id=answer["job_id"], fresh=fresh, hourly_price=cluster.placement.get("hourly_price"), **base)
+            _raise_infra(spec, cluster, exc)
+        with self._lock:
+            price = self._placements.get(cluster, {}).get("hourly_price")
+        return NodeRef(cluster=cluster, job_id=answer["job_id"], fresh=fresh, hourly_price=price, **base)
 
-    def _launch_on_pool(self, spec: TaskSpec, base: dict, on_log: Optional[LogSink], follow: bool = True) -> NodeRef:
+    def _run_on_pool(self, spec: TaskSpec, name: str, base: dict, on_log: Optional[LogSink]) -> NodeRef:
         """The node as a managed job on its signature's pool: warm workers that already pulled the
-        image start it in seconds, where a fresh VM takes minutes. The pool is made once per
-        signature and run (or found, when shared or made by another process of the run)."""
-        name = pool_name(spec.settings, spec.signature, spec.run_id)
+        image start it in seconds, where a fresh VM takes minutes."""
         try:
-            self._ensure_pool(spec, name, on_log)
             job_id = self.bridge.jobs_launch(pool_job_config(spec, name), spec.cluster_name, on_log=on_log, pool=name)["job_id"]
         except BaseException as exc:
             _raise_infra(spec, f"pool {name}", exc)
         log.info("node %s: managed job %s on pool %s", spec.node, job_id, name)
         if on_log:
             on_log(f"skyvm: {spec.node} runs as managed job {job_id} on pool {name}")
-        extra = {"pool": name}
-        if not follow:
-            # Nobody in this process ends the run (an Airflow task deferred): the attempt's release
-            # takes the run's own pool down instead, as it would a detached node's own cluster.
-            extra.update(detached=True, own_pool=not spec.settings.pool.shared)
-        return NodeRef(cluster=name, job_id=job_id, managed=True, extra=extra, **base)
+        return NodeRef(cluster=name, job_id=job_id, managed=True, extra={"pool": name}, **base)
 
-    def _ensure_pool(self, spec: TaskSpec, name: str, on_log: Optional[LogSink]) -> None:
-        pool = spec.settings.pool
+    def clusters(self, signature: Optional[str] = None, running: bool = False) -> list[dict]:
+        """skyvm's SkyPilot clusters (their labels say whose), as ``skyvm status --skypilot`` lists them."""
+        from skyvm.skypilot.clusters import skyvm_clusters
+
+        rows = skyvm_clusters(self.bridge)
+        if running:
+            rows = [r for r in rows if str(r.get("state", "")).upper() == "UP"]
+        return rows
+
+    def remove_cluster(self, name: str, *, shared: bool = False) -> None:
         with self._lock:
-            lock = self._pool_locks.setdefault(name, threading.Lock())
-        with lock:  # nodes of one signature start in parallel: one pool_apply among them
-            known = self._pools.get(name)
-            if known is None:
-                if not self.bridge.pool_status([name]):
-                    line = f"skyvm: making pool {name} ({pool.workers} worker(s)) for node {spec.node}"
-                    log.info(line)
-                    if on_log:
-                        on_log(line)
-                    self.bridge.pool_apply(pool_task_config(spec, name, pool.workers), name, on_log=on_log)
-                known = self._pools[name] = {"runs": set(), "down": spec.settings.down and not pool.shared}
-            known["runs"].add(spec.run_id)
+            self._placements.pop(name, None)
+        if shared:
+            self._pool_down(name)
+        else:
+            self._down(name)
 
     def _provision(self, spec: TaskSpec, cluster_name: str, cancelled, launch: Callable[[], tuple]) -> tuple:
         """Provisioning can take as long as a cloud does: a cancel meanwhile tears the half-made cluster
@@ -280,41 +289,6 @@ class SkyPilotBackend(Backend):
         else:
             self.bridge.cancel(ref.cluster, ref.job_id)
 
-    def release(self, ref: NodeRef, down: bool, discard: bool = False) -> None:
-        if ref.managed:
-            if down and ref.extra.get("detached") and ref.extra.get("own_pool"):
-                self._pool_down(ref.extra["pool"])
-            return  # a managed job's cluster went with the job
-        if not ref.extra.get("detached") and self.pool.get(ref.cluster) is not None:
-            if not (discard and down):
-                self.pool.free(ref.cluster)
-                return
-            # A cancelled node's VM goes now when down says so.
-            self.pool.forget(ref.cluster)
-        if down:
-            self._down(ref.cluster)
-
-    def end_run(self, run_id: str) -> None:
-        """The run is over: tear down its ``down`` clusters, in parallel."""
-        threads = [threading.Thread(target=self._down, args=(c.name,), daemon=True) for c in self.pool.end_run(run_id)]
-        threads += [threading.Thread(target=self._pool_down, args=(name,), daemon=True) for name in self._pools_ending(run_id)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-
-    def _pools_ending(self, run_id: str) -> list[str]:
-        """The run is over: its ``down`` pools no other run of this process uses, forgotten."""
-        with self._lock:
-            doomed = []
-            for name, known in list(self._pools.items()):
-                if run_id in known["runs"]:
-                    known["runs"].discard(run_id)
-                    if known["down"] and not known["runs"]:
-                        doomed.append(name)
-                        del self._pools[name]
-            return doomed
-
     def _pool_down(self, name: str) -> None:
         try:
             self.bridge.pool_down(name)
@@ -358,31 +332,14 @@ def _raise_infra(spec: TaskSpec, cluster: str, exc: BaseException) -> NoReturn:
     raise InfrastructureError(f"node {spec.node!r}: SkyPilot could not run it on {cluster}: {exc}") from exc
 
 
-_backend: Optional[SkyPilotBackend] = None
-_backend_lock = threading.Lock()
-# One backend (one SkyPilot process, one local API server state) per set of connectors.
-_with_credentials: dict[str, SkyPilotBackend] = {}
-
-
 def skypilot_backend(settings: Optional[NodeSettings] = None) -> SkyPilotBackend:
-    global _backend
-    creds = credential_set(settings) if settings is not None else None
-    with _backend_lock:
-        if creds is not None:
-            if creds.key not in _with_credentials:
-                _with_credentials[creds.key] = SkyPilotBackend(credentials=creds)
-            return _with_credentials[creds.key]
-        if _backend is None:
-            _backend = SkyPilotBackend()
-        return _backend
+    """The process's SkyPilot backend for the settings' connectors (the registry's: skyvm.backends.registry)."""
+    from skyvm.backends.registry import backends
+
+    return backends().skypilot(settings)
 
 
 def all_backends() -> list[SkyPilotBackend]:
-    with _backend_lock:
-        return [b for b in [_backend, *_with_credentials.values()] if b is not None]
+    from skyvm.backends.registry import backends
 
-
-@atexit.register
-def _close_credentialed() -> None:
-    for backend in list(_with_credentials.values()):
-        backend.close()
+    return backends().all_skypilot()
