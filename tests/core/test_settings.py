@@ -297,3 +297,12 @@ def test_skyvm_validate_rejects_a_defaults_only_file(tmp_path, capsys):
 )
 def test_new_skypilot_forms(field, value, expected):
     assert getattr(NodeSettings(backend="skypilot", **{field: value}), field) == expected
+
+
+def test_every_problem_in_the_file_is_named_at_once_in_the_order_of_its_sections():
+    data = {"nodes": {"a": {"profile": "gpuu", "cpuz": 1}}, "defaults": {"cpu": 1}, "extra": 1}
+    with pytest.raises(SettingsError) as err:
+        SkyVMConfig(data, source="skyvm.yaml")
+    paths = [path for path, _ in err.value.problems]
+    assert paths[:2] == ["extra", "defaults.cpu"] and set(paths[2:]) == {"nodes.a.profile", "nodes.a.cpuz"}
+    assert "skyvm.yaml: nodes.a.profile: unknown profile 'gpuu'; profiles in this file: none defined" in str(err.value)

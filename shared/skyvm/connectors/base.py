@@ -178,16 +178,12 @@ def parse_connector(name: str, data: Any, path: str, source: Optional[str] = Non
     try:
         return cls.model_validate({**data, "name": name})
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = f"unknown field; {kind} connectors accept: {', '.join(sorted(f for f in cls.model_fields if f != 'name'))}"
-            elif "input" in err and err["type"] != "value_error":
-                msg = f"{msg}; got {err['input']!r}"
-            problems.append((f"{path}.{loc}" if loc else path, msg))
-        raise SettingsError(problems, source) from None
+        from skyvm.validation import any_input, problems
+
+        def unknown(loc) -> str:
+            return f"unknown field; {kind} connectors accept: {', '.join(sorted(f for f in cls.model_fields if f != 'name'))}"
+
+        raise SettingsError(problems(exc, path, unknown=unknown, note=any_input), source) from None
 
 
 def implicit(kind: str) -> Connector:
