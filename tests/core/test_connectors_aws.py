@@ -13,7 +13,7 @@ import boto3
 import pytest
 
 from skyvm import redact
-from skyvm.connectors import ConnectorError, aws as aws_module, parse_connector
+from skyvm.connectors import CREDENTIALS, ConnectorError, aws as aws_module, parse_connector
 from skyvm.connectors.aws import AwsConnector, store_policy
 from skyvm.errors import SettingsError
 from skyvm.settings import SkyVMConfig
@@ -27,7 +27,7 @@ def account(aws_iam_server, monkeypatch):
     monkeypatch.setenv("TEAM_AWS_SECRET", aws_iam_server.secret_key)
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(var, raising=False)
-    aws_module._cache.clear()
+    CREDENTIALS.clear()
     return aws_iam_server
 
 
@@ -63,7 +63,7 @@ def test_temporary_methods_mint_credentials_and_refresh_them_before_they_expire(
     assert first.expires_at > time.time() + 600
     assert c.credentials_now() is first  # cached while fresh
     # Within the refresh margin of its expiry, a new set is minted.
-    aws_module._cache[c.fingerprint()] = aws_module.AwsCredentials(first.access_key, first.secret_key, first.token, time.time() + 60)
+    CREDENTIALS.put("aws", c, aws_module.AwsCredentials(first.access_key, first.secret_key, first.token, time.time() + 60))
     second = c.credentials_now()
     assert second is not first and second.expires_at > time.time() + 600
     assert redact.redact(second.secret_key) == "***" and redact.redact(second.token) == "***"
@@ -176,16 +176,16 @@ def test_a_store_held_through_a_long_node_renews_its_minted_keys(s3_server, monk
     monkeypatch.setenv(MARGIN_ENV, "898")
     monkeypatch.setenv("TEAM_AWS_KEY", "AKIASTORE")
     monkeypatch.setenv("TEAM_AWS_SECRET", "store-" + uuid.uuid4().hex)
-    aws_module._cache.clear()
+    CREDENTIALS.clear()
     c = conn("session-token", endpoint_url=s3_server, duration_seconds=900, **KEYS)
     url = f"s3://skyvm-test/renew-{uuid.uuid4().hex[:8]}"
     store = open_store(url, s3_server, storage_options=c.renewing_fs_options(url, s3_server), node="long")
     store.put("payload", b"argument")
-    first_fs, first_keys = store.fs, aws_module._cache[c.fingerprint()]
+    first_fs, first_keys = store.fs, CREDENTIALS.get("aws", c)
     assert store.fs is first_fs  # kept while its keys are fresh
     time.sleep(2.5)
     assert store.get("payload") == b"argument"
-    renewed = aws_module._cache[c.fingerprint()]
+    renewed = CREDENTIALS.get("aws", c)
     assert store.fs is not first_fs and renewed is not first_keys and renewed.expires_at > first_keys.expires_at
     assert store.fs.storage_options["token"] == renewed.token
 
@@ -202,7 +202,7 @@ def test_minted_keys_reach_skypilots_long_lived_boto3_through_a_renewed_profile(
     monkeypatch.setenv(MARGIN_ENV, "898")
     monkeypatch.setenv("TEAM_AWS_KEY", "AKIAPROFILE")
     monkeypatch.setenv("TEAM_AWS_SECRET", "profile-" + uuid.uuid4().hex)
-    aws_module._cache.clear()
+    CREDENTIALS.clear()
     creds = CredentialSet([conn("federation-token", endpoint_url=s3_server, duration_seconds=900, **KEYS)])
     try:
         env = {k: v for k, v in {**os.environ, **creds.environment()}.items() if v is not None}

@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 
 from skyvm import redact
-from skyvm.connectors import ConnectorError, parse_connector
+from skyvm.connectors import CREDENTIALS, ConnectorError, parse_connector
 from skyvm.connectors import azure as azure_module
 from skyvm.connectors import refs
 from skyvm.connectors import gcp as gcp_module
@@ -256,8 +256,7 @@ def oauth_tls(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def fresh(monkeypatch):
     """No cached credentials across tests; no emulator variable unless a test asks for the emulator."""
-    gcp_module._cache.clear()
-    azure_module._credentials.clear()
+    CREDENTIALS.clear()
     monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)
     monkeypatch.delenv("AZURE_STORAGE_CONNECTION_STRING", raising=False)
     monkeypatch.delenv("GOOGLE_APPLICATION_CREDENTIALS", raising=False)
@@ -371,7 +370,7 @@ def test_gcp_tokens_are_cached_and_refreshed_before_they_expire(oauth, sa_key):
     assert c.credentials_now().token == first and count() == start + 1  # cached: one refresh
     oauth.expires_in = 120  # less than REFRESH_MARGIN_S: each use refreshes
     try:
-        gcp_module._cache.clear()
+        CREDENTIALS.clear()
         short = c.credentials_now().token
         again = c.credentials_now().token
     finally:

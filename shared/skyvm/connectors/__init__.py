@@ -10,15 +10,26 @@ Defined once in the shared settings YAML (or in code) and named per node:
       connector: [team-aws, team-gcp]
 
 A node's cloud with no connector uses that cloud's ``implicit`` method.
+
+This package's modules: ``base`` (what a connector is, its auth strategies' base, parsing),
+``refs`` (secret references) and ``engine_sources`` (Airflow connections, Prefect blocks),
+``common`` (shared helpers), ``files`` (private credential files), one module per cloud
+(``aws``, ``gcp``, ``azure``, ``lambda_cloud``, ``kubernetes``) and, for the larger ones, their
+auth methods (``aws_methods``, ``gcp_methods``, ``azure_methods``).
+This module holds the choice of a node's connectors.
+
+May import: skyvm.clouds, skyvm.connectors.base and skyvm.connectors.refs (settings for types only).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Optional
 
+from skyvm import clouds
+from skyvm.connectors import refs
 from skyvm.connectors.base import (
     CONNECTOR_TYPES,
-    STORE_TYPES,
+    CREDENTIALS,
     Connector,
     ConnectorError,
     NodeAccess,
@@ -35,6 +46,7 @@ __all__ = [
     "ConnectorError",
     "NodeAccess",
     "CONNECTOR_TYPES",
+    "CREDENTIALS",
     "connector_class",
     "parse_connector",
     "implicit",
@@ -67,9 +79,7 @@ def for_cloud(settings: "NodeSettings", kind: str) -> Connector:
 
 def store_kind(url: Optional[str]) -> Optional[str]:
     """The connector type a payload store URL needs (None for a directory)."""
-    if not url or "://" not in url:
-        return None
-    return STORE_TYPES.get(url.split("://", 1)[0])
+    return clouds.cloud_of_url(url)
 
 
 def for_store(settings: "NodeSettings", url: Optional[str]) -> Optional[Connector]:
@@ -93,8 +103,6 @@ def for_registry(settings: "NodeSettings", registry: "Optional[RegistrySettings]
 
 def registry_login(settings: "NodeSettings", registry: "Optional[RegistrySettings]") -> Optional[tuple[str, str]]:
     """(username, password) for the node's registry, fresh on every call (tokens expire), or None."""
-    from skyvm.connectors import refs
-
     if registry is None:
         return None
     conn = for_registry(settings, registry)

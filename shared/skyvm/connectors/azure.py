@@ -19,44 +19,40 @@ for the one container (read, add, create, write, delete, list) ending with the
 node's ttl, signed with the account key, or a user delegation SAS when the
 connector has a token credential. A container SAS cannot be narrowed to a
 prefix, so the node can reach the whole container.
+
+Each auth method is a strategy in :mod:`skyvm.connectors.azure_methods`; this module holds the
+connector: the fields every method takes (tenant, client id, storage account, endpoints), the
+storage account's resolution, the node's SAS and the interface.
+
+May import: azure-identity/azure-storage-blob (through ``require``), skyvm.redact, skyvm.clouds and
+skyvm.connectors' base, common and azure_methods.
 """
 
 from __future__ import annotations
 
 import datetime
-import os
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Annotated, Any, Optional, Union
 from urllib.parse import parse_qs, urlparse
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from skyvm import redact
+from skyvm import clouds, redact
 from skyvm.connectors import refs
-from skyvm.connectors.base import DEFAULT_NODE_TTL_S, Connector, ConnectorError, NodeAccess, require
-from skyvm.connectors.common import check_method_fields, http_json, jwt_claims, references, sdk_call, until
+from skyvm.connectors.azure_methods import MANAGEMENT_SCOPE, AccessToken, Implicit, ServicePrincipal, acr_refresh_token
+from skyvm.connectors.base import CREDENTIALS, DEFAULT_NODE_TTL_S, Connector, ConnectorError, NodeAccess, require
+from skyvm.connectors.common import sdk_call, until
 
-MANAGEMENT_SCOPE = "https://management.azure.com/.default"
-# The username ACR takes with a refresh token from its /oauth2/exchange.
-ACR_TOKEN_USER = "00000000-0000-0000-0000-000000000000"
+__all__ = ["AzureConnector", "MANAGEMENT_SCOPE", "acr_refresh_token", "container_of", "is_acr", "parse_connection_string"]
+
 ACR_SUFFIXES = (".azurecr.io", ".azurecr.cn", ".azurecr.us")
 # A user delegation key lives at most seven days.
 MAX_DELEGATION_S = 7 * 24 * 3600
+# What container_of reads: the payload stores' Azure schemes, and abfss (TLS) as fsspec spells it.
+URL_SCHEMES = (*clouds.schemes_of("azure"), "abfss")
 
-_NEEDS = {
-    "service-principal": [
-        (("client_secret", "credentials"), "client_secret (a reference) with tenant_id and client_id, or credentials: airflow:CONN_ID / prefect:BLOCK-TYPE/NAME"),
-    ],
-    "access-token": [(("token",), "token (a reference to a Microsoft Entra access token, e.g. env:AZURE_ACCESS_TOKEN)")],
-}
-_OWNERS = {
-    "client_secret": ("service-principal",),
-    "credentials": ("service-principal",),
-    "token": ("access-token",),
-}
+AzureAuth = Annotated[Union[Implicit, ServicePrincipal, AccessToken], Field(discriminator="method")]
 
 
 @dataclass
@@ -68,10 +64,6 @@ class _Storage:
     key: Optional[str] = None
     connection_string: Optional[str] = None
     sas: Optional[str] = None
-
-
-_credentials: dict[str, Any] = {}
-_credentials_lock = threading.Lock()
 
 
 def parse_connection_string(text: str) -> dict[str, str]:
@@ -86,7 +78,7 @@ def parse_connection_string(text: str) -> dict[str, str]:
 def container_of(url: str) -> tuple[str, Optional[str], str]:
     """(container, account or None, prefix) of az://CONTAINER/PREFIX or abfs://CONTAINER@ACCOUNT.dfs.core.windows.net/PREFIX."""
     parsed = urlparse(url)
-    if parsed.scheme not in ("az", "abfs", "abfss") or not parsed.netloc:
+    if parsed.scheme not in URL_SCHEMES or not parsed.netloc:
         raise ConnectorError(f"{url} is not an Azure Blob URL (az://CONTAINER/PREFIX)")
     container, _, host = parsed.netloc.partition("@")
     return container, (host.split(".")[0] or None) if host else None, parsed.path.strip("/")
@@ -96,88 +88,21 @@ def is_acr(server: str) -> bool:
     return server.split("/")[0].endswith(ACR_SUFFIXES)
 
 
-def acr_refresh_token(registry_url: str, service: str, aad_token: str, tenant: Optional[str], label: str) -> str:
-    """Exchange a Microsoft Entra access token for an ACR refresh token (what `az acr login --expose-token` does)."""
-    form = {"grant_type": "access_token", "service": service, "access_token": aad_token}
-    if tenant:
-        form["tenant"] = tenant
-    answer = http_json(
-        f"{registry_url.rstrip('/')}/oauth2/exchange",
-        label=label,
-        what=f"the ACR token exchange at {service}",
-        hint="the token's identity needs AcrPull on the registry, and the token an audience ACR accepts (https://management.azure.com or https://containerregistry.azure.net)",
-        form=form,
-    )
-    token = answer.get("refresh_token")
-    if not token:
-        raise ConnectorError(f"{label}: the ACR token exchange at {service} answered no refresh_token")
-    redact.register(token)
-    return token
-
-
-class _StaticToken:
-    """A TokenCredential of one bare access token: no refresh; an expired token is refused with the fix."""
-
-    def __init__(self, token: str, label: str):
-        self.token, self.label = token, label
-        claims = jwt_claims(token)
-        self.claims = claims
-        self.expires_on = int(claims["exp"]) if isinstance(claims.get("exp"), (int, float)) else None
-
-    def _check(self):
-        from azure.core.credentials import AccessToken
-
-        if self.expires_on is not None and self.expires_on <= time.time():
-            raise ConnectorError(
-                f"{self.label}: its access token expired at {until(self.expires_on)}, and method access-token cannot refresh one: "
-                "get a new one (az account get-access-token --resource https://storage.azure.com) or use method service-principal"
-            )
-        # Unknown expiry (an opaque token): said to be good for an hour, so SDKs do not ask again at once.
-        return AccessToken(self.token, self.expires_on or int(time.time()) + 3600)
-
-    def get_token(self, *scopes: str, **kwargs: Any):
-        return self._check()
-
-    def close(self) -> None:
-        pass
-
-
-class _AsyncStaticToken(_StaticToken):
-    """The same for async clients (adlfs opens its file system with azure.storage.blob.aio)."""
-
-    async def get_token(self, *scopes: str, **kwargs: Any):  # type: ignore[override]
-        return self._check()
-
-    async def close(self) -> None:  # type: ignore[override]
-        pass
-
-    async def __aenter__(self):
-        return self
-
-    async def __aexit__(self, *exc: Any) -> None:
-        pass
-
-
 class AzureConnector(Connector):
     """An Azure identity and/or storage account. Secret fields take references (env:, file:, airflow:, prefect:)."""
 
     type: str = "azure"
-    METHODS: ClassVar[tuple[str, ...]] = ("implicit", "service-principal", "access-token")
-    STORE_SCHEMES: ClassVar[tuple[str, ...]] = ("az", "abfs")
+    auth: AzureAuth
 
     tenant_id: Optional[str] = None
     client_id: Optional[str] = None
-    client_secret: Optional[str] = None
-    credentials: Optional[str] = None
-    token: Optional[str] = None
     subscription_id: Optional[str] = None
     account_name: Optional[str] = None
-    account_key: Optional[str] = None
-    connection_string: Optional[str] = None
+    account_key: refs.Reference = None
+    connection_string: refs.Reference = None
     blob_endpoint: Optional[str] = None
     authority_host: Optional[str] = None
 
-    _references = references("client_secret", "credentials", "token", "account_key", "connection_string")
 
     @field_validator("authority_host", "blob_endpoint")
     @classmethod
@@ -187,10 +112,7 @@ class AzureConnector(Connector):
         return value.rstrip("/") if value else value
 
     @model_validator(mode="after")
-    def _method_fields(self) -> "AzureConnector":
-        check_method_fields(self.method, self.__dict__, _NEEDS, _OWNERS)
-        if self.method == "service-principal" and self.client_secret and not (self.tenant_id and self.client_id):
-            raise ValueError("method service-principal needs tenant_id and client_id beside client_secret")
+    def _storage_fields(self) -> "AzureConnector":
         if self.account_key and self.connection_string:
             raise ValueError("give account_key (with account_name) or connection_string, not both")
         if self.account_key and not self.account_name:
@@ -199,18 +121,10 @@ class AzureConnector(Connector):
 
     # -- credentials -------------------------------------------------------------
 
-    @property
-    def _where(self) -> str:
-        return f"connectors.{self.name or 'azure'}"
-
     def _hint(self, exc: BaseException, text: str) -> str:
         kind = type(exc).__name__
         if kind == "ClientAuthenticationError" or "AADSTS" in text:
-            if self.method == "service-principal":
-                return "check tenant_id, client_id and the client secret (secrets expire: create a new one with `az ad sp credential reset`)"
-            if self.method == "access-token":
-                return "the access token was refused (expired, or for another audience); method access-token cannot refresh it"
-            return "no Azure credentials found here: run `az login`, set AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET, or define a connector with method service-principal"
+            return self.auth.refused_hint()
         if "AuthorizationPermissionMismatch" in text or "AuthorizationFailure" in text or "403" in text:
             return "the identity lacks a role on the storage account (Storage Blob Data Contributor; Storage Blob Delegator for a user delegation SAS)"
         if kind in ("ServiceRequestError", "ServiceRequestTimeoutError"):
@@ -220,70 +134,34 @@ class AzureConnector(Connector):
     def _call(self, what: str, fn, *args, **kwargs):
         return sdk_call(self.label, what, self._hint, fn, *args, **kwargs)
 
-    def _credential_set(self) -> dict[str, Any]:
-        if not self.credentials:
-            return {}
-        data = refs.resolve_credential_set(self.credentials, "azure", f"{self._where}.credentials")
-        # A prefect-azure blob storage block names its endpoint account_url.
-        if data.get("account_url") and not data.get("account_name"):
-            data["account_name"] = urlparse(str(data["account_url"])).netloc.split(".")[0]
-        return data
-
-    def _principal(self) -> tuple[str, str, str]:
-        """(tenant_id, client_id, client_secret) of a service principal."""
-        data = self._credential_set()
-        tenant = self.tenant_id or data.get("tenant_id")
-        client = self.client_id or data.get("client_id")
-        if self.client_secret:
-            secret = refs.resolve(self.client_secret, f"{self._where}.client_secret")
-        else:
-            secret = data.get("client_secret")
-        missing = [n for n, v in (("tenant_id", tenant), ("client_id", client), ("client_secret", secret)) if not v]
-        if missing:
-            raise refs.SecretReferenceError(f"{self._where}.credentials", str(self.credentials), f"holds no {', '.join(missing)}; set them on the connector or in the connection")
-        return str(tenant), str(client), str(secret)
-
-    def _authority(self) -> dict[str, Any]:
+    def authority(self) -> dict[str, Any]:
         # A host of one's own (a test's, a private one) has no instance discovery behind it.
         return {"authority": self.authority_host, "disable_instance_discovery": True} if self.authority_host else {}
 
     def token_credential(self, asynchronous: bool = False):
         """The method's azure-core TokenCredential. The sync one is cached per connector (it caches its
         tokens); an async one is made per call, since its user (adlfs) closes it with its file system."""
-        key = self.fingerprint()
-        with _credentials_lock:
-            if not asynchronous and key in _credentials:
-                return _credentials[key]
-            if self.method == "access-token":
-                cred: Any = (_AsyncStaticToken if asynchronous else _StaticToken)(refs.resolve(self.token, f"{self._where}.token"), self.label)
-            else:
-                identity = require("azure.identity.aio" if asynchronous else "azure.identity", "azure", self.label)
-                if self.method == "service-principal":
-                    tenant, client, secret = self._principal()
-                    cred = identity.ClientSecretCredential(tenant, client, secret, **self._authority())
-                else:
-                    cred = identity.DefaultAzureCredential(exclude_interactive_browser_credential=True, **self._authority())
-            if not asynchronous:
-                _credentials[key] = cred
-            return cred
+        if asynchronous:
+            return self.auth.credential(self, True)
+        return CREDENTIALS.fetch("azure", self, lambda: self.auth.credential(self, False))
 
-    def _token(self, scope: str):
+    def token(self, scope: str):
         token = self._call(f"getting a token for {scope}", self.token_credential().get_token, scope)
         redact.register(token.token)
         return token
 
     def _storage(self, url: Optional[str] = None, endpoint: Optional[str] = None) -> _Storage:
-        data = self._credential_set()
+        data = self.auth.credential_set(self)
         connection = None
         if self.connection_string:
-            connection = refs.resolve(self.connection_string, f"{self._where}.connection_string")
+            connection = refs.resolve(self.connection_string, f"{self.where}.connection_string")
         elif data.get("connection_string"):
             connection = str(data["connection_string"])
-        elif self.method == "implicit" and not self.account_name and os.environ.get("AZURE_STORAGE_CONNECTION_STRING"):
-            connection = os.environ["AZURE_STORAGE_CONNECTION_STRING"]
+        elif not self.account_name:
+            connection = self.auth.ambient_connection_string(self)
         parts = parse_connection_string(connection) if connection else {}
         account = self.account_name or data.get("account_name") or parts.get("AccountName") or (container_of(url)[1] if url else None)
-        key = refs.resolve(self.account_key, f"{self._where}.account_key") if self.account_key else data.get("account_key") or parts.get("AccountKey")
+        key = refs.resolve(self.account_key, f"{self.where}.account_key") if self.account_key else data.get("account_key") or parts.get("AccountKey")
         endpoint = endpoint or self.blob_endpoint or parts.get("BlobEndpoint")
         if not endpoint and account:
             endpoint = f"https://{account}.blob.{parts.get('EndpointSuffix', 'core.windows.net')}"
@@ -292,12 +170,7 @@ class AzureConnector(Connector):
         return _Storage(account, endpoint.rstrip("/") if endpoint else None, key, connection, sas)
 
     def _has_storage(self) -> bool:
-        if self.account_name or self.connection_string:
-            return True
-        if self.method == "implicit":
-            return bool(os.environ.get("AZURE_STORAGE_CONNECTION_STRING"))
-        data = self._credential_set()
-        return bool(data.get("connection_string") or data.get("account_name"))
+        return bool(self.account_name or self.connection_string) or self.auth.has_storage(self)
 
     def _blob_service(self, storage: _Storage):
         blob = require("azure.storage.blob", "azure", self.label)
@@ -316,13 +189,9 @@ class AzureConnector(Connector):
     def identity(self) -> str:
         said = []
         storage = self._storage() if self._has_storage() else None
-        if self.method == "access-token":
-            cred = self.token_credential()
-            cred.get_token()  # refuses an expired token
-            said.append(_describe(cred.claims, cred.expires_on) + ", a bare token that cannot be refreshed")
-        elif self.method == "service-principal" or storage is None:
-            token = self._token(MANAGEMENT_SCOPE)
-            said.append(_describe(jwt_claims(token.token), token.expires_on))
+        who = self.auth.identity(self, with_storage=storage is not None)
+        if who:
+            said.append(who)
         if storage is not None:
             service = self._blob_service(storage)
             names = self._call(f"listing the containers of storage account {storage.account}", lambda: [c.name for c in service.list_containers()])
@@ -345,17 +214,13 @@ class AzureConnector(Connector):
         env: dict[str, str] = {}
         if self.subscription_id:
             env["AZURE_SUBSCRIPTION_ID"] = self.subscription_id
-        if self.method == "service-principal":
-            tenant, client, secret = self._principal()
-            env.update(AZURE_TENANT_ID=tenant, AZURE_CLIENT_ID=client, AZURE_CLIENT_SECRET=secret)
-            if self.authority_host:
-                env["AZURE_AUTHORITY_HOST"] = self.authority_host
+        env.update(self.auth.skypilot_env(self, Path(private_dir)))
         return env
 
     def fs_options(self, url: str, endpoint: Optional[str] = None) -> dict[str, Any]:
         """adlfs storage options: a connection string with a key or SAS, else the account and the method's credential."""
         storage = self._storage(url, endpoint)
-        if storage.key or (storage.sas and self.method == "implicit"):
+        if storage.key or (storage.sas and self.auth.USES_GIVEN_SAS):
             if storage.connection_string and not endpoint:
                 return {"connection_string": storage.connection_string}
             return {"connection_string": self._connection_string(storage, storage.sas)}
@@ -365,10 +230,7 @@ class AzureConnector(Connector):
         if storage.endpoint and storage.endpoint != f"https://{storage.account}.blob.core.windows.net":
             # adlfs reaches https://{account_host}: a path-style endpoint (Azurite's) keeps its path.
             options["account_host"] = storage.endpoint.split("://", 1)[1]
-        if self.method == "implicit":
-            options["anon"] = False  # adlfs then makes its own DefaultAzureCredential
-        else:
-            options["credential"] = self.token_credential(asynchronous=True)
+        options.update(self.auth.fs_credential(self))
         return options
 
     @staticmethod
@@ -394,7 +256,7 @@ class AzureConnector(Connector):
             expiry = now + datetime.timedelta(seconds=int(ttl_s))
             sas = blob.generate_container_sas(storage.account, container, account_key=storage.key, permission=permission, expiry=expiry, start=start)
             kind = "container SAS"
-        elif storage.sas and self.method == "implicit":
+        elif storage.sas and self.auth.USES_GIVEN_SAS:
             # Only a SAS was given: it cannot sign another. Passed on, bounded by its own expiry; said so.
             secret = self._connection_string(storage, storage.sas)
             se = parse_qs(storage.sas.lstrip("?")).get("se", [None])[0]
@@ -421,24 +283,4 @@ class AzureConnector(Connector):
         """ACR: a service principal logs in with its id and secret; a token is exchanged for an ACR refresh token."""
         if not is_acr(server):
             raise ConnectorError(f"{self.label} logs in to Azure Container Registry (*.azurecr.io) only, not {server}: use registry.username and registry.password")
-        if self.method == "service-principal":
-            _, client, secret = self._principal()
-            return client, secret
-        if self.method == "access-token":
-            cred = self.token_credential()
-            aad, tenant = cred.get_token().token, cred.claims.get("tid")
-        else:
-            token = self._token(MANAGEMENT_SCOPE)
-            aad, tenant = token.token, jwt_claims(token.token).get("tid")
-        host = server.split("/")[0]
-        return ACR_TOKEN_USER, acr_refresh_token(f"https://{host}", host, aad, tenant, self.label)
-
-
-def _describe(claims: dict[str, Any], expires_on: Optional[float]) -> str:
-    """Whose token this is, from its claims."""
-    user = claims.get("upn") or claims.get("unique_name") or claims.get("preferred_username")
-    app = claims.get("appid") or claims.get("azp")
-    who = f"user {user}" if user else f"service principal {app}" if app else f"object {claims.get('oid', 'unknown')}"
-    tenant = f" in tenant {claims['tid']}" if claims.get("tid") else ""
-    audience = f" for {claims['aud']}" if claims.get("aud") else ""
-    return f"{who}{tenant}: token{audience} valid until {until(expires_on)}"
+        return self.auth.registry_login(self, server.split("/")[0])

@@ -22,6 +22,16 @@ the references in the engine's process when they are needed:
   else the connector's, else the standard variable: AWS_ENDPOINT_URL[_S3], STORAGE_EMULATOR_HOST,
   the connection string's BlobEndpoint).
 - ``registry_credentials(server)``: a username and a fresh token for a registry.
+
+A connector is its cloud's shared fields (region, endpoints, a storage account) and ``auth``: one
+small strategy per auth method (a :class:`Method`: its fields, its checks, what it mints and writes),
+chosen by a pydantic discriminated union on ``method``. Settings stay flat
+(``{type: aws, method: iam-role, role_arn: ...}``): the connector hands each field to the method
+that owns it and dumps them flat again, so references, fingerprints and error texts read as before.
+Fields every method accepts stay on the connector; a method's own fields default to empty.
+
+May import: pydantic, skyvm.errors and skyvm.clouds. The clouds' modules are imported by name
+(``CONNECTOR_TYPES``) when a connector of that type is first used; they import this one.
 """
 
 from __future__ import annotations
@@ -30,12 +40,13 @@ import hashlib
 import importlib
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Mapping, Optional, get_args
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, SerializationInfo, SerializerFunctionWrapHandler, model_serializer, model_validator
 
 from skyvm.errors import InfrastructureError, SettingsError
 
@@ -46,6 +57,10 @@ DEFAULT_NODE_TTL_S = 3600
 REFRESH_MARGIN_S = 300
 REFRESH_FRACTION = 0.8
 MARGIN_ENV = "SKYVM_CREDENTIALS_REFRESH_MARGIN_S"
+# What a method needs: (fields of which at least one is set, what to write) for each thing.
+Needs = tuple[tuple[tuple[str, ...], str], ...]
+# What an unset field holds: a dump carries other methods' fields so, and they are dropped.
+EMPTY: tuple[Any, ...] = (None, "", [], {})
 
 
 def refresh_margin_s() -> float:
@@ -78,6 +93,14 @@ class ConnectorError(InfrastructureError):
     """A connector could not authenticate or reach its cloud: names the connector and the fix."""
 
 
+class SecretReferenceError(InfrastructureError):
+    """A reference that cannot be resolved at launch: names the field, the reference and the fix."""
+
+    def __init__(self, where: str, ref: str, problem: str):
+        self.where, self.ref = where, ref
+        super().__init__(f"cannot resolve {where}: {problem} (reference {ref!r})")
+
+
 def require(module: str, extra: str, what: str):
     """Import a cloud SDK, or say which extra installs it."""
     try:
@@ -86,21 +109,165 @@ def require(module: str, extra: str, what: str):
         raise ConnectorError(f"{what} needs {module.split('.')[0]}, which is not installed here: pip install 'skyvm[{extra}]'") from None
 
 
+class CredentialCache:
+    """What connectors minted or built, per connector (by fingerprint) and kind, while it is good.
+
+    One per process (``CREDENTIALS``): AWS temporary keys, google-auth credentials, Azure token
+    credentials. ``clear()`` forgets them all (a test starting afresh).
+    """
+
+    def __init__(self) -> None:
+        self._items: dict[tuple[str, str], Any] = {}
+        # Held while a value is made, so two threads never mint twice; re-entrant for a refresh in place.
+        self.lock = threading.RLock()
+
+    def get(self, kind: str, conn: "Connector") -> Any:
+        return self._items.get((kind, conn.fingerprint()))
+
+    def put(self, kind: str, conn: "Connector", value: Any) -> Any:
+        self._items[(kind, conn.fingerprint())] = value
+        return value
+
+    def fetch(self, kind: str, conn: "Connector", make: Callable[[], Any], stale: Callable[[Any], bool] = lambda _: False) -> Any:
+        """The cached value, made again when there is none or it is ``stale``."""
+        with self.lock:
+            value = self.get(kind, conn)
+            if value is None or stale(value):
+                value = self.put(kind, conn, make())
+            return value
+
+    def clear(self) -> None:
+        with self.lock:
+            self._items.clear()
+
+
+CREDENTIALS = CredentialCache()
+
+
+class Method(BaseModel):
+    """One auth method of one cloud: its fields, its checks and what it does with them.
+
+    ``method`` is the union's tag (a ``Literal`` per subclass). Each cloud's methods share the
+    operations that cloud's connector asks of them.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: str
+
+    NEEDS: ClassVar[Needs] = ()
+
+    @model_validator(mode="after")
+    def _needs(self) -> "Method":
+        for group, what in self.NEEDS:
+            if all(getattr(self, name, None) in EMPTY for name in group):
+                raise ValueError(f"method {self.method} needs {what}")
+        return self
+
+    @classmethod
+    def tag(cls) -> str:
+        return cls.model_fields["method"].default
+
+    @classmethod
+    def foreign(cls, name: str, owners: list[str]) -> str:
+        """The error for a field of other methods given to this one."""
+        return f"{name} is for method {' or '.join(owners)}; this connector's method is {cls.tag()}"
+
+    def check(self, conn: "Connector") -> None:
+        """Checks that need the connector's shared fields: raise ValueError (pydantic's way)."""
+
+    def skypilot_env(self, conn: "Connector", private_dir: Path) -> dict[str, Optional[str]]:
+        """What SkyPilot's process is given (None: unset it), files 0600 in ``private_dir``;
+        nothing by default: SkyPilot finds the cloud's ambient credentials itself."""
+        return {}
+
+
+def _methods_of(cls: type["Connector"]) -> dict[str, type[Method]]:
+    annotation = cls.model_fields["auth"].annotation
+    members = get_args(annotation) or (annotation,)
+    return {m.tag(): m for m in members if isinstance(m, type) and issubclass(m, Method) and isinstance(m.tag(), str)}
+
+
 class Connector(BaseModel):
     """Base of the per-cloud connectors (``type`` names the cloud, ``method`` the auth method)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: str
-    method: str = "implicit"
     name: str = ""
+    auth: Method
 
-    METHODS: ClassVar[tuple[str, ...]] = ("implicit",)
-    STORE_SCHEMES: ClassVar[tuple[str, ...]] = ()
+    METHODS: ClassVar[tuple[str, ...]] = ()
+    METHOD_CLASSES: ClassVar[dict[str, type[Method]]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        cls.METHOD_CLASSES = _methods_of(cls)
+        cls.METHODS = tuple(cls.METHOD_CLASSES)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _route(cls, data: Any) -> Any:
+        """Flat settings to ``auth``: each field to the chosen method when it owns it; another
+        method's field, when set, is an error naming its methods; an unknown one is left for pydantic."""
+        if not isinstance(data, Mapping) or "auth" in data:
+            return data
+        data = dict(data)
+        method = data.pop("method", "implicit")
+        chosen = cls.METHOD_CLASSES.get(method)
+        auth: dict[str, Any] = {"method": method}
+        if chosen is not None:
+            for key in [k for k in data if k not in cls.model_fields]:
+                if key in chosen.model_fields:
+                    auth[key] = data.pop(key)
+                    continue
+                owners = [tag for tag, m in cls.METHOD_CLASSES.items() if key in m.model_fields]
+                if owners and data.pop(key) not in EMPTY:
+                    raise ValueError(chosen.foreign(key, owners))
+        data["auth"] = auth
+        return data
+
+    @model_validator(mode="after")
+    def _method_checks(self) -> "Connector":
+        self.auth.check(self)
+        return self
+
+    @model_serializer(mode="wrap")
+    def _flat(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        """Dumped flat, as written: every method's fields (empty but this one's), as one model had them."""
+        data = handler(self)
+        auth = dict(data.pop("auth", None) or {})
+        out: dict[str, Any] = {"type": data.pop("type", self.type), "method": auth.pop("method", self.method)}
+        out.update(data)
+        for m in self.METHOD_CLASSES.values():
+            for key, spec in m.model_fields.items():
+                default = spec.get_default(call_default_factory=True)
+                if key != "method" and key not in out and not (info.exclude_none and default is None):
+                    out[key] = default
+        out.update(auth)
+        return out
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        """Every field the settings may give a connector of this type, sorted."""
+        names = {f for f in cls.model_fields if f not in ("name", "auth")} | {"method"}
+        for m in cls.METHOD_CLASSES.values():
+            names |= set(m.model_fields)
+        return sorted(names)
+
+    @property
+    def method(self) -> str:
+        return self.auth.method
 
     @property
     def label(self) -> str:
         return f"connector {self.name!r} ({self.type}/{self.method})" if self.name else f"{self.type} ({self.method})"
+
+    @property
+    def where(self) -> str:
+        """The settings path of this connector's fields, as errors name them."""
+        return f"connectors.{self.name or self.type}"
 
     def fingerprint(self) -> str:
         """A stable hash of the settings (references, not values): one SkyPilot server state per distinct one."""
@@ -114,8 +281,9 @@ class Connector(BaseModel):
     def identity(self) -> str:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def skypilot_env(self, private_dir: Path) -> dict[str, Optional[str]]:  # pragma: no cover - interface (None: unset it)
-        raise NotImplementedError
+    def skypilot_env(self, private_dir: Path) -> dict[str, Optional[str]]:
+        """What SkyPilot's process needs to use this account (None: unset it): the method's."""
+        return self.auth.skypilot_env(self, Path(private_dir))
 
     def renew_at(self) -> Optional[float]:
         """When what ``skypilot_env`` wrote is due to be written again with fresh credentials
@@ -151,8 +319,6 @@ CONNECTOR_TYPES = {
     "lambda": "skyvm.connectors.lambda_cloud:LambdaConnector",
     "kubernetes": "skyvm.connectors.kubernetes:KubernetesConnector",
 }
-# Which connector type serves a payload store URL.
-STORE_TYPES = {"s3": "aws", "gs": "gcp", "gcs": "gcp", "az": "azure", "abfs": "azure"}
 
 
 def connector_class(kind: str) -> type[Connector]:
@@ -178,12 +344,17 @@ def parse_connector(name: str, data: Any, path: str, source: Optional[str] = Non
     try:
         return cls.model_validate({**data, "name": name})
     except ValidationError as exc:
+        # skyvm.validation is the one formatter of pydantic errors (issue 18): keep using it here.
         from skyvm.validation import any_input, problems
 
-        def unknown(loc) -> str:
-            return f"unknown field; {kind} connectors accept: {', '.join(sorted(f for f in cls.model_fields if f != 'name'))}"
+        def flat(loc: list[str]) -> list[str]:
+            # A method's field is reported as ``auth.<method>.<field>``: the settings spell it flat.
+            return loc[2:] if loc[:1] == ["auth"] else loc
 
-        raise SettingsError(problems(exc, path, unknown=unknown, note=any_input), source) from None
+        def unknown(loc) -> str:
+            return f"unknown field; {kind} connectors accept: {', '.join(cls.field_names())}"
+
+        raise SettingsError(problems(exc, path, unknown=unknown, note=any_input, spelled=flat), source) from None
 
 
 def implicit(kind: str) -> Connector:

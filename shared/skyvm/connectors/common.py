@@ -1,7 +1,9 @@
-"""What the GCP, Azure, Lambda and Kubernetes connectors share: method/field checks, SDK calls, small HTTP.
+"""What the connectors share: SDK calls, small HTTP, key files.
 
 Kept out of :mod:`skyvm.connectors.base` so that module stays the interface;
-everything here is a plain helper with no SDK import.
+everything here is a plain helper with no SDK import (``requests`` is imported when first used).
+
+May import: skyvm.redact, skyvm.connectors.base and skyvm.connectors.refs.
 """
 
 from __future__ import annotations
@@ -9,43 +11,12 @@ from __future__ import annotations
 import base64
 import json
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
-
-from pydantic import field_validator
+from typing import Any, Callable, Optional, Union
 
 from skyvm import redact
-from skyvm.connectors.base import ConnectorError
-
-# (fields of which one is needed, what to write) for each method that needs something
-Needs = Mapping[str, Sequence[tuple[tuple[str, ...], str]]]
-
-
-def references(*fields: str):
-    """A pydantic field validator: each of ``fields``, when set, holds a secret reference, never a secret."""
-    from skyvm.connectors import refs
-
-    def check(cls, value: Optional[str], info) -> Optional[str]:
-        return None if value is None else refs.check_syntax(value, info.field_name)
-
-    return field_validator(*fields)(classmethod(check))
-
-
-def check_method_fields(method: str, values: Mapping[str, Any], needs: Needs, owners: Mapping[str, tuple[str, ...]]) -> None:
-    """Raise ValueError (pydantic's way) when a method lacks what it needs, or a field belongs to other methods.
-
-    ``needs[method]`` lists groups: at least one field of each group must be set.
-    ``owners[field]`` lists the methods the field is for.
-    """
-    for name, methods in owners.items():
-        if values.get(name) not in (None, "", [], {}) and method not in methods:
-            raise ValueError(f"{name} is for method {' or '.join(methods)}; this connector's method is {method}")
-    for group, what in needs.get(method, ()):
-        if not any(values.get(name) not in (None, "", [], {}) for name in group):
-            raise ValueError(f"method {method} needs {what}")
-
+from skyvm.connectors import refs
+from skyvm.connectors.base import ConnectorError, require
 
 def sdk_call(label: str, what: str, hint: Union[str, Callable[[BaseException, str], str]], fn: Callable, *args, **kwargs):
     """An SDK call whose failure names the connector, what was attempted and the fix; never a secret."""
@@ -74,20 +45,22 @@ def until(ts: Optional[float]) -> str:
 def http_json(
     url: str, *, label: str, what: str, hint: str, method: str = "GET", headers: Optional[dict[str, str]] = None, form: Optional[dict[str, str]] = None, timeout: float = 15
 ) -> dict[str, Any]:
-    """One HTTP call answered with JSON; an error status or an unreachable host is a ConnectorError."""
-    data = urllib.parse.urlencode(form).encode() if form is not None else None
-    request = urllib.request.Request(url, data=data, method=method if data is None else "POST", headers={"Accept": "application/json", **(headers or {})})
+    """One HTTP call answered with JSON; an error status or an unreachable host is a ConnectorError.
+
+    Through requests, as the clouds' SDKs call (so REQUESTS_CA_BUNDLE and proxies apply alike)."""
+    requests = require("requests", "clouds", label)
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
-            body = resp.read()
-    except urllib.error.HTTPError as exc:
-        detail = redact.redact(exc.read().decode(errors="replace"))
-        raise ConnectorError(f"{label}: {what} failed: HTTP {exc.code} from {_origin(url)}: {_short(detail, 300)}; {hint}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise ConnectorError(f"{label}: {what} failed: cannot reach {_origin(url)} ({redact.redact(str(reason))}); check the network and the endpoint") from None
+        resp = requests.request(
+            "POST" if form is not None else method, url, data=form, headers={"Accept": "application/json", **(headers or {})}, timeout=timeout
+        )
+    except requests.RequestException as exc:
+        reason = _short(redact.redact(str(exc)), 300)
+        raise ConnectorError(f"{label}: {what} failed: cannot reach {_origin(url)} ({reason}); check the network and the endpoint") from None
+    if resp.status_code >= 400:
+        detail = redact.redact(resp.text)
+        raise ConnectorError(f"{label}: {what} failed: HTTP {resp.status_code} from {_origin(url)}: {_short(detail, 300)}; {hint}")
     try:
-        return json.loads(body or b"{}")
+        return json.loads(resp.content or b"{}")
     except json.JSONDecodeError:
         raise ConnectorError(f"{label}: {what}: {_origin(url)} did not answer with JSON; check the endpoint") from None
 
@@ -112,8 +85,6 @@ def jwt_claims(token: str) -> dict[str, Any]:
 
 def parse_json_secret(text: str, where: str, ref: str, what: str) -> dict[str, Any]:
     """A secret that holds a JSON object (a key file), or a SecretReferenceError that says which."""
-    from skyvm.connectors import refs
-
     try:
         data = json.loads(text)
     except json.JSONDecodeError:

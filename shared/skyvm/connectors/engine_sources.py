@@ -4,7 +4,10 @@ With the cloud's Airflow provider installed (apache-airflow-providers-amazon,
 -google, -microsoft-azure) the provider's hook reads the connection, so what
 the connection can express (a role to assume, a key path, a keyfile dict)
 means the same to skyvm as to the team's other tasks. Without it, the
-connection's own fields are read by the provider's documented names.
+connection's own fields are read by the provider's documented names. Holds the reading of the
+engines' stores themselves too: an Airflow connection, a Prefect block document.
+
+May import: skyvm.redact and skyvm.connectors.base only (skyvm.connectors.refs imports this module).
 """
 
 from __future__ import annotations
@@ -13,7 +16,48 @@ import json
 from typing import Any
 
 from skyvm import redact
-from skyvm.connectors import refs
+from skyvm.connectors.base import SecretReferenceError
+
+
+def airflow_connection(conn_id: str, where: str, ref: str):
+    """An Airflow connection by id, or an error saying how to create it."""
+    try:
+        from airflow.sdk.bases.hook import BaseHook  # Airflow 3
+    except ImportError:
+        try:
+            from airflow.hooks.base import BaseHook  # type: ignore[no-redef]
+        except ImportError:
+            raise SecretReferenceError(where, ref, "an airflow: reference is read in an Airflow process, and Airflow is not installed here") from None
+    try:
+        return BaseHook.get_connection(conn_id)
+    except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException and friends
+        raise SecretReferenceError(where, ref, f"Airflow connection {conn_id!r} cannot be read ({type(exc).__name__}: {redact.redact(str(exc))}); create it with `airflow connections add {conn_id} ...`") from None
+
+
+def prefect_block_data(block_type: str, name: str, where: str, ref: str) -> dict[str, Any]:
+    """A block document's fields, secrets included, straight from the Prefect API.
+
+    Read through the API rather than ``Block.load`` so that a block type of an
+    integration (prefect-aws's ``aws-credentials``) resolves without that
+    integration installed in the engine's environment.
+    """
+    try:
+        from prefect.client.orchestration import get_client
+    except ImportError:
+        raise SecretReferenceError(where, ref, "a prefect: reference is read in a Prefect process, and Prefect is not installed here") from None
+    try:
+        with get_client(sync_client=True) as client:
+            doc = client.read_block_document_by_name(name=name, block_type_slug=block_type, include_secrets=True)
+    except Exception as exc:  # noqa: BLE001 - ObjectNotFound, API unreachable
+        raise SecretReferenceError(
+            where, ref, f"Prefect block {block_type}/{name} cannot be read ({type(exc).__name__}: {redact.redact(str(exc))}); create it in the Prefect UI or with Block.save"
+        ) from None
+    data = {}
+    for key, value in (doc.data or {}).items():
+        if hasattr(value, "get_secret_value"):
+            value = value.get_secret_value()
+        data[key] = value
+    return data
 
 
 def _extra(conn) -> dict[str, Any]:
@@ -34,7 +78,7 @@ def _field(extra: dict, *names: str) -> Any:
 
 
 def airflow_credentials(kind: str, conn_id: str, where: str, ref: str) -> dict[str, Any]:
-    conn = refs.airflow_connection(conn_id, where, ref)
+    conn = airflow_connection(conn_id, where, ref)
     extra = _extra(conn)
     if kind == "aws":
         return _aws(conn_id, conn, extra)
@@ -72,13 +116,13 @@ def _gcp(conn_id: str, conn, extra: dict, where: str, ref: str) -> dict[str, Any
         try:
             keyfile = json.loads(keyfile)
         except json.JSONDecodeError:
-            raise refs.SecretReferenceError(where, ref, f"Airflow connection {conn_id!r}: keyfile_dict is not JSON") from None
+            raise SecretReferenceError(where, ref, f"Airflow connection {conn_id!r}: keyfile_dict is not JSON") from None
     if keyfile is None and key_path:
         try:
             with open(key_path) as fh:
                 keyfile = json.load(fh)
         except (OSError, json.JSONDecodeError) as exc:
-            raise refs.SecretReferenceError(where, ref, f"Airflow connection {conn_id!r}: cannot read key_path {key_path}: {exc}") from None
+            raise SecretReferenceError(where, ref, f"Airflow connection {conn_id!r}: cannot read key_path {key_path}: {exc}") from None
     return {"service_account_info": keyfile, "project": _field(extra, "project", "project_id")}
 
 

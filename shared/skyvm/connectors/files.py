@@ -11,6 +11,8 @@ Each directory is named for the process that owns it (pid and start time, so a
 reused pid is not mistaken for it). The owner removes it when done and at exit;
 a process killed with SIGKILL runs no exit handler, so ``skyvm gc``
 (``gc_secret_dirs``) removes every directory whose owner is gone.
+
+May import: the standard library and skyvm.home only (connectors and the SkyPilot credentials use it).
 """
 
 from __future__ import annotations

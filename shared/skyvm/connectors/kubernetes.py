@@ -6,6 +6,11 @@ current-context). SkyPilot is given the kubeconfig as ``KUBECONFIG`` (a 0600
 copy in a private directory, never ~/.kube) and the context through its own
 setting: ``infra: k8s/CONTEXT`` in the task, or ``kubernetes.allowed_contexts``
 in SkyPilot's config; skyvm does not change the file's current-context.
+
+The two methods are strategies here: each says where the kubeconfig comes from and what SkyPilot is given.
+
+May import: pyyaml and kubernetes (through ``require``), skyvm.redact and skyvm.connectors' base,
+common, refs and files.
 """
 
 from __future__ import annotations
@@ -13,18 +18,16 @@ from __future__ import annotations
 import importlib.util
 import os
 from pathlib import Path
-from typing import Any, ClassVar, Optional
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
-from pydantic import model_validator
+from pydantic import Field
 
 from skyvm import redact
 from skyvm.connectors import refs
-from skyvm.connectors.base import Connector, ConnectorError, require
-from skyvm.connectors.common import check_method_fields, references, sdk_call
+from skyvm.connectors.base import Connector, ConnectorError, Method, Needs, require
+from skyvm.connectors.common import sdk_call
 from skyvm.connectors.files import write_private
 
-_NEEDS = {"kubeconfig": [(("kubeconfig",), "kubeconfig (a reference to the kubeconfig YAML, e.g. file:/secrets/kubeconfig or env:KUBECONFIG_YAML)")]}
-_OWNERS = {"kubeconfig": ("kubeconfig",)}
 # Fields of a kubeconfig that hold secrets, per user entry.
 _USER_SECRETS = ("token", "client-key-data", "password")
 _AUTH_PROVIDER_SECRETS = ("access-token", "refresh-token", "client-secret", "id-token")
@@ -69,23 +72,63 @@ def register_secrets(config: dict[str, Any]) -> None:
             redact.register(*(provider.get(k) for k in _AUTH_PROVIDER_SECRETS))
 
 
+class Implicit(Method):
+    """KUBECONFIG, else ~/.kube/config, merged as kubectl does."""
+
+    method: Literal["implicit"] = "implicit"
+
+    def load(self, conn: "KubernetesConnector") -> tuple[dict[str, Any], str]:
+        paths = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p] or [os.path.join(os.path.expanduser("~"), ".kube", "config")]
+        configs = []
+        for path in paths:
+            try:
+                text = Path(path).read_text()
+            except OSError:
+                continue  # kubectl skips KUBECONFIG entries that do not exist
+            configs.append(absolutize(conn.parse(text, path), Path(path).resolve().parent))
+        if not configs:
+            raise ConnectorError(
+                f"{conn.label}: no kubeconfig at {os.pathsep.join(paths)}; set KUBECONFIG, or define a connector with method kubeconfig and kubeconfig: file:PATH"
+            )
+        return merge(configs), os.pathsep.join(paths)
+
+
+
+class Kubeconfig(Method):
+    """A kubeconfig behind a reference, given to SkyPilot as a private copy."""
+
+    method: Literal["kubeconfig"] = "kubeconfig"
+
+    kubeconfig: refs.Reference = None
+
+
+    NEEDS: ClassVar[Needs] = ((("kubeconfig",), "kubeconfig (a reference to the kubeconfig YAML, e.g. file:/secrets/kubeconfig or env:KUBECONFIG_YAML)"),)
+
+    def load(self, conn: "KubernetesConnector") -> tuple[dict[str, Any], str]:
+        text = refs.resolve(self.kubeconfig, f"{conn.where}.kubeconfig")
+        config = conn.parse(text, f"kubeconfig {self.kubeconfig!r}")
+        scheme, _, rest = self.kubeconfig.partition(":")
+        if scheme == "file":
+            absolutize(config, Path(rest).expanduser().resolve().parent)
+        return config, f"kubeconfig {self.kubeconfig!r}"
+
+    def skypilot_env(self, conn: "KubernetesConnector", private_dir: Path) -> dict[str, str]:
+        yaml = require("yaml", "kubernetes", conn.label)
+        config, source = self.load(conn)
+        conn.chosen(config, source)  # a wrong context fails here, not in SkyPilot
+        path = write_private(Path(private_dir) / "kubeconfig", yaml.safe_dump(config, sort_keys=False))
+        return {"KUBECONFIG": str(path)}
+
+
 class KubernetesConnector(Connector):
     """A Kubernetes cluster, through a kubeconfig and one of its contexts."""
 
     type: str = "kubernetes"
-    METHODS: ClassVar[tuple[str, ...]] = ("implicit", "kubeconfig")
+    auth: Annotated[Union[Implicit, Kubeconfig], Field(discriminator="method")]
 
-    kubeconfig: Optional[str] = None
     context: Optional[str] = None
 
-    _references = references("kubeconfig")
-
-    @model_validator(mode="after")
-    def _method_fields(self) -> "KubernetesConnector":
-        check_method_fields(self.method, self.__dict__, _NEEDS, _OWNERS)
-        return self
-
-    def _parse(self, text: str, source: str) -> dict[str, Any]:
+    def parse(self, text: str, source: str) -> dict[str, Any]:
         yaml = require("yaml", "kubernetes", self.label)
         try:
             config = yaml.safe_load(text) or {}
@@ -98,26 +141,7 @@ class KubernetesConnector(Connector):
 
     def load(self) -> tuple[dict[str, Any], str]:
         """The kubeconfig (file paths made absolute) and where it came from."""
-        if self.method == "kubeconfig":
-            text = refs.resolve(self.kubeconfig, f"connectors.{self.name or 'kubernetes'}.kubeconfig")
-            config = self._parse(text, f"kubeconfig {self.kubeconfig!r}")
-            scheme, _, rest = self.kubeconfig.partition(":")
-            if scheme == "file":
-                absolutize(config, Path(rest).expanduser().resolve().parent)
-            return config, f"kubeconfig {self.kubeconfig!r}"
-        paths = [p for p in os.environ.get("KUBECONFIG", "").split(os.pathsep) if p] or [os.path.join(os.path.expanduser("~"), ".kube", "config")]
-        configs = []
-        for path in paths:
-            try:
-                text = Path(path).read_text()
-            except OSError:
-                continue  # kubectl skips KUBECONFIG entries that do not exist
-            configs.append(absolutize(self._parse(text, path), Path(path).resolve().parent))
-        if not configs:
-            raise ConnectorError(
-                f"{self.label}: no kubeconfig at {os.pathsep.join(paths)}; set KUBECONFIG, or define a connector with method kubeconfig and kubeconfig: file:PATH"
-            )
-        return merge(configs), os.pathsep.join(paths)
+        return self.auth.load(self)
 
     def chosen(self, config: dict[str, Any], source: str) -> tuple[str, dict[str, Any]]:
         """(context name, its cluster entry) or an error naming the contexts there are."""
@@ -151,13 +175,3 @@ class KubernetesConnector(Connector):
         api = sdk_call(self.label, f"loading context {context}", hint, k8s_config.new_client_from_config_dict, config, context=context)
         info = sdk_call(self.label, f"asking the API server of context {context} its version", hint, k8s_client.VersionApi(api).get_code, _request_timeout=VERSION_TIMEOUT_S)
         return str(info.git_version)
-
-    def skypilot_env(self, private_dir: Path) -> dict[str, str]:
-        """``KUBECONFIG`` naming a 0600 copy in ``private_dir`` ({} for implicit: SkyPilot reads the same)."""
-        if self.method == "implicit":
-            return {}
-        yaml = require("yaml", "kubernetes", self.label)
-        config, source = self.load()
-        self.chosen(config, source)  # a wrong context fails here, not in SkyPilot
-        path = write_private(Path(private_dir) / "kubeconfig", yaml.safe_dump(config, sort_keys=False))
-        return {"KUBECONFIG": str(path)}

@@ -11,27 +11,28 @@ every other entry of the real home is linked into the private one (links in
 the private directory: the real home is not changed). What SkyPilot would
 create anew at the top of HOME (a first ``~/.sky``) lands in the private home
 and goes with it. The caller decides whether to apply the variable.
+
+The two methods are strategies here: each says where the key comes from and what SkyPilot is given.
+
+May import: skyvm.redact and skyvm.connectors' base, common, refs and files.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import ClassVar, Optional
+from typing import Annotated, ClassVar, Literal, Union
 
-from pydantic import field_validator, model_validator
+from pydantic import Field, field_validator
 
 from skyvm import redact
 from skyvm.connectors import refs
-from skyvm.connectors.base import Connector, ConnectorError
-from skyvm.connectors.common import check_method_fields, http_json, references
+from skyvm.connectors.base import Connector, ConnectorError, Method, Needs
+from skyvm.connectors.common import http_json
 from skyvm.connectors.files import write_private
 
 API_BASE = "https://cloud.lambdalabs.com/api/v1"
 KEYS_FILE = Path(".lambda_cloud") / "lambda_keys"
-
-_NEEDS = {"api-key": [(("api_key",), "api_key (a reference, e.g. env:LAMBDA_API_KEY)")]}
-_OWNERS = {"api_key": ("api-key",)}
 
 
 def read_keys_file(path: Path) -> dict[str, str]:
@@ -44,17 +45,65 @@ def read_keys_file(path: Path) -> dict[str, str]:
     return pairs
 
 
+class Implicit(Method):
+    """The key SkyPilot reads itself, from ~/.lambda_cloud/lambda_keys (read, never written)."""
+
+    method: Literal["implicit"] = "implicit"
+
+    def key(self, conn: "LambdaConnector") -> str:
+        path = Path(os.path.expanduser("~")) / KEYS_FILE
+        try:
+            value = read_keys_file(path).get("api_key", "")
+        except OSError as exc:
+            raise ConnectorError(
+                f"{conn.label}: cannot read {path} ({exc.strerror or exc}), where SkyPilot reads Lambda's key; "
+                "write `api_key = KEY` there, or define a connector with method api-key and api_key: env:LAMBDA_API_KEY"
+            ) from None
+        if not value:
+            raise ConnectorError(f"{conn.label}: {path} has no `api_key = KEY` line")
+        redact.register(value)
+        return value
+
+
+
+class ApiKey(Method):
+    """A key behind a reference, given to SkyPilot in a private home (see the module's docstring)."""
+
+    method: Literal["api-key"] = "api-key"
+
+    api_key: refs.Reference = None
+
+
+    NEEDS: ClassVar[Needs] = ((("api_key",), "api_key (a reference, e.g. env:LAMBDA_API_KEY)"),)
+
+    def key(self, conn: "LambdaConnector") -> str:
+        value = refs.resolve(self.api_key, f"{conn.where}.api_key").strip()
+        if not value:
+            raise ConnectorError(f"{conn.label}: api_key {self.api_key!r} resolves to an empty value; put the key from Lambda's dashboard (API keys) there")
+        return value
+
+    def skypilot_env(self, conn: "LambdaConnector", private_dir: Path) -> dict[str, str]:
+        home = Path(private_dir) / "home"
+        for folder in (home, home / KEYS_FILE.parent):
+            folder.mkdir(mode=0o700, exist_ok=True)
+        write_private(home / KEYS_FILE, f"api_key = {self.key(conn)}\n")
+        real = Path(os.path.expanduser("~"))
+        if real.is_dir() and real.resolve() != home.resolve():
+            for entry in real.iterdir():
+                link = home / entry.name
+                if entry.name != KEYS_FILE.parts[0] and not link.exists() and not link.is_symlink():
+                    link.symlink_to(entry)
+        return {"HOME": str(home)}
+
+
 class LambdaConnector(Connector):
     """A Lambda Cloud account."""
 
     type: str = "lambda"
-    METHODS: ClassVar[tuple[str, ...]] = ("implicit", "api-key")
+    auth: Annotated[Union[Implicit, ApiKey], Field(discriminator="method")]
 
-    api_key: Optional[str] = None
     # Lambda's API (for `skyvm check`); SkyPilot itself always uses Lambda's own.
     api_base: str = API_BASE
-
-    _references = references("api_key")
 
     @field_validator("api_base")
     @classmethod
@@ -63,30 +112,9 @@ class LambdaConnector(Connector):
             raise ValueError(f"api_base is a URL (default {API_BASE}); got {value!r}")
         return value.rstrip("/")
 
-    @model_validator(mode="after")
-    def _method_fields(self) -> "LambdaConnector":
-        check_method_fields(self.method, self.__dict__, _NEEDS, _OWNERS)
-        return self
-
     def key(self) -> str:
         """The API key: the reference's value, or the one in ~/.lambda_cloud/lambda_keys (read, never written)."""
-        if self.method == "api-key":
-            value = refs.resolve(self.api_key, f"connectors.{self.name or 'lambda'}.api_key").strip()
-            if not value:
-                raise ConnectorError(f"{self.label}: api_key {self.api_key!r} resolves to an empty value; put the key from Lambda's dashboard (API keys) there")
-            return value
-        path = Path(os.path.expanduser("~")) / KEYS_FILE
-        try:
-            value = read_keys_file(path).get("api_key", "")
-        except OSError as exc:
-            raise ConnectorError(
-                f"{self.label}: cannot read {path} ({exc.strerror or exc}), where SkyPilot reads Lambda's key; "
-                "write `api_key = KEY` there, or define a connector with method api-key and api_key: env:LAMBDA_API_KEY"
-            ) from None
-        if not value:
-            raise ConnectorError(f"{self.label}: {path} has no `api_key = KEY` line")
-        redact.register(value)
-        return value
+        return self.auth.key(self)
 
     def identity(self) -> str:
         answer = http_json(
@@ -98,19 +126,3 @@ class LambdaConnector(Connector):
         )
         kinds = answer.get("data") or {}
         return f"Lambda Cloud API key accepted at {self.api_base} ({len(kinds)} instance types offered)"
-
-    def skypilot_env(self, private_dir: Path) -> dict[str, str]:
-        """``HOME`` pointing at a private home holding the key file (see the module's docstring); {} for implicit."""
-        if self.method == "implicit":
-            return {}
-        home = Path(private_dir) / "home"
-        for folder in (home, home / KEYS_FILE.parent):
-            folder.mkdir(mode=0o700, exist_ok=True)
-        write_private(home / KEYS_FILE, f"api_key = {self.key()}\n")
-        real = Path(os.path.expanduser("~"))
-        if real.is_dir() and real.resolve() != home.resolve():
-            for entry in real.iterdir():
-                link = home / entry.name
-                if entry.name != KEYS_FILE.parts[0] and not link.exists() and not link.is_symlink():
-                    link.symlink_to(entry)
-        return {"HOME": str(home)}

@@ -12,6 +12,9 @@ References are resolved in the engine's process, at launch (and at
 ``skyvm check``), never when settings are read: settings, TaskSpecs, trigger
 rows and logs only ever hold the reference. Every resolved value is
 registered with :mod:`skyvm.redact`.
+
+May import: skyvm.redact, skyvm.connectors.base and skyvm.connectors.engine_sources (the engines'
+stores), never a connector.
 """
 
 from __future__ import annotations
@@ -19,21 +22,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
+
+from pydantic import AfterValidator, ValidationInfo
 
 from skyvm import redact
-from skyvm.errors import InfrastructureError
+from skyvm.connectors.base import SecretReferenceError
+from skyvm.connectors.engine_sources import airflow_connection, airflow_credentials, prefect_block_data
+
+__all__ = ["Reference", "SecretReferenceError", "check_syntax", "is_reference", "resolve", "resolve_optional", "resolve_credential_set"]
 
 SCHEMES = ("env", "file", "airflow", "prefect")
 ACCEPTED = "env:NAME, file:PATH, airflow:CONN_ID, prefect:secret/NAME or prefect:BLOCK-TYPE/NAME"
-
-
-class SecretReferenceError(InfrastructureError):
-    """A reference that cannot be resolved at launch: names the field, the reference and the fix."""
-
-    def __init__(self, where: str, ref: str, problem: str):
-        self.where, self.ref = where, ref
-        super().__init__(f"cannot resolve {where}: {problem} (reference {ref!r})")
 
 
 def check_syntax(value: Any, field: str) -> str:
@@ -52,51 +52,16 @@ def check_syntax(value: Any, field: str) -> str:
     return value
 
 
+def _checked(value: Optional[str], info: ValidationInfo) -> Optional[str]:
+    return None if value is None else check_syntax(value, info.field_name or "a reference")
+
+
+# A settings field that holds a secret reference, never a secret (checked by ``check_syntax``).
+Reference = Annotated[Optional[str], AfterValidator(_checked)]
+
+
 def is_reference(value: Any) -> bool:
     return isinstance(value, str) and value.partition(":")[0] in SCHEMES and bool(value.partition(":")[2])
-
-
-# -- engines' stores ---------------------------------------------------------
-
-
-def airflow_connection(conn_id: str, where: str, ref: str):
-    try:
-        from airflow.sdk.bases.hook import BaseHook  # Airflow 3
-    except ImportError:
-        try:
-            from airflow.hooks.base import BaseHook  # type: ignore[no-redef]
-        except ImportError:
-            raise SecretReferenceError(where, ref, "an airflow: reference is read in an Airflow process, and Airflow is not installed here") from None
-    try:
-        return BaseHook.get_connection(conn_id)
-    except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException and friends
-        raise SecretReferenceError(where, ref, f"Airflow connection {conn_id!r} cannot be read ({type(exc).__name__}: {redact.redact(str(exc))}); create it with `airflow connections add {conn_id} ...`") from None
-
-
-def prefect_block_data(block_type: str, name: str, where: str, ref: str) -> dict[str, Any]:
-    """A block document's fields, secrets included, straight from the Prefect API.
-
-    Read through the API rather than ``Block.load`` so that a block type of an
-    integration (prefect-aws's ``aws-credentials``) resolves without that
-    integration installed in the engine's environment.
-    """
-    try:
-        from prefect.client.orchestration import get_client
-    except ImportError:
-        raise SecretReferenceError(where, ref, "a prefect: reference is read in a Prefect process, and Prefect is not installed here") from None
-    try:
-        with get_client(sync_client=True) as client:
-            doc = client.read_block_document_by_name(name=name, block_type_slug=block_type, include_secrets=True)
-    except Exception as exc:  # noqa: BLE001 - ObjectNotFound, API unreachable
-        raise SecretReferenceError(
-            where, ref, f"Prefect block {block_type}/{name} cannot be read ({type(exc).__name__}: {redact.redact(str(exc))}); create it in the Prefect UI or with Block.save"
-        ) from None
-    data = {}
-    for key, value in (doc.data or {}).items():
-        if hasattr(value, "get_secret_value"):
-            value = value.get_secret_value()
-        data[key] = value
-    return data
 
 
 def _register_tree(value: Any) -> None:
@@ -167,9 +132,7 @@ def resolve_credential_set(ref: str, kind: str, where: str) -> dict[str, Any]:
     """
     scheme, _, rest = ref.partition(":")
     if scheme == "airflow":
-        from skyvm.connectors import engine_sources
-
-        data = engine_sources.airflow_credentials(kind, rest, where, ref)
+        data = airflow_credentials(kind, rest, where, ref)
     elif scheme == "prefect":
         block_type, _, name = rest.partition("/")
         data = prefect_block_data(block_type, name, where, ref)
