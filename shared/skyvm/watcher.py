@@ -2,27 +2,36 @@
 
 Streams (a docker exec's socket, a plain process's pipe) are multiplexed with
 ``selectors`` in one thread: their lines go to each node's log sink as they
-come, and their end is the node's end. Attempts that can only be polled (a
-SkyPilot job, a node found again from its reference) are asked for their
-status and new log lines every ``poll_s``, from the same thread. Timeouts are
-checked there too.
+come, and their end is the node's end (reported on a small pool of threads:
+the backend asks its engine how the attempt ended). Timeouts are checked there
+too, and fired on a thread of their own (a cancel may take seconds).
+
+The watcher's thread never blocks on a backend: attempts that can only be
+polled (a SkyPilot job, a node found again from its reference) are asked for
+their status and new log lines every ``every_s`` on a small bounded pool of
+poll threads, one poll per attempt in flight at a time. A poll that hangs (a
+SkyPilot bridge call may take minutes) holds one poll thread, never another
+node's stream or deadline.
 
 The thread is supervised: a callback that raises (even ``SystemExit``) is
 logged and the node goes on; a failed round is logged and the next one starts
 with everything still registered; after ``LOOP_FAILURES`` failed rounds in a
 row it gives up and every waiter (``add_waiter``) gets an error naming it,
 rather than waiting forever on a dead thread.
+
+Holds no process-wide state: the process's watcher is its ``skyvm.context``'s.
+May import only the standard library.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import selectors
 import socket
 import struct
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -33,6 +42,8 @@ LineSink = Callable[[str], None]
 # Failed rounds in a row after which the watcher gives up (each failure is logged; a round that
 # works resets the count): then every waiter gets an error naming it, and the next watcher() is new.
 LOOP_FAILURES = 5
+# Threads a stream's end is reported on (its backend asks how the attempt ended, then the node completes).
+ENDING_THREADS = 4
 # Output with no newline is passed on in pieces of this size rather than buffered without bound.
 MAX_LINE_BYTES = 64 * 1024
 
@@ -52,6 +63,7 @@ class _Polled:
     poll: Callable[[], bool]  # True once the attempt is finished (it reports through its own callbacks)
     every_s: float
     next_at: float = 0.0
+    in_flight: bool = False  # its poll runs on a poll thread now: never two at once
 
 
 @dataclass
@@ -74,7 +86,15 @@ def split_frames(buffer: bytes) -> tuple[list[tuple[int, bytes]], bytes]:
 
 
 class Watcher:
-    def __init__(self):
+    """``poll_threads``: the poll pool's size. ``successor()``: where a registration goes once this
+    watcher has given up (the context's current watcher)."""
+
+    def __init__(self, poll_threads: int = 8, successor: Optional[Callable[[], "Watcher"]] = None):
+        self._poll_threads = poll_threads
+        # Made when first needed: the poll threads, and the threads a stream's end is reported on (a
+        # backend asks its engine how the attempt ended: a call, never made on this thread).
+        self._executors: dict[str, ThreadPoolExecutor] = {}
+        self._successor = successor or Watcher
         self._sel = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._polled: dict[int, _Polled] = {}
@@ -102,7 +122,7 @@ class Watcher:
 
     # -- registration --------------------------------------------------------
 
-    # A registration that reaches a watcher which has given up goes to the process's current one.
+    # A registration that reaches a watcher which has given up goes to its successor (the context's current one).
 
     def add_stream(self, fileobj, read: Callable[[int], bytes], on_line: LineSink, on_end: Callable[[], None], *, docker_frames: bool) -> None:
         with self._lock:
@@ -110,14 +130,14 @@ class Watcher:
             if registered:
                 self._sel.register(fileobj, selectors.EVENT_READ, _Stream(read, on_line, on_end, docker_frames))
         if not registered:
-            return watcher().add_stream(fileobj, read, on_line, on_end, docker_frames=docker_frames)
+            return self._successor().add_stream(fileobj, read, on_line, on_end, docker_frames=docker_frames)
         self._wake()
 
     def add_polled(self, poll: Callable[[], bool], every_s: float) -> int:
-        return self._add(self._polled, _Polled(poll, every_s, time.monotonic())) or watcher().add_polled(poll, every_s)
+        return self._add(self._polled, _Polled(poll, every_s, time.monotonic())) or self._successor().add_polled(poll, every_s)
 
     def add_deadline(self, at_monotonic: float, fire: Callable[[], None]) -> int:
-        return self._add(self._deadlines, _Deadline(at_monotonic, fire)) or watcher().add_deadline(at_monotonic, fire)
+        return self._add(self._deadlines, _Deadline(at_monotonic, fire)) or self._successor().add_deadline(at_monotonic, fire)
 
     def _add(self, table: dict, item) -> int:
         """The item's key, or 0 when this watcher has given up (the caller goes to the current one)."""
@@ -153,7 +173,7 @@ class Watcher:
     def _timeout(self) -> float:
         now = time.monotonic()
         with self._lock:
-            times = [p.next_at for p in self._polled.values()] + [d.at for d in self._deadlines.values()]
+            times = [p.next_at for p in self._polled.values() if not p.in_flight] + [d.at for d in self._deadlines.values()]
         # After a failed round the next comes soon: a watcher that keeps failing gives up in seconds.
         idle = 1.0 if self._failures else 5.0
         return min(idle, max(0.0, min(times) - now)) if times else idle
@@ -219,6 +239,8 @@ class Watcher:
                     self._sel.unregister(fileobj)
                 except (KeyError, ValueError):
                     pass
+        for executor in self._executors.values():
+            executor.shutdown(wait=False)  # a poll running now finds its entry gone and ends there
         log.error("%s: the %d node(s) it followed are told so", error, len(waiters))
         for sock in (self._wake_r, self._wake_w, self._sel):
             try:
@@ -259,8 +281,15 @@ class Watcher:
             self._emit(stream, stream.text)
             stream.text = b""
         try:
-            stream.on_end()
-        except BaseException:  # noqa: BLE001 - one node's bookkeeping must not stop the watcher
+            self._executor("end", ENDING_THREADS).submit(self._call_end, stream.on_end)
+        except RuntimeError:  # shutting down: no new threads
+            self._call_end(stream.on_end)
+
+    @staticmethod
+    def _call_end(on_end: Callable[[], None]) -> None:
+        try:
+            on_end()
+        except BaseException:  # noqa: BLE001 - one node's bookkeeping must not stop the others'
             log.exception("node end callback failed")
 
     def _feed(self, stream: _Stream, chunk: bytes) -> None:
@@ -289,9 +318,13 @@ class Watcher:
             log.exception("log sink failed")
 
     def _run_due(self) -> None:
+        """Fire the deadlines that are due and hand the polls that are due to the poll threads:
+        nothing here waits on a backend."""
         now = time.monotonic()
         with self._lock:
-            due_polls = [(k, p) for k, p in self._polled.items() if p.next_at <= now]
+            due_polls = [(k, p) for k, p in self._polled.items() if p.next_at <= now and not p.in_flight]
+            for _k, polled in due_polls:
+                polled.in_flight = True
             due_deadlines = [(k, d) for k, d in self._deadlines.items() if d.at <= now]
             for k, _ in due_deadlines:
                 self._deadlines.pop(k, None)
@@ -305,30 +338,34 @@ class Watcher:
                     self._deadlines[key] = _Deadline(time.monotonic() + 1.0, deadline.fire)
         for key, polled in due_polls:
             try:
-                finished = polled.poll()
-            except BaseException:  # noqa: BLE001 - a failed poll is retried at the next round
-                log.debug("poll failed", exc_info=True)
-                finished = False
-            with self._lock:
-                if finished:
-                    self._polled.pop(key, None)
-                elif key in self._polled:
+                self._executor("poll", self._poll_threads).submit(polled.poll).add_done_callback(lambda f, key=key, polled=polled: self._polled_back(key, polled, f))
+            except BaseException:  # noqa: BLE001 - no poll thread now (shutting down): try again next round
+                log.debug("handing a poll to a poll thread failed", exc_info=True)
+                with self._lock:
+                    polled.in_flight = False
                     polled.next_at = time.monotonic() + polled.every_s
+
+    def _executor(self, kind: str, threads: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if kind not in self._executors:
+                self._executors[kind] = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"skyvm-{kind}")
+            return self._executors[kind]
+
+    def _polled_back(self, key: int, polled: _Polled, done: Future) -> None:
+        """A poll ended (on its poll thread): finished attempts are dropped, the others polled again in ``every_s``."""
+        try:
+            finished = done.result()
+        except BaseException:  # noqa: BLE001 - a failed poll is retried at its next turn
+            log.debug("poll failed", exc_info=True)
+            finished = False
+        with self._lock:
+            polled.in_flight = False
+            if finished:
+                self._polled.pop(key, None)
+            elif key in self._polled:
+                polled.next_at = time.monotonic() + polled.every_s
+        self._wake()
 
 
 class _WatcherFailed(RuntimeError):
     pass
-
-
-_watcher: Optional[Watcher] = None
-_watcher_lock = threading.Lock()
-_watcher_pid: Optional[int] = None
-
-
-def watcher() -> Watcher:
-    """The process's watcher (a new one after a fork, or after the last one gave up)."""
-    global _watcher, _watcher_pid
-    with _watcher_lock:
-        if _watcher is None or _watcher_pid != os.getpid() or not _watcher.alive:
-            _watcher, _watcher_pid = Watcher(), os.getpid()
-        return _watcher

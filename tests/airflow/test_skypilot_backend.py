@@ -62,17 +62,18 @@ def test_trigger_on_kill_cancels_an_unfinished_skypilot_node_and_downs_its_clust
     import asyncio
 
     from airflow_skyvm.triggers.skyvm import SkyVMTrigger
-    from skyvm.api import Run
+    from skyvm.api import NodeHandle, Run
     from skyvm.node import make_command_payload
 
     monkeypatch.setenv("SKYVM_S3_ENDPOINT_URL", s3_server)
     settings = {"defaults": {"backend": "skypilot", "cloud": "aws", "down": True, "payload_store": "s3://skyvm-test/airflow-sky",
                              "payload_store_endpoint": s3_server, "registry": registry.model_dump()}}
     run = Run(settings, run_id="af-sky-trigger-cleanup")
-    node = run.launch_detached("sky-cleanup", run.resolve("sky-cleanup"), make_command_payload("echo up; sleep 300"))
+    reference = run.start_raw("sky-cleanup", run.resolve("sky-cleanup"), make_command_payload("echo up; sleep 300")).let_go()
+    node = NodeHandle.attach(reference)
     secret = os.environ["SKYVM_TEST_REGISTRY_PASSWORD"]
-    assert node.to_dict()["job_id"] and secret not in str(node.to_dict())  # what Airflow stores for the trigger: no credentials
-    revived = SkyVMTrigger(**SkyVMTrigger(node=node.to_dict(), poll_interval=0.5).serialize()[1])
+    assert reference["job_id"] and secret not in str(reference)  # what Airflow stores for the trigger: no credentials
+    revived = SkyVMTrigger(**SkyVMTrigger(node=reference, poll_interval=0.5).serialize()[1])
 
     async def poll_then_stop():
         gen = revived.run()

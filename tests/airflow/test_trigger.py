@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from skyvm.api import DetachedNode
+from skyvm.api import NodeHandle
 from skyvm.backends.base import JobState
 from skyvm.backends.local import home_id, list_managed
 from test_operator import run_dag, xcom
@@ -149,13 +149,13 @@ def run_deferred(dag, inline_trigger, scenario):
 
 
 def node_state(kwargs):
-    return DetachedNode.from_dict(kwargs["node"]).status().state
+    return NodeHandle.attach(kwargs["node"]).status().state
 
 
 def wait_for_log(node: dict, text: str, timeout: float = 120) -> None:
     """Until the node's log shows ``text`` (its body runs), polling with a deadline."""
     deadline = time.monotonic() + timeout
-    while text not in DetachedNode.from_dict(node).read_log(0)[0]:
+    while text not in NodeHandle.attach(node).read_log(0)[0]:
         assert time.monotonic() < deadline, f"the node never printed {text!r}"
         time.sleep(0.2)
 
@@ -279,7 +279,7 @@ def test_a_briefly_unreachable_cluster_does_not_end_the_task(dags, inline_trigge
         subprocess.run(["docker", "rename", cluster, f"{cluster}-away"], check=True, capture_output=True)
         hidden_at = time.time()
         try:
-            seen["status while away"] = DetachedNode.from_dict(trigger.node).status()
+            seen["status while away"] = NodeHandle.attach(trigger.node).status()
             time.sleep(max(0.0, 4.0 - (time.time() - hidden_at)))
         finally:
             subprocess.run(["docker", "rename", f"{cluster}-away", cluster], check=True, capture_output=True)

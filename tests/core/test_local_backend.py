@@ -270,17 +270,17 @@ def test_without_docker_it_falls_back_to_processes_and_says_so(tmp_path):
     assert out.stderr.count("no Docker engine reachable") == 1
 
 
-def test_detached_node_survives_without_a_waiting_process_and_is_found_again():
-    from skyvm.api import DetachedNode
+def test_a_node_let_go_runs_on_without_a_waiting_process_and_is_found_again():
+    from skyvm.api import NodeHandle
     from skyvm.backends.base import JobState
     from skyvm.node import make_command_payload
 
     with Run({"defaults": {"cpus": 1}}) as run:
         settings = run.resolve("detached")
-        ref = run.launch_detached("detached", settings, make_command_payload("echo first; sleep 2; echo answer-7")).to_dict()
+        ref = run.start_raw("detached", settings, make_command_payload("echo first; sleep 2; echo answer-7")).let_go()
         import json
 
-        node = DetachedNode.from_dict(json.loads(json.dumps(ref)))  # what a trigger in another process gets
+        node = NodeHandle.attach(json.loads(json.dumps(ref)))  # what a trigger in another process gets
         assert "secrets" not in ref["settings"]
         # A node submitted meanwhile must not share the busy cluster.
         other = run.submit(limits, node="meanwhile")
@@ -296,19 +296,20 @@ def test_detached_node_survives_without_a_waiting_process_and_is_found_again():
         assert not [r for r in list_managed() if r["name"] == node.cluster]
 
 
-def test_detached_node_can_be_cancelled():
-    from skyvm.api import DetachedNode
+def test_a_node_let_go_can_be_cancelled():
+    from skyvm.api import NodeHandle
     from skyvm.backends.base import JobState
     from skyvm.node import make_command_payload
 
     with Run() as run:
-        node = run.launch_detached("detached-cancel", run.resolve("detached-cancel"), make_command_payload("sleep 120"))
+        launched = run.start_raw("detached-cancel", run.resolve("detached-cancel"), make_command_payload("sleep 120"))
+        node = NodeHandle.attach(launched.let_go())
         assert node.status().state is JobState.RUNNING
         node.cancel()
         assert wait_until(lambda: node.status().state is JobState.CANCELLED, 30)
         with pytest.raises(NodeCancelled):
             node.outcome()
-        DetachedNode.from_dict(node.to_dict()).release()
+        NodeHandle.attach(launched.reference()).release()
         assert not [r for r in list_managed() if r["name"] == node.cluster]
 
 
@@ -327,19 +328,18 @@ def test_single_vm_runs_every_node_of_a_run_on_one_cluster_in_turn():
     assert containers_of(run.run_id) == []
 
 
-def test_more_queued_nodes_than_launch_threads_all_finish(monkeypatch):
+def test_more_queued_nodes_than_launch_threads_all_finish():
     """Nodes queued for a cluster hold launch threads; the ones that finish must still free theirs."""
-    import skyvm.api as api
+    from skyvm.context import Context
 
-    monkeypatch.setattr(api, "_launcher", None)
-    monkeypatch.setattr(api, "LAUNCH_THREADS", 2)
+    ctx = Context(launch_threads=2)
     try:
-        with Run({"defaults": {"cpus": 0.5, "max_clusters": 1}}) as run:
+        with Run({"defaults": {"cpus": 0.5, "max_clusters": 1}}, ctx=ctx) as run:
             handles = [run.submit(pow, i, 2, node=f"q{i}") for i in range(5)]
             assert [h.result(300) for h in handles] == [0, 1, 4, 9, 16]
             assert len({h.cluster for h in handles}) == 1
     finally:
-        api._launcher = None
+        ctx.close()
 
 
 def test_an_unpicklable_argument_names_the_node_and_the_argument_and_nothing_starts():
@@ -375,20 +375,21 @@ def test_a_docker_call_past_its_bound_is_an_error_naming_the_call():
 def test_a_node_cancelled_while_its_image_builds_ends_at_once_and_never_starts(monkeypatch):
     import threading
 
-    import skyvm.api
+    from skyvm.context import Context
 
     # A fresh requirements image takes minutes to build here; the build is held at its start
     # instead, until the test lets it go (the rest of the path is real).
     building, go = threading.Event(), threading.Event()
-    real_image = skyvm.api.node_image
+    ctx = Context()
+    real_image = ctx.node_image
 
     def slow_build(settings):
         building.set()
         assert go.wait(120)
         return real_image(settings)
 
-    monkeypatch.setattr(skyvm.api, "node_image", slow_build)
-    with Run() as run:
+    monkeypatch.setattr(ctx, "node_image", slow_build)  # this context's image step, nobody else's
+    with Run(ctx=ctx) as run:
         handle = run.submit(env_of, "HOME", node="building")
         assert building.wait(60)
         assert handle.cancel(wait_s=5)  # skyvm's own bound: the build is not waited for

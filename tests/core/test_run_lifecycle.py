@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 import tracemalloc
 import weakref
@@ -17,9 +18,9 @@ import pytest
 from skyvm import InfrastructureError, NodeCancelled, NodeFailed, NodeTimeout, Run
 from skyvm.api import backend_for
 from skyvm.backends.local import local_backend
+from skyvm.context import Context
 from skyvm.errors import NodeAborted, SettingsError
 from skyvm.settings import NodeSettings
-from skyvm.watcher import Watcher
 from test_local_backend import containers_of, wait_until  # pytest puts tests/core on sys.path
 
 pytestmark = pytest.mark.usefixtures("docker_engine")
@@ -103,12 +104,9 @@ def test_a_run_drops_finished_handles_and_a_handle_lets_go_of_its_payload():
         assert ref() is None, "the run still holds a finished node's handle"
 
 
-def test_a_handle_keeps_a_bounded_tail_of_its_log_and_on_log_gets_every_line(monkeypatch):
-    import skyvm.api
-
-    monkeypatch.setattr(skyvm.api, "LOG_TAIL_LINES", 50)
+def test_a_handle_keeps_a_bounded_tail_of_its_log_and_on_log_gets_every_line():
     seen = []
-    with Run(SMALL) as run:
+    with Run(SMALL, ctx=Context(log_tail_lines=50)) as run:
         handle = run.submit(chatter, 400, node="chatter", on_log=seen.append)
         assert handle.result(HANG_GUARD_S) == 400
     assert [line for line in seen if line.startswith("line ")] == [f"line {i}" for i in range(400)]
@@ -187,43 +185,91 @@ def test_a_log_sink_that_raises_system_exit_neither_stops_the_node_nor_the_watch
 
 
 def test_a_failed_watcher_round_is_survived_and_the_node_finishes(monkeypatch, caplog):
-    original = Watcher._run_due
+    ctx = Context()  # its own watcher: the failure is injected there, nowhere else
+    watcher = ctx.watcher()
+    original = watcher._run_due
     failed = []
 
-    def fails_once(self):
+    def fails_once():
         if not failed:
             failed.append(True)
             raise RuntimeError("injected watcher failure")
-        return original(self)
+        return original()
 
-    with Run(SMALL) as run:
+    with Run(SMALL, ctx=ctx) as run:
         handle = run.submit(nap_then, 3, "survived", node="through-a-failure")
         assert wait_until(lambda: "started" in handle.logs(), 120)
         with caplog.at_level(logging.ERROR, logger="skyvm.watcher"):
-            monkeypatch.setattr(Watcher, "_run_due", fails_once)
+            monkeypatch.setattr(watcher, "_run_due", fails_once)
             assert handle.result(HANG_GUARD_S) == "survived"
     assert failed and "injected watcher failure" in caplog.text
     assert containers_of(run.run_id) == []
 
 
 def test_a_watcher_that_keeps_failing_gives_every_waiter_an_error_naming_it(monkeypatch):
-    def always_fails(self):
+    def always_fails():
         raise RuntimeError("injected watcher failure")
 
-    run = Run(SMALL)
+    ctx = Context()  # its own watcher: the failure is injected there, nowhere else
+    run = Run(SMALL, ctx=ctx)
     try:
         handle = run.submit(nap_then, 600, "never", node="abandoned")
         assert wait_until(lambda: "started" in handle.logs(), 120)
-        monkeypatch.setattr(Watcher, "_run_due", always_fails)
+        monkeypatch.setattr(ctx.watcher(), "_run_due", always_fails)
         with pytest.raises(InfrastructureError, match="watcher thread stopped after .* injected watcher failure") as err:
             handle.result(HANG_GUARD_S)
         assert "'abandoned'" in str(err.value)
         monkeypatch.undo()
         # The next node gets a new watcher.
+        assert not ctx.watcher().failed
         assert run.submit(nap_then, 0, "fresh", node="after-the-failure").result(HANG_GUARD_S) == "fresh"
     finally:
         monkeypatch.undo()
         run.close()
+    assert containers_of(run.run_id) == []
+
+
+def test_a_poll_that_hangs_stalls_no_other_nodes_stream_deadline_or_poll():
+    """A status call that hangs (a SkyPilot bridge call may take minutes) holds a poll thread, never the
+    watcher's: in the same process another node's log still streams, its timeout still fires, and
+    another attempt's polls still take their turns."""
+    ctx = Context(poll_threads=2)
+    watcher = ctx.watcher()
+    in_hung_poll, let_it_return, hung_returned = threading.Event(), threading.Event(), threading.Event()
+
+    def hung_poll():  # as a backend's status() waiting on a bridge that does not answer
+        in_hung_poll.set()
+        let_it_return.wait(HANG_GUARD_S)
+        hung_returned.set()
+        return True
+
+    turns, polled_thrice = [], threading.Event()
+
+    def other_poll():
+        turns.append(len(turns))
+        if len(turns) == 3:
+            polled_thrice.set()
+        return len(turns) >= 3
+
+    watcher.add_polled(hung_poll, 0.1)
+    try:
+        assert in_hung_poll.wait(HANG_GUARD_S)
+        watcher.add_polled(other_poll, 0.1)
+        seen = []
+        with Run(SMALL, ctx=ctx) as run:
+            streams = run.submit(chatter, 3, node="streams-meanwhile", on_log=seen.append)
+            times_out = run.submit(nap_then, 600, "never", node="times-out-meanwhile", options={"timeout": 5})
+            assert streams.result(HANG_GUARD_S) == 3
+            with pytest.raises(NodeTimeout, match="'times-out-meanwhile' exceeded its timeout of 5s"):
+                times_out.result(HANG_GUARD_S)
+            assert polled_thrice.wait(HANG_GUARD_S)
+            # All of it happened while the hung poll had not returned.
+            assert not hung_returned.is_set()
+        assert [line for line in seen if line.startswith("line ")] == ["line 0", "line 1", "line 2"]
+        assert turns == [0, 1, 2]
+    finally:
+        let_it_return.set()
+    assert hung_returned.wait(HANG_GUARD_S)
     assert containers_of(run.run_id) == []
 
 

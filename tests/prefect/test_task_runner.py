@@ -521,14 +521,16 @@ def stalls():
     time.sleep(600)
 
 
-def test_a_task_timeout_stays_its_error_when_stopping_the_node_fails(runner, monkeypatch):
+def test_a_task_timeout_stays_its_error_when_stopping_the_node_fails(runner, request):
     """The node's container is frozen (docker pause) once its attempt runs, so no stop request reaches it:
     the task is still TimedOut, and the failed stop is logged on the task run."""
-    import skyvm.api
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
 
-    monkeypatch.setattr(skyvm.api, "CANCEL_WAIT_S", 2.0)  # skyvm's own bound on a stop
+    from skyvm import context
+
+    context.reset(cancel_wait_s=2.0)  # skyvm's own bound on a stop (the runner's run is made in this context)
+    request.addfinalizer(context.reset)
     paused: list[str] = []
 
     @flow(task_runner=runner)

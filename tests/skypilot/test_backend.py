@@ -19,6 +19,7 @@ sky = pytest.importorskip("sky")
 from skyvm import InfrastructureError, NodeCancelled, NodeFailed, Run, SettingsError  # noqa: E402
 from skyvm.backends import skypilot as skypilot_backend_module  # noqa: E402
 from skyvm.backends.skypilot import SkyPilotBackend  # noqa: E402
+from skyvm.context import Context  # noqa: E402
 
 
 class StandInBridge:
@@ -301,8 +302,9 @@ def test_spot_with_recovery_is_a_managed_job_and_preemption_spends_no_retry(clou
 
 
 def test_a_local_directory_store_is_refused_before_anything_is_built_or_uploaded(bridge, registry, tmp_path, monkeypatch):
-    monkeypatch.setattr("skyvm.api.node_image", lambda s: pytest.fail("an image was built for a node that cannot run"))
-    with Run({"defaults": {"backend": "skypilot", "registry": registry.model_dump(), "payload_store": str(tmp_path)}}) as run:
+    ctx = Context()
+    monkeypatch.setattr(ctx, "node_image", lambda s: pytest.fail("an image was built for a node that cannot run"))
+    with Run({"defaults": {"backend": "skypilot", "registry": registry.model_dump(), "payload_store": str(tmp_path)}}, ctx=ctx) as run:
         with pytest.raises(SettingsError) as info:
             run.submit(add, 1, 2, node="nowhere")
     assert "nodes.nowhere.payload_store" in str(info.value) and f"got {tmp_path}" in str(info.value) and "s3://" in str(info.value)
@@ -311,8 +313,9 @@ def test_a_local_directory_store_is_refused_before_anything_is_built_or_uploaded
 
 
 def test_a_locally_built_image_without_a_registry_is_refused_before_the_build(bridge, s3_server, monkeypatch):
-    monkeypatch.setattr("skyvm.api.node_image", lambda s: pytest.fail("an image was built for a node that cannot run"))
-    with Run({"defaults": {"backend": "skypilot", "payload_store": "s3://skyvm-test/x", "payload_store_endpoint": s3_server}}) as run:
+    ctx = Context()
+    monkeypatch.setattr(ctx, "node_image", lambda s: pytest.fail("an image was built for a node that cannot run"))
+    with Run({"defaults": {"backend": "skypilot", "payload_store": "s3://skyvm-test/x", "payload_store_endpoint": s3_server}}, ctx=ctx) as run:
         with pytest.raises(SettingsError, match=r"nodes\.unpushed\.registry: a VM cannot pull skyvm's locally built node image"):
             run.submit(add, 1, 2, node="unpushed")
     assert not bridge.names("launch")

@@ -186,14 +186,14 @@ def test_a_shared_pool_is_made_once_outlives_its_runs_and_only_gc_all_takes_it(p
     assert [c["pool"] for c in pool_vm.calls("pool_down")] == ["team-pool"]
 
 
-def test_a_detached_pool_node_is_found_again_and_its_release_takes_the_runs_pool_down(pool_vm, cloud_settings):
-    from skyvm.api import DetachedNode
+def test_a_pool_node_let_go_is_found_again_and_its_release_takes_the_runs_pool_down(pool_vm, cloud_settings):
+    from skyvm.api import NodeHandle
     from skyvm.backends.local import run_lease
     from skyvm.node import make_call_payload
 
     run = Run(_pooled(cloud_settings))  # an Airflow task that defers: nobody closes this run
     settings = run.resolve("pooled")
-    node = DetachedNode.from_dict(run.launch_detached("pooled", settings, make_call_payload(add, (40, 2), node="pooled")).to_dict())
+    node = NodeHandle.attach(run.start_raw("pooled", settings, make_call_payload(add, (40, 2), node="pooled")).let_go())
     deadline = time.time() + 240
     while not (status := node.status()).state.finished and time.time() < deadline:
         time.sleep(0.5)

@@ -22,7 +22,7 @@ from airflow_skyvm.exceptions import SkyVMInfrastructureException, SkyVMNodeFail
 from airflow_skyvm import masking
 from airflow_skyvm.hooks.skyvm import SkyVMHook
 from airflow_skyvm.nodes import node_name
-from skyvm.api import DetachedNode, Run, teardown
+from skyvm.api import NodeHandle, Run, teardown
 from skyvm.backends.base import JobState
 from skyvm.errors import InfrastructureError, NodeFailed
 from skyvm.node import make_call_payload, make_command_payload
@@ -152,10 +152,12 @@ class SkyVMOperator(BaseOperator):
         if self.deferrable:
             from airflow_skyvm.triggers.skyvm import SkyVMTrigger
 
-            node = run.launch_detached(self.task_id, settings, self._payload())
-            self.log.info("skyvm: launched on %s; deferring", node.cluster)
+            # Launched as every node is; this process then lets go of it (no cancel): the trigger follows
+            # it from its reference, which holds no secret (Airflow stores it).
+            node = run.start_raw(self.task_id, settings, self._payload()).let_go()
+            self.log.info("skyvm: launched on %s; deferring", node["cluster"])
             self.defer(
-                trigger=SkyVMTrigger(node=node.to_dict(), poll_interval=self.poll_interval),
+                trigger=SkyVMTrigger(node=node, poll_interval=self.poll_interval),
                 method_name="execute_complete",
                 timeout=self.execution_timeout,
             )
@@ -177,7 +179,7 @@ class SkyVMOperator(BaseOperator):
         An ``error`` event (the node is gone, or waiting on it failed) fails the task with the
         trigger's message, which names the node and the fix.
         """
-        node = DetachedNode.from_dict(event["node"])
+        node = NodeHandle.attach(event["node"])
         self._node = node  # until the cluster is released, on_kill tears it down
         try:
             if event.get("status") == "error":

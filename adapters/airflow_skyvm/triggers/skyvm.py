@@ -1,4 +1,4 @@
-"""``SkyVMTrigger``: waits on a detached node in the triggerer, so no worker slot is held meanwhile.
+"""``SkyVMTrigger``: waits on a node its operator let go of, in the triggerer, so no worker slot is held meanwhile.
 
 When the node is stopped, and when it is not:
 
@@ -26,7 +26,7 @@ from typing import Any, AsyncIterator, Optional
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from skyvm.api import DetachedNode, teardown
+from skyvm.api import NodeHandle, teardown
 from skyvm.redact import redact
 
 # Airflow 3.3+ calls BaseTrigger.on_kill() when a user acts on the deferred task (apache/airflow#65590).
@@ -45,7 +45,7 @@ def _unreachable(status) -> bool:
 class SkyVMTrigger(BaseTrigger):
     """Polls a node launched by ``SkyVMOperator(deferrable=True)`` until it finishes.
 
-    :param node: ``DetachedNode.to_dict()``: where the node runs (no secrets in it)
+    :param node: ``NodeHandle.let_go()``'s reference: where the node runs (no secrets in it)
     :param poll_interval: seconds between checks
     :param log_offset: where in the node's log to start streaming
     """
@@ -76,7 +76,7 @@ class SkyVMTrigger(BaseTrigger):
     def _where(self) -> str:
         return f"node {self.node.get('node')!r} on cluster {self.node.get('cluster')}"
 
-    async def _check(self, node: DetachedNode):
+    async def _check(self, node: NodeHandle):
         """One status check, then the log written since the last one: NodeUnreachable if either fails."""
         try:
             status = await asyncio.to_thread(node.status)
@@ -98,7 +98,7 @@ class SkyVMTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         failures = 0
         try:
-            node = DetachedNode.from_dict(self.node)
+            node = NodeHandle.attach(self.node)
             while True:
                 try:
                     status = await self._check(node)
@@ -192,7 +192,7 @@ class SkyVMTrigger(BaseTrigger):
             return
         self._stopped = True
         self.log.info("skyvm: %s: stopping %s and releasing its cluster", why, self._where)
-        await asyncio.to_thread(teardown, DetachedNode.from_dict(self.node))
+        await asyncio.to_thread(lambda: teardown(NodeHandle.attach(self.node)))
 
     async def on_kill(self) -> None:
         """Airflow 3.3+: a user marked the deferred task failed or success, or cleared it."""
