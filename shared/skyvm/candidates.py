@@ -5,6 +5,9 @@ Their forms are checked here, when settings are validated, so a mistake names th
 layer and the field before any VM is asked for. No ``sky`` import at module level: the core and
 engine environments have none (the pass-through is checked against SkyPilot's own schema only
 where SkyPilot imports).
+
+Holds the checks of those forms (``FieldError`` names the field). May import: the standard library
+(and ``sky``, lazily, for the pass-through's schema).
 """
 
 from __future__ import annotations

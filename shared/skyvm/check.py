@@ -6,6 +6,10 @@ probe object written, read back and deleted, and a node's scoped credentials
 minted. For each registry: a login. When SkyPilot is there: its own cloud
 check, in the SkyPilot process a node's connectors would use. Every line is
 redacted; a failure says what to fix.
+
+Holds the checks (``run_checks``: one Row per connector, store, registry and SkyPilot check) and their
+table (``format_rows``). May import: skyvm.settings, connectors, redact, tables; lazily the parts a check
+exercises (payload stores, images, the SkyPilot backend and bridge).
 """
 
 from __future__ import annotations
@@ -95,16 +99,12 @@ def _registry_login(settings: NodeSettings) -> Callable[[], str]:
 
 
 def _http_login(server: str, user: str, password: str) -> str:
-    import base64
-    import urllib.error
-    import urllib.request
+    import requests  # the same HTTP client as the connectors (REQUESTS_CA_BUNDLE and proxies apply)
 
     scheme = "http" if server.startswith(("127.", "localhost")) else "https"
-    request = urllib.request.Request(f"{scheme}://{server}/v2/", headers={"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()})
-    try:
-        urllib.request.urlopen(request, timeout=10)
-    except urllib.error.HTTPError as exc:
-        raise RuntimeError(f"{server} answered {exc.code} to {user}'s credentials; fix the registry password or its connector") from None
+    answer = requests.get(f"{scheme}://{server}/v2/", auth=(user, password), timeout=10)
+    if answer.status_code >= 400:
+        raise RuntimeError(f"{server} answered {answer.status_code} to {user}'s credentials; fix the registry password or its connector")
     return f"basic auth accepted for {user} (no Docker engine here to log in with)"
 
 

@@ -1,4 +1,9 @@
-"""The ``skyvm`` command: validate and inspect settings, list and clean up what skyvm started."""
+"""The ``skyvm`` command: validate and inspect settings, list and clean up what skyvm started.
+
+Holds the argument parser and one small function per command: each parses, calls the core (settings,
+maintenance, skyvm.skypilot.clusters, planning, check) and prints what it got (tables through skyvm.tables).
+May import: any skyvm module (lazily, per command, so ``skyvm validate`` loads no Docker or SkyPilot code).
+"""
 
 from __future__ import annotations
 
@@ -33,11 +38,11 @@ def cmd_settings(args) -> int:
 
 
 def _skypilot_rows() -> tuple[list[dict], list[dict]]:
+    from skyvm.skypilot import clusters
     from skyvm.skypilot.bridge import get_bridge
-    from skyvm.skypilot.clusters import skyvm_clusters, skyvm_pools
 
     bridge = get_bridge()
-    return skyvm_clusters(bridge), _pools_or_none(lambda: skyvm_pools(bridge))
+    return clusters.skyvm_clusters(bridge), _pools_or_none(lambda: clusters.skyvm_pools(bridge))
 
 
 def _pools_or_none(list_pools):
@@ -56,10 +61,12 @@ def _install(row: dict) -> str:
 
 
 def cmd_status(args) -> int:
-    from skyvm.backends.local import docker_available, home_id, list_managed
+    from skyvm.engine import docker_available
+    from skyvm.home import Home
+    from skyvm.maintenance import list_managed
 
     every = list_managed(all_homes=True)
-    mine = home_id()
+    mine = Home.current().id
     rows = [{"backend": "local", "install": _install(r), **r} for r in every if args.all_homes or r["home"] == mine]
     others = {r["home"] for r in every if r["home"] != mine}
     sky_rows, pool_rows = _skypilot_rows() if args.skypilot else ([], [])
@@ -93,40 +100,47 @@ def _home_id(value: str) -> str:
     return value
 
 
+def _said(count_of: str, items: list) -> str:
+    """``"<count_of>: a, b"``, or just the count when there is nothing to name."""
+    return count_of + (": " + ", ".join(map(str, items)) if items else "")
+
+
 def cmd_gc(args) -> int:
-    from skyvm.backends.local import gc_clusters, gc_images, home_id, list_managed
+    from skyvm.connectors.files import gc_secret_dirs
+    from skyvm.home import Home
+    from skyvm.maintenance import gc_clusters, gc_images, list_managed
 
     homes = args.home_id or ("all" if args.all_homes else "own")
     removed = gc_clusters(dry_run=args.dry_run, homes=homes)
     verb = "would remove" if args.dry_run else "removed"
-    mine = home_id()
+    mine = Home.current().id
     # Another install's cluster is named with its install: whose it was is never a guess.
     names = [r["name"] if r["home"] == mine else f"{r['name']} (install {_install(r)})" for r in removed]
-    print(f"{verb} {len(removed)} cluster(s)" + (": " + ", ".join(names) if names else ""))
+    print(_said(f"{verb} {len(removed)} cluster(s)", names))
     if homes == "own":
         others = {r["home"] for r in list_managed(all_homes=True) if r["home"] != mine}
         if others:
             print(f"left alone: clusters of {len(others)} other skyvm install(s) ({', '.join(sorted(others))}); --home-id ID or --all-homes removes theirs")
-    from skyvm.connectors.files import gc_secret_dirs
-
     secrets = gc_secret_dirs(dry_run=args.dry_run)
-    print(f"{verb} {len(secrets)} credential directory(ies) of processes that are gone" + (": " + ", ".join(map(str, secrets)) if secrets else ""))
+    print(_said(f"{verb} {len(secrets)} credential directory(ies) of processes that are gone", secrets))
     if args.images is not None:
         images = gc_images(keep=args.images, dry_run=args.dry_run)
         print(f"{verb} {len(images)} old node image tag(s)")
     if args.skypilot or args.all_skypilot:
-        from skyvm.skypilot.bridge import get_bridge
-        from skyvm.skypilot.clusters import gc_clusters, gc_pools
-
-        bridge = get_bridge()
-        downed = gc_clusters(bridge, everything=args.all_skypilot, dry_run=args.dry_run)
-        which = "" if args.all_skypilot else " idle (INIT/STOPPED)"
-        verb_down = "would tear down" if args.dry_run else "tore down"
-        print(f"{verb_down} {len(downed)}{which} SkyPilot cluster(s)" + (": " + ", ".join(downed) if downed else ""))
-        pools = _pools_or_none(lambda: gc_pools(bridge, everything=args.all_skypilot, dry_run=args.dry_run))
-        which = "" if args.all_skypilot else " per-run (their run is over)"
-        print(f"{verb_down} {len(pools)}{which} SkyPilot pool(s)" + (": " + ", ".join(pools) if pools else ""))
+        _gc_skypilot(everything=args.all_skypilot, dry_run=args.dry_run)
     return 0
+
+
+def _gc_skypilot(*, everything: bool, dry_run: bool) -> None:
+    from skyvm.skypilot import clusters
+    from skyvm.skypilot.bridge import get_bridge
+
+    bridge = get_bridge()
+    verb = "would tear down" if dry_run else "tore down"
+    downed = clusters.gc_clusters(bridge, everything=everything, dry_run=dry_run)
+    print(_said(f"{verb} {len(downed)}{'' if everything else ' idle (INIT/STOPPED)'} SkyPilot cluster(s)", downed))
+    pools = _pools_or_none(lambda: clusters.gc_pools(bridge, everything=everything, dry_run=dry_run))
+    print(_said(f"{verb} {len(pools)}{'' if everything else ' per-run (their run is over)'} SkyPilot pool(s)", pools))
 
 
 def cmd_plan(args) -> int:

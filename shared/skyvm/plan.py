@@ -3,6 +3,8 @@
 A TaskSpec holds everything a SkyPilot task needs (container image, setup and
 run commands, envs and secrets, resources, cluster name) and nothing about
 Prefect or Airflow. Both backends run the same TaskSpec.
+
+Holds TaskSpec, the cluster signature and names, and ``plan_node``. May import: skyvm.settings only.
 """
 
 from __future__ import annotations

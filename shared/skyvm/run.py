@@ -15,12 +15,12 @@ import logging
 import os
 import threading
 import time
-import uuid
 from collections import deque
 from concurrent.futures import wait as wait_futures
 from typing import Any, Callable, Mapping, Optional, Union
 
 from skyvm import node as node_runtime
+from skyvm import run_ids
 from skyvm.context import Context, current
 from skyvm.errors import NodeTimeout, SkyVMError
 from skyvm.handle import NodeHandle
@@ -43,7 +43,7 @@ class Run:
         ctx: Optional[Context] = None,
     ):
         self.config = as_config(settings)
-        self.run_id = run_id or f"run-{uuid.uuid4().hex[:12]}"
+        self.run_id = run_id or run_ids.run_id(run_ids.RUN)
         self.ctx = ctx or current()  # its threads, watcher and knobs
         # Only unfinished nodes are held: a finished one leaves its cost row and is dropped.
         self._live: dict[str, NodeHandle] = {}
