@@ -85,8 +85,8 @@ def no_credential_files_left():
     yield
     from skyvm.connectors import files
 
-    if "skyvm.backends.skypilot" in sys.modules:  # credential sets' backends hold directories until closed
-        sys.modules["skyvm.backends.skypilot"]._close_credentialed()
+    if "skyvm.backends.registry" in sys.modules:  # credential sets' backends hold directories until closed
+        sys.modules["skyvm.backends.registry"].reset_backends()
     files.gc_secret_dirs()  # those of processes a test killed
     files._cleanup()
     root = files.secrets_root()
@@ -141,10 +141,22 @@ class StandInVM:
 
 
 @pytest.fixture
-def standin_vm(docker_engine, tmp_path, monkeypatch):
+def use_skypilot():
+    """Make a backend the process's SkyPilot one for this test (through the registry); forgotten after it."""
+    from skyvm.backends.registry import use_backend
+
+    def use(backend):
+        use_backend(backend, "skypilot")
+        return backend
+
+    yield use
+    use_backend(None, "skypilot")
+
+
+@pytest.fixture
+def standin_vm(docker_engine, tmp_path, monkeypatch, use_skypilot):
     import importlib.util
 
-    from skyvm.backends import skypilot as skypilot_backend_module
 
     sky_python = os.environ.get("SKYVM_TEST_SKYPILOT_PYTHON", "")
     if not Path(sky_python).is_file():
@@ -156,7 +168,7 @@ def standin_vm(docker_engine, tmp_path, monkeypatch):
     state = tmp_path / "standin"
     monkeypatch.setenv("SKYVM_SKYPILOT_PYTHON", str(Path(__file__).resolve().parent / "skypilot" / "standin-python"))
     monkeypatch.setenv("SKYVM_STANDIN_DIR", str(state))
-    monkeypatch.setattr(skypilot_backend_module, "_backend", None)  # a backend made now, with the bridge above
+    use_skypilot(None)  # a backend made now, with the bridge above
     yield StandInVM(state)
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=dev.skyvm.standin={state}"], capture_output=True, text=True).stdout.split()
     if left:

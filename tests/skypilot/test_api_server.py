@@ -17,7 +17,6 @@ import pytest
 sky = pytest.importorskip("sky")
 
 from skyvm import InfrastructureError, Run  # noqa: E402
-from skyvm.backends import skypilot as skypilot_backend_module  # noqa: E402
 from skyvm.backends.skypilot import SkyPilotBackend  # noqa: E402
 from skyvm.plan import plan_node  # noqa: E402
 from skyvm.settings import NodeSettings, RegistrySettings  # noqa: E402
@@ -79,9 +78,9 @@ def test_a_spot_gpu_node_dry_run_is_priced_as_the_plan_says(bridge, catalog_dir)
     assert "a2-highgpu-1g" in row and planned["zone"] in row  # the same spot zone
 
 
-def test_an_impossible_node_fails_with_skypilots_reason_and_leaves_no_cluster(api_server, bridge, cloud_settings, monkeypatch):
+def test_an_impossible_node_fails_with_skypilots_reason_and_leaves_no_cluster(api_server, bridge, cloud_settings, monkeypatch, use_skypilot):
     # The whole run path (image pushed, payload in S3) with the real server answering the launch.
-    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(bridge))
+    use_skypilot(SkyPilotBackend(bridge))
     settings = {**cloud_settings, "defaults": {**cloud_settings["defaults"], "cloud": "gcp"}, "nodes": {"huge": {"accelerators": {"H200": 16}}}}
     with Run(settings) as run:
         handle = run.submit(sum, [1, 2], node="huge")

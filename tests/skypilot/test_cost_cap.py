@@ -18,6 +18,7 @@ pytest.importorskip("sky")
 from skyvm import InfrastructureError  # noqa: E402
 from skyvm.backends.skypilot import SkyPilotBackend  # noqa: E402
 from skyvm.plan import plan_node  # noqa: E402
+from skyvm.pool import pool_of  # noqa: E402
 from skyvm.settings import NodeSettings  # noqa: E402
 from skyvm.skypilot.bridge import SubprocessBridge  # noqa: E402
 
@@ -50,7 +51,7 @@ def test_every_launch_refuses_a_node_over_its_cap_naming_the_cheapest_placement(
     settings = NodeSettings(backend="skypilot", **{"max_hourly_cost": 0.1, **fields})
     for node in ("first", "second"):  # the second node of the signature is refused from the first's answer
         with pytest.raises(InfrastructureError) as excinfo:
-            backend.launch(spec(settings, node))
+            pool_of(backend).launch(spec(settings, node))
         cap = f"{settings.max_hourly_cost:g}"
         assert str(excinfo.value).startswith(f"node {node!r}: max_hourly_cost ${cap}/hour: the cheapest feasible placement, {message}")
-    assert backend.pool.names() == set()  # refused before a cluster was taken, let alone launched
+    assert pool_of(backend).names() == set()  # refused before a cluster was taken, let alone launched
