@@ -36,6 +36,23 @@ FAR_SIDE = textwrap.dedent(
                     time.sleep(0.05)
             return 100 if job_id == 7 else 0
 
+        def jobs_logs(self, job_id, on_log=None, follow=True):
+            # A job whose log grows in a file (FAR_LOG); follow streams it until FAR_LOG.done exists.
+            log = os.environ["FAR_LOG"]
+            with open(log + ".calls", "a") as calls:
+                calls.write(('follow' if follow else 'whole') + chr(10))
+            sent = 0
+            while True:
+                done = os.path.exists(log + ".done")
+                with open(log) as fh:
+                    lines = fh.read().splitlines()
+                for line in lines[sent:]:
+                    on_log(line)
+                sent = len(lines)
+                if done or not follow:
+                    return 0
+                time.sleep(0.05)
+
         def job_status(self, cluster_name, job_id):
             if job_id == 99:
                 time.sleep(30)  # an API server that does not answer
@@ -131,3 +148,34 @@ def test_every_bridge_call_is_bounded(monkeypatch):
     assert call_bound("tail_logs", {"follow": False}) == 600.0
     monkeypatch.setenv("SKYVM_SKYPILOT_CALL_TIMEOUT_S", "5")
     assert call_bound("launch", {"retry_until_up": True}) == 5.0
+
+
+def test_a_jobs_log_is_read_from_an_offset_and_fetched_whole_once_not_per_read(far_python, tmp_path, monkeypatch):
+    """read_log: the text past the reader's offset; SkyPilot is asked for the whole log once and then
+    followed, however often the log is read (not O(n^2) over a run)."""
+    log = tmp_path / "job.log"
+    log.write_text("one\ntwo\n")
+    monkeypatch.setenv("FAR_LOG", str(log))
+    bridge = SubprocessBridge(far_python)
+    try:
+        text, offset = bridge.read_log(None, 5, 0, managed=True)
+        assert (text, offset) == ("one\ntwo\n", 8)  # what is written so far, at once
+        with open(log, "a") as fh:
+            fh.write("three\n")
+        seen = ""
+        deadline = time.monotonic() + 30
+        while "three" not in seen and time.monotonic() < deadline:
+            text, offset = bridge.read_log(None, 5, offset, managed=True)
+            seen += text
+            time.sleep(0.05)
+        assert seen == "three\n" and offset == 14  # only what is new
+        with open(log, "a") as fh:
+            fh.write("four\n")
+        (tmp_path / "job.log.done").touch()
+        # The job is over: a final read holds the rest of its log.
+        assert bridge.read_log(None, 5, offset, managed=True, final=True) == ["four\n", 19]
+        assert (tmp_path / "job.log.calls").read_text().split() == ["whole", "follow"]
+        # A reader from the start again (another handle, a result's last lines): the whole log.
+        assert bridge.read_log(None, 5, 0, managed=True, final=True) == ["one\ntwo\nthree\nfour\n", 19]
+    finally:
+        bridge.close()

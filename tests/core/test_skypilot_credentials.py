@@ -82,7 +82,7 @@ def test_a_remote_api_server_uses_its_own_credentials_and_says_so(s3_server, reg
     from skyvm.settings import SkyVMConfig
     from skyvm.skypilot import credentials as module
 
-    monkeypatch.setattr(module, "_warned_remote", False)
+    module._warn_remote.cache_clear()  # said once per server and set: this test hears it afresh
     monkeypatch.setenv("SKYPILOT_API_SERVER_ENDPOINT", "http://sky.example.internal:46580")
     settings = SkyVMConfig(team_settings(s3_server, registry)).resolve("n")
     with caplog.at_level(logging.WARNING, logger="skyvm.skypilot"):

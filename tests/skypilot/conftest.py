@@ -115,3 +115,14 @@ def _group_alive(pgid: int) -> bool:
         return True
     except ProcessLookupError:
         return False
+
+
+@pytest.fixture
+def chosen_bridge():
+    """``chosen_bridge(b)``: every ``get_bridge()`` answers ``b`` until the test ends (``use_bridge``)."""
+    import contextlib
+
+    from skyvm.skypilot.bridge import use_bridge
+
+    with contextlib.ExitStack() as stack:
+        yield lambda bridge: stack.enter_context(use_bridge(bridge))

@@ -19,6 +19,7 @@ sky = pytest.importorskip("sky")
 from skyvm import InfrastructureError, NodeCancelled, NodeFailed, Run, SettingsError  # noqa: E402
 from skyvm.backends import skypilot as skypilot_backend_module  # noqa: E402
 from skyvm.backends.skypilot import SkyPilotBackend  # noqa: E402
+from skyvm.skypilot.logs import LogFollowers  # noqa: E402
 from skyvm.context import Context  # noqa: E402
 
 
@@ -36,6 +37,10 @@ class StandInBridge:
         self.fail_launch_for = fail_launch_for
         self.preempt_managed_once = preempt_managed_once
         self.launch_times: list[tuple[float, float]] = []
+        self.logs = LogFollowers(self)  # read_log as the SDK adapter answers it: over tail_logs and jobs_logs
+
+    def read_log(self, cluster_name, job_id, offset=0, managed=False, final=False):
+        return self.logs.read(cluster_name, job_id, offset, managed, final)
 
     def _record(self, *call):
         with self.lock:
@@ -94,11 +99,19 @@ class StandInBridge:
     def tail_logs(self, cluster_name, job_id, on_log=None, follow=True):
         self._record("tail_logs", cluster_name, job_id)
         job = self.jobs[(cluster_name, job_id)]
-        if follow or job["proc"].poll() is not None:
+        if job["proc"].poll() is not None:
             job["reader"].join()  # the whole log of a finished job
-        for line in list(job["out"]):
-            if on_log:
-                on_log(line.rstrip("\n"))
+        sent = 0
+        while True:  # follow: each line as the job writes it, until its log ends
+            ended = not job["reader"].is_alive()
+            lines = list(job["out"])
+            for line in lines[sent:]:
+                if on_log:
+                    on_log(line.rstrip("\n"))
+            sent = len(lines)
+            if ended or not follow:
+                break
+            job["reader"].join(0.05)
         if job["proc"].poll() is None:
             return None  # SkyPilot: no exit code for a job still running
         return 0 if self._finish(job) == "SUCCEEDED" or self.jobs_end else 100  # SkyPilot's codes: 100 = failed job
@@ -321,9 +334,8 @@ def test_a_locally_built_image_without_a_registry_is_refused_before_the_build(br
     assert not bridge.names("launch")
 
 
-def test_status_and_gc_see_skyvms_clusters_only_and_spare_busy_ones(bridge, cloud_settings, monkeypatch, capsys):
+def test_status_and_gc_see_skyvms_clusters_only_and_spare_busy_ones(bridge, cloud_settings, chosen_bridge, capsys):
     from skyvm import cli
-    from skyvm.skypilot import bridge as bridge_module
     from skyvm.skypilot.clusters import gc_clusters, skyvm_clusters
 
     settings = {**cloud_settings, "defaults": {**cloud_settings["defaults"], "down": False}}
@@ -331,8 +343,7 @@ def test_status_and_gc_see_skyvms_clusters_only_and_spare_busy_ones(bridge, clou
         assert run.submit(add, 2, 3, node="warm").result(120) == 5
     (warm,) = [c[1] for c in bridge.names("launch")]
     bridge.clusters["my-own-dev-box"] = "STOPPED"  # the user's cluster, no skyvm labels: never listed, never touched
-    monkeypatch.setattr(bridge_module, "get_bridge", lambda: bridge)
-
+    chosen_bridge(bridge)  # what `skyvm status/gc` ask
     assert cli.main(["status", "--skypilot"]) == 0
     out = capsys.readouterr().out
     assert warm in out and "kept-warm" in out and "my-own-dev-box" not in out

@@ -127,12 +127,10 @@ def test_cancel_stops_the_pool_job_and_frees_its_worker(pool_vm, cloud_settings)
     assert len(pool_vm.calls("pool_down")) == 1
 
 
-def test_gc_tears_down_the_pool_of_a_run_that_died_and_spares_a_live_ones(pool_vm, cloud_settings, monkeypatch, capsys):
+def test_gc_tears_down_the_pool_of_a_run_that_died_and_spares_a_live_ones(pool_vm, cloud_settings, chosen_bridge, capsys):
     from skyvm import cli
     from skyvm.backends.local import run_lease
-    from skyvm.skypilot import bridge as bridge_module
-
-    monkeypatch.setattr(bridge_module, "get_bridge", lambda: skypilot_backend_module._backend.bridge)
+    chosen_bridge(skypilot_backend_module._backend.bridge)  # what `skyvm status/gc` ask
     settings = _pooled(cloud_settings, down=False)  # the pool would outlive its run
     run = Run(settings)
     try:
@@ -167,11 +165,9 @@ def test_skyvm_plan_prices_a_pool_as_its_workers_times_the_price(catalog_dir):
     assert "0.3024 (3 x 0.1008, pool)" in table and "TOTAL (every node above running at once): $0.4032/hour" in table
 
 
-def test_a_shared_pool_is_made_once_outlives_its_runs_and_only_gc_all_takes_it(pool_vm, cloud_settings, monkeypatch, capsys):
+def test_a_shared_pool_is_made_once_outlives_its_runs_and_only_gc_all_takes_it(pool_vm, cloud_settings, chosen_bridge, capsys):
     from skyvm import cli
-    from skyvm.skypilot import bridge as bridge_module
-
-    monkeypatch.setattr(bridge_module, "get_bridge", lambda: skypilot_backend_module._backend.bridge)
+    chosen_bridge(skypilot_backend_module._backend.bridge)  # what `skyvm status/gc` ask
     settings = {**cloud_settings, "nodes": {"pooled": {"pool": "team-pool"}}}  # a name: the team's long-lived pool
     for n in (1, 2):  # two runs, one after the other
         with Run(settings) as run:

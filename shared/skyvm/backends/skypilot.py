@@ -58,6 +58,7 @@ class SkyPilotBackend(Backend):
         # The connectors this backend's SkyPilot process launches with (None: SkyPilot's own).
         self.credentials = credentials
         self._lock = threading.Lock()
+        self._over: set[tuple] = set()  # jobs a status call found over (cluster, job id, managed)
         self.pool = ClusterPool()
         # SkyPilot pools this process made or found, by name: the runs using them, and whether the
         # last run's end takes them down (a per-run pool with down: true; never a shared one).
@@ -243,9 +244,10 @@ class SkyPilotBackend(Backend):
     # -- following -------------------------------------------------------------
 
     def _job_status(self, ref: NodeRef) -> Optional[str]:
-        if ref.managed:
-            return self.bridge.jobs_status(ref.job_id).get("status")
-        return self.bridge.job_status(ref.cluster, ref.job_id)
+        status = self.bridge.jobs_status(ref.job_id).get("status") if ref.managed else self.bridge.job_status(ref.cluster, ref.job_id)
+        if status in _DONE_OK or status in _DONE_BAD:
+            self._over.add((ref.cluster, ref.job_id, ref.managed))  # its next read_log waits for the log's end
+        return status
 
     def _exit_code(self, ref: NodeRef) -> int:
         if ref.managed:
@@ -274,14 +276,11 @@ class SkyPilotBackend(Backend):
         return JobStatus(JobState.RUNNING, None, str(status))
 
     def read_log(self, ref: NodeRef, offset: int = 0) -> tuple[str, int]:
-        """The job's log from ``offset`` (characters) on: what has not been shown yet."""
-        lines: list[str] = []
-        if ref.managed:
-            self.bridge.jobs_logs(ref.job_id, on_log=lines.append, follow=False)
-        else:
-            self.bridge.tail_logs(ref.cluster, ref.job_id, on_log=lines.append, follow=False)
-        text = "".join(line + "\n" for line in lines)
-        return text[offset:], max(offset, len(text))
+        """The job's log from ``offset`` (characters) on: what has not been shown yet, streamed once by
+        the bridge (skyvm.skypilot.logs), never fetched whole per poll."""
+        final = (ref.cluster, ref.job_id, ref.managed) in self._over
+        text, end = self.bridge.read_log(ref.cluster, ref.job_id, offset, managed=ref.managed, final=final)
+        return text, end
 
     def cancel(self, ref: NodeRef) -> None:
         if ref.managed:

@@ -5,11 +5,14 @@ skyvm's clusters carry its labels (``skyvm-run-id``, ``skyvm-node``,
 user's own and is never listed or touched. skyvm's pools carry them in their
 task (``skyvm-pool``: ``run`` for a pool made for one run, ``shared`` for a
 named one).
+
+May import: skyvm.home, skyvm.skypilot.interface and .task_config (never the backend: the CLI's
+maintenance passes a bridge in).
 """
 
 from __future__ import annotations
 
-from skyvm.skypilot.bridge import SkyBridge
+from skyvm.skypilot.interface import SkyBridge
 
 # A launch that never finished (INIT) or a cluster autostop stopped: nothing runs there, yet it costs
 # (an INIT VM may be up; a STOPPED one keeps its disk). UP clusters may be running a node: only --all.

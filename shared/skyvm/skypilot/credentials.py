@@ -27,12 +27,14 @@ long-lived API server and bridge keep working with no restart.
 
 With a remote API server (``SKYPILOT_API_SERVER_ENDPOINT``) none of this
 applies: the server uses its own credentials, and skyvm says so once.
+
+May import: filelock, skyvm.connectors, skyvm.errors, skyvm.home, skyvm.settings (skyvm.backends
+never: the backend imports this).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -42,6 +44,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Optional
+
+from filelock import FileLock
 
 from skyvm.connectors import node_connectors
 from skyvm.connectors.base import Connector
@@ -60,20 +64,17 @@ SET_ENV = "SKYVM_SKYPILOT_SET"
 # ... and which process's credential files it reads (pid.start time): a server whose owner was killed
 # reads files that `skyvm gc` removes, so the next bridge of the set replaces it.
 OWNER_ENV = "SKYVM_SKYPILOT_OWNER"
-_warned_remote = False
 
 
 def ports_file() -> Path:
     return Home.current().skypilot / "ports.json"
 
 
-@contextlib.contextmanager
-def _ports_locked():
+def _ports_locked() -> FileLock:
+    """The install's lock on ports_file(), across its processes (and threads: not thread-local)."""
     path = ports_file().with_suffix(".lock")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)  # across the install's processes; released when the file closes
-        yield
+    return FileLock(path, thread_local=False)
 
 
 def preferred_port(ident: str) -> int:
@@ -217,20 +218,22 @@ class CredentialSet:
                 self._dir = None
 
 
+@functools.cache  # said once per server and connector set in a process (cache_clear() to hear it again)
+def _warn_remote(server: str, names: str) -> None:
+    log.warning(
+        "SkyPilot API server %s is remote: it launches with its own cloud credentials; "
+        "connectors %s are used for payload stores and registries only",
+        server,
+        names,
+    )
+
+
 def credential_set(settings: NodeSettings) -> Optional[CredentialSet]:
     """The node's SkyPilot credentials, or None when SkyPilot's ambient ones (or a remote server's) apply."""
-    global _warned_remote
     conns = [c for c in node_connectors(settings) if c.method != "implicit"]
     if not conns:
         return None
     if remote_server():
-        if not _warned_remote:
-            _warned_remote = True
-            log.warning(
-                "SkyPilot API server %s is remote: it launches with its own cloud credentials; "
-                "connectors %s are used for payload stores and registries only",
-                remote_server(),
-                ", ".join(c.name for c in conns),
-            )
+        _warn_remote(remote_server(), ", ".join(c.name for c in conns))
         return None
     return CredentialSet(conns)

@@ -2,6 +2,8 @@
 
 SkyPilot pins uvicorn < 0.36 (and more), so it cannot live in an Airflow >= 3.1.3
 environment. skyvm talks to this environment through ``SubprocessBridge``.
+
+May import: the standard library, skyvm.errors, skyvm.home, skyvm.images.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@ one judgement for ``skyvm plan`` and for every launch (so a launch refuses what 
 
 The prices and picks are SkyPilot's optimizer's, asked through the bridge's ``optimize`` (offline,
 on the catalogs of the SkyPilot process that answers). Pure apart from that one call.
+
+May import: the standard library and skyvm.candidates (the bridge is passed in).
 """
 
 from __future__ import annotations

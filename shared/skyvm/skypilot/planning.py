@@ -3,6 +3,9 @@
 Works offline and with no cloud credentials: the optimizer runs in a fresh
 process (this Python when ``sky`` imports here, else skyvm's SkyPilot
 environment) whose SkyPilot runtime directory holds the catalogs given.
+
+Its table goes through ``skyvm.tables`` (one renderer for the CLI).
+May import: skyvm.tables, skyvm.errors, skyvm.plan, skyvm.settings and skyvm.skypilot (bridge, placing, task_config).
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 Pure and JSON-serialisable, so it crosses the bridge to SkyPilot's own
 environment unchanged. No ``sky`` import here.
+
+May import: the standard library, skyvm.candidates, skyvm.errors, skyvm.plan.
 """
 
 from __future__ import annotations
