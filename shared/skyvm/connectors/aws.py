@@ -11,8 +11,8 @@ policy to the payload store's prefix: the launcher's keys never leave it.
 Each auth method is a strategy in :mod:`skyvm.connectors.aws_methods`; this module holds the
 connector: the fields every method takes, boto3's clients and calls, and the interface.
 
-May import: boto3 (through ``require``), skyvm.redact, skyvm.clouds and skyvm.connectors' base,
-common, refs and aws_methods.
+May import: boto3 (through ``require``), skyvm.redact and skyvm.connectors' base, common, refs
+and aws_methods.
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ STS and keeps in ``CREDENTIALS`` until ``base.due``), the profile SkyPilot's bot
 node's scoped keys are made from it. The connector (:mod:`skyvm.connectors.aws`) holds the shared
 fields (region, endpoint, STS durations and policies), the boto3 clients and the interface.
 
-May import: boto3 (through ``require``), skyvm.redact and skyvm.connectors' base, common, refs and files.
+A method's operations take ``conn``, the AwsConnector that holds it (typed as the base
+``Connector``: this module does not import the connector's, which imports it).
+
+May import: boto3 (through ``require``), skyvm.redact and skyvm.connectors' base, refs and files.
 """
 
 from __future__ import annotations
@@ -15,17 +18,14 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import model_validator
 
 from skyvm import redact
 from skyvm.connectors import refs
-from skyvm.connectors.base import CREDENTIALS, ConnectorError, Method, due, require
+from skyvm.connectors.base import CREDENTIALS, Connector, ConnectorError, Method, due, require
 from skyvm.connectors.files import write_private
-
-if TYPE_CHECKING:  # pragma: no cover
-    from skyvm.connectors.aws import AwsConnector
 
 KEY_FIELDS = ("credentials", "aws_access_key_id", "aws_secret_access_key", "aws_session_token")
 
@@ -78,19 +78,19 @@ class AwsMethod(Method):
     # Keys skyvm mints with STS and so renews, for SkyPilot's process too.
     MINTED: ClassVar[bool] = False
 
-    def credentials_now(self, conn: "AwsConnector") -> Optional[AwsCredentials]:
+    def credentials_now(self, conn: Connector) -> Optional[AwsCredentials]:
         """Credentials not yet due for renewal (None: the SDK's default chain)."""
         return None
 
-    def source(self, conn: "AwsConnector") -> Optional[AwsCredentials]:
+    def source(self, conn: Connector) -> Optional[AwsCredentials]:
         """The credentials temporary ones are minted from (None: the SDK's default chain)."""
         return None
 
-    def skypilot_env(self, conn: "AwsConnector", private_dir: Path) -> dict[str, Optional[str]]:
+    def skypilot_env(self, conn: Connector, private_dir: Path) -> dict[str, Optional[str]]:
         """What SkyPilot's process is given (None: unset it); implicit leaves it to its own chain."""
         return {"AWS_DEFAULT_REGION": conn.region_name()}
 
-    def node_credentials(self, conn: "AwsConnector", *, node: str, duration: int, policy: str, endpoint: Optional[str]) -> Optional[AwsCredentials]:
+    def node_credentials(self, conn: Connector, *, node: str, duration: int, policy: str, endpoint: Optional[str]) -> Optional[AwsCredentials]:
         """A node's keys narrowed by ``policy``; None: the connector's own are already temporary
         (an sts-token, an instance role): STS cannot federate from those, so they are passed on."""
         base = conn.frozen()
@@ -120,7 +120,7 @@ class _Keys(AwsMethod):
     def has_keys(self) -> bool:
         return bool(self.credentials or (self.aws_access_key_id and self.aws_secret_access_key))
 
-    def source(self, conn: "AwsConnector") -> Optional[AwsCredentials]:
+    def source(self, conn: Connector) -> Optional[AwsCredentials]:
         where = conn.where
         if self.credentials:
             data = refs.resolve_credential_set(self.credentials, "aws", f"{where}.credentials")
@@ -138,7 +138,7 @@ class _Keys(AwsMethod):
             )
         return None
 
-    def skypilot_env(self, conn: "AwsConnector", private_dir: Path) -> dict[str, Optional[str]]:
+    def skypilot_env(self, conn: Connector, private_dir: Path) -> dict[str, Optional[str]]:
         self.write_profile(conn, private_dir, self.credentials_now(conn))
         env: dict[str, Optional[str]] = {"AWS_DEFAULT_REGION": conn.region_name()}
         # The engine's own ambient keys would win over the profile in boto3's chain: SkyPilot must not see them.
@@ -149,7 +149,7 @@ class _Keys(AwsMethod):
             env["AWS_SHARED_CREDENTIALS_FILE"] = str(private_dir / "aws-credentials")
         return env
 
-    def write_profile(self, conn: "AwsConnector", files: Path, creds: Optional[AwsCredentials]) -> None:
+    def write_profile(self, conn: Connector, files: Path, creds: Optional[AwsCredentials]) -> None:
         """The ``skyvm`` profile SkyPilot's boto3 reads: ``aws-config`` (and ``aws-credentials``) in ``files``."""
         write_private(files / "aws-credentials", creds.profile("skyvm"))
         write_private(files / "aws-config", f"[profile skyvm]\nregion = {conn.region_name()}\n")
@@ -168,7 +168,7 @@ class _NeedsKeys(_Keys):
 class SecretKey(_NeedsKeys):
     method: Literal["secret-key"] = "secret-key"
 
-    def credentials_now(self, conn: "AwsConnector") -> Optional[AwsCredentials]:
+    def credentials_now(self, conn: Connector) -> Optional[AwsCredentials]:
         return self.source(conn)
 
 
@@ -185,10 +185,10 @@ class StsToken(SecretKey):
 class _Minted(_Keys):
     """Keys minted with STS from the source ones, cached until due for renewal."""
 
-    def mint(self, conn: "AwsConnector", sts) -> dict[str, Any]:  # pragma: no cover - each method's
+    def mint(self, conn: Connector, sts) -> dict[str, Any]:  # pragma: no cover - each method's
         raise NotImplementedError
 
-    def credentials_now(self, conn: "AwsConnector") -> Optional[AwsCredentials]:
+    def credentials_now(self, conn: Connector) -> Optional[AwsCredentials]:
         def make() -> AwsCredentials:
             return AwsCredentials.from_sts(self.mint(conn, conn.client("sts", self.source(conn))), issued_at=time.time())
 
@@ -198,7 +198,7 @@ class _Minted(_Keys):
 class _KeysProcess(_Minted, _NeedsKeys):
     MINTED: ClassVar[bool] = True
 
-    def write_profile(self, conn: "AwsConnector", files: Path, creds: Optional[AwsCredentials]) -> None:
+    def write_profile(self, conn: Connector, files: Path, creds: Optional[AwsCredentials]) -> None:
         # Minted keys expire: SkyPilot's boto3 reads them through a credential_process, which
         # it runs again as they near their expiry; renew_at() says when skyvm rewrites the file.
         write_private(files / "aws-minted.json", creds.process_output())
@@ -209,10 +209,10 @@ class _KeysProcess(_Minted, _NeedsKeys):
 class SessionToken(_KeysProcess):
     method: Literal["session-token"] = "session-token"
 
-    def mint(self, conn: "AwsConnector", sts) -> dict[str, Any]:
+    def mint(self, conn: Connector, sts) -> dict[str, Any]:
         return conn.call("GetSessionToken", sts.get_session_token, DurationSeconds=conn.duration_seconds)
 
-    def node_credentials(self, conn: "AwsConnector", *, node: str, duration: int, policy: str, endpoint: Optional[str]) -> Optional[AwsCredentials]:
+    def node_credentials(self, conn: Connector, *, node: str, duration: int, policy: str, endpoint: Optional[str]) -> Optional[AwsCredentials]:
         # Federated from the long-lived keys the session was minted from.
         return conn.federate(self.source(conn), node=node, duration=duration, policy=policy, endpoint=endpoint)
 
@@ -220,7 +220,7 @@ class SessionToken(_KeysProcess):
 class FederationToken(_KeysProcess):
     method: Literal["federation-token"] = "federation-token"
 
-    def mint(self, conn: "AwsConnector", sts) -> dict[str, Any]:
+    def mint(self, conn: Connector, sts) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"Name": (conn.federation_name or "skyvm")[:32], "DurationSeconds": conn.duration_seconds}
         if conn.policy:
             kwargs["Policy"] = json.dumps(conn.policy)
@@ -238,19 +238,19 @@ class IamRole(_Minted):
             raise ValueError("method iam-role needs role_arn (e.g. arn:aws:iam::123456789012:role/skyvm)")
         return self
 
-    def _assume(self, conn: "AwsConnector", sts, what: str, **kwargs: Any) -> dict[str, Any]:
+    def _assume(self, conn: Connector, sts, what: str, **kwargs: Any) -> dict[str, Any]:
         kwargs["RoleArn"] = self.role_arn
         if conn.external_id:
             kwargs["ExternalId"] = refs.resolve(conn.external_id, f"connectors.{conn.name}.external_id")
         return conn.call(what, sts.assume_role, **kwargs)
 
-    def mint(self, conn: "AwsConnector", sts) -> dict[str, Any]:
+    def mint(self, conn: Connector, sts) -> dict[str, Any]:
         kwargs: dict[str, Any] = {"RoleSessionName": conn.session_name or "skyvm", "DurationSeconds": conn.duration_seconds}
         if conn.policy:
             kwargs["Policy"] = json.dumps(conn.policy)
         return self._assume(conn, sts, f"AssumeRole {self.role_arn}", **kwargs)
 
-    def write_profile(self, conn: "AwsConnector", files: Path, creds: Optional[AwsCredentials]) -> None:
+    def write_profile(self, conn: Connector, files: Path, creds: Optional[AwsCredentials]) -> None:
         # SkyPilot's boto3 assumes the role itself from a private profile, so it refreshes on its own.
         source = self.source(conn)
         lines = [f"role_arn = {self.role_arn}", f"role_session_name = {conn.session_name or 'skyvm'}", f"duration_seconds = {conn.duration_seconds}"]
@@ -263,7 +263,7 @@ class IamRole(_Minted):
             lines.append("credential_source = Environment")
         write_private(files / "aws-config", "[profile skyvm]\n" + "\n".join(lines) + f"\nregion = {conn.region_name()}\n")
 
-    def node_credentials(self, conn: "AwsConnector", *, node: str, duration: int, policy: str, endpoint: Optional[str]) -> Optional[AwsCredentials]:
+    def node_credentials(self, conn: Connector, *, node: str, duration: int, policy: str, endpoint: Optional[str]) -> Optional[AwsCredentials]:
         # The role again, narrowed by a session policy to this prefix.
         # An S3-compatible store with its own endpoint (MinIO, moto) answers STS there too.
         sts = conn.client("sts", self.source(conn), endpoint)

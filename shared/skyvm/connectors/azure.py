@@ -25,7 +25,7 @@ connector: the fields every method takes (tenant, client id, storage account, en
 storage account's resolution, the node's SAS and the interface.
 
 May import: azure-identity/azure-storage-blob (through ``require``), skyvm.redact, skyvm.clouds and
-skyvm.connectors' base, common and azure_methods.
+skyvm.connectors' base, common, refs and azure_methods.
 """
 
 from __future__ import annotations

@@ -5,6 +5,9 @@ what it gives SkyPilot's process, how adlfs is given it, and how it logs in to A
 (:mod:`skyvm.connectors.azure`) holds the shared fields (tenant, client id, storage account,
 endpoints), the storage account's resolution, the node's SAS and the interface.
 
+A method's operations take ``conn``, the AzureConnector that holds it (typed as the base
+``Connector``: this module does not import the connector's, which imports it).
+
 May import: azure-identity/azure-core (through ``require``), skyvm.redact and skyvm.connectors'
 base, common and refs.
 """
@@ -15,17 +18,14 @@ import os
 import time
 from pathlib import Path
 from urllib.parse import urlparse
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 
 
 from skyvm import redact
 from skyvm.connectors import refs
-from skyvm.connectors.base import ConnectorError, Method, Needs, require
+from skyvm.connectors.base import Connector, ConnectorError, Method, Needs, require
 from skyvm.connectors.common import http_json, jwt_claims, until
-
-if TYPE_CHECKING:  # pragma: no cover
-    from skyvm.connectors.azure import AzureConnector
 
 MANAGEMENT_SCOPE = "https://management.azure.com/.default"
 # The username ACR takes with a refresh token from its /oauth2/exchange.
@@ -67,7 +67,7 @@ class AzureMethod(Method):
     # Whether a connection string holding only a SAS is used as given (it cannot sign another).
     USES_GIVEN_SAS: ClassVar[bool] = False
 
-    def credential(self, conn: "AzureConnector", asynchronous: bool):
+    def credential(self, conn: Connector, asynchronous: bool):
         identity = require("azure.identity.aio" if asynchronous else "azure.identity", "azure", conn.label)
         return identity.DefaultAzureCredential(exclude_interactive_browser_credential=True, **conn.authority())
 
@@ -75,35 +75,35 @@ class AzureMethod(Method):
         """The fix when Entra refuses this method's credentials."""
         return "no Azure credentials found here: run `az login`, set AZURE_CLIENT_ID/AZURE_TENANT_ID/AZURE_CLIENT_SECRET, or define a connector with method service-principal"
 
-    def credential_set(self, conn: "AzureConnector") -> dict[str, Any]:
+    def credential_set(self, conn: Connector) -> dict[str, Any]:
         """The engine's credential set the settings point at ({}: none)."""
         return {}
 
-    def ambient_connection_string(self, conn: "AzureConnector") -> Optional[str]:
+    def ambient_connection_string(self, conn: Connector) -> Optional[str]:
         """A connection string from the environment, when the settings name no storage."""
         return None
 
-    def has_storage(self, conn: "AzureConnector") -> bool:
+    def has_storage(self, conn: Connector) -> bool:
         data = self.credential_set(conn)
         return bool(data.get("connection_string") or data.get("account_name"))
 
-    def identity(self, conn: "AzureConnector", with_storage: bool) -> Optional[str]:
+    def identity(self, conn: Connector, with_storage: bool) -> Optional[str]:
         """Whose token this is (None: the storage account says enough)."""
         if with_storage:
             return None
         token = conn.token(MANAGEMENT_SCOPE)
         return describe(jwt_claims(token.token), token.expires_on)
 
-    def fs_credential(self, conn: "AzureConnector") -> dict[str, Any]:
+    def fs_credential(self, conn: Connector) -> dict[str, Any]:
         """How adlfs authenticates without a key: the method's credential (async, as adlfs uses it)."""
         return {"credential": conn.token_credential(asynchronous=True)}
 
-    def entra_token(self, conn: "AzureConnector") -> tuple[str, Optional[str]]:
+    def entra_token(self, conn: Connector) -> tuple[str, Optional[str]]:
         """A Microsoft Entra access token and its tenant (to exchange for an ACR one)."""
         token = conn.token(MANAGEMENT_SCOPE)
         return token.token, jwt_claims(token.token).get("tid")
 
-    def registry_login(self, conn: "AzureConnector", host: str) -> tuple[str, str]:
+    def registry_login(self, conn: Connector, host: str) -> tuple[str, str]:
         aad, tenant = self.entra_token(conn)
         return ACR_TOKEN_USER, acr_refresh_token(f"https://{host}", host, aad, tenant, conn.label)
 
@@ -112,13 +112,13 @@ class Implicit(AzureMethod):
     method: Literal["implicit"] = "implicit"
     USES_GIVEN_SAS: ClassVar[bool] = True
 
-    def ambient_connection_string(self, conn: "AzureConnector") -> Optional[str]:
+    def ambient_connection_string(self, conn: Connector) -> Optional[str]:
         return os.environ.get("AZURE_STORAGE_CONNECTION_STRING") or None
 
-    def has_storage(self, conn: "AzureConnector") -> bool:
+    def has_storage(self, conn: Connector) -> bool:
         return bool(os.environ.get("AZURE_STORAGE_CONNECTION_STRING"))
 
-    def fs_credential(self, conn: "AzureConnector") -> dict[str, Any]:
+    def fs_credential(self, conn: Connector) -> dict[str, Any]:
         return {"anon": False}  # adlfs then makes its own DefaultAzureCredential
 
 
@@ -132,14 +132,14 @@ class ServicePrincipal(AzureMethod):
 
     NEEDS: ClassVar[Needs] = ((("client_secret", "credentials"), "client_secret (a reference) with tenant_id and client_id, or credentials: airflow:CONN_ID / prefect:BLOCK-TYPE/NAME"),)
 
-    def check(self, conn: "AzureConnector") -> None:
+    def check(self, conn: Connector) -> None:
         if self.client_secret and not (conn.tenant_id and conn.client_id):
             raise ValueError("method service-principal needs tenant_id and client_id beside client_secret")
 
     def refused_hint(self) -> str:
         return "check tenant_id, client_id and the client secret (secrets expire: create a new one with `az ad sp credential reset`)"
 
-    def credential_set(self, conn: "AzureConnector") -> dict[str, Any]:
+    def credential_set(self, conn: Connector) -> dict[str, Any]:
         if not self.credentials:
             return {}
         data = refs.resolve_credential_set(self.credentials, "azure", f"{conn.where}.credentials")
@@ -148,7 +148,7 @@ class ServicePrincipal(AzureMethod):
             data["account_name"] = urlparse(str(data["account_url"])).netloc.split(".")[0]
         return data
 
-    def principal(self, conn: "AzureConnector") -> tuple[str, str, str]:
+    def principal(self, conn: Connector) -> tuple[str, str, str]:
         """(tenant_id, client_id, client_secret)."""
         data = self.credential_set(conn)
         tenant = conn.tenant_id or data.get("tenant_id")
@@ -159,22 +159,22 @@ class ServicePrincipal(AzureMethod):
             raise refs.SecretReferenceError(f"{conn.where}.credentials", str(self.credentials), f"holds no {', '.join(missing)}; set them on the connector or in the connection")
         return str(tenant), str(client), str(secret)
 
-    def credential(self, conn: "AzureConnector", asynchronous: bool):
+    def credential(self, conn: Connector, asynchronous: bool):
         identity = require("azure.identity.aio" if asynchronous else "azure.identity", "azure", conn.label)
         tenant, client, secret = self.principal(conn)
         return identity.ClientSecretCredential(tenant, client, secret, **conn.authority())
 
-    def identity(self, conn: "AzureConnector", with_storage: bool) -> Optional[str]:
+    def identity(self, conn: Connector, with_storage: bool) -> Optional[str]:
         return super().identity(conn, with_storage=False)
 
-    def skypilot_env(self, conn: "AzureConnector", private_dir: Path) -> dict[str, Optional[str]]:
+    def skypilot_env(self, conn: Connector, private_dir: Path) -> dict[str, Optional[str]]:
         tenant, client, secret = self.principal(conn)
         env = {"AZURE_TENANT_ID": tenant, "AZURE_CLIENT_ID": client, "AZURE_CLIENT_SECRET": secret}
         if conn.authority_host:
             env["AZURE_AUTHORITY_HOST"] = conn.authority_host
         return env
 
-    def registry_login(self, conn: "AzureConnector", host: str) -> tuple[str, str]:
+    def registry_login(self, conn: Connector, host: str) -> tuple[str, str]:
         _, client, secret = self.principal(conn)
         return client, secret
 
@@ -192,15 +192,15 @@ class AccessToken(AzureMethod):
     def refused_hint(self) -> str:
         return "the access token was refused (expired, or for another audience); method access-token cannot refresh it"
 
-    def credential(self, conn: "AzureConnector", asynchronous: bool):
+    def credential(self, conn: Connector, asynchronous: bool):
         return (_AsyncStaticToken if asynchronous else _StaticToken)(refs.resolve(self.token, f"{conn.where}.token"), conn.label)
 
-    def identity(self, conn: "AzureConnector", with_storage: bool) -> Optional[str]:
+    def identity(self, conn: Connector, with_storage: bool) -> Optional[str]:
         cred = conn.token_credential()
         cred.get_token()  # refuses an expired token
         return describe(cred.claims, cred.expires_on) + ", a bare token that cannot be refreshed"
 
-    def entra_token(self, conn: "AzureConnector") -> tuple[str, Optional[str]]:
+    def entra_token(self, conn: Connector) -> tuple[str, Optional[str]]:
         cred = conn.token_credential()
         return cred.get_token().token, cred.claims.get("tid")
 

@@ -30,8 +30,9 @@ chosen by a pydantic discriminated union on ``method``. Settings stay flat
 that owns it and dumps them flat again, so references, fingerprints and error texts read as before.
 Fields every method accepts stay on the connector; a method's own fields default to empty.
 
-May import: pydantic, skyvm.errors and skyvm.clouds. The clouds' modules are imported by name
-(``CONNECTOR_TYPES``) when a connector of that type is first used; they import this one.
+May import: pydantic, skyvm.errors and skyvm.validation (the one formatter of pydantic's errors).
+The clouds' modules are imported by name (``CONNECTOR_TYPES``) when a connector of that type is
+first used; they import this one.
 """
 
 from __future__ import annotations

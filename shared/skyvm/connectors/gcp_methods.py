@@ -6,6 +6,9 @@ and key files SkyPilot's process (and the gcloud it runs) is given. The connecto
 (:mod:`skyvm.connectors.gcp`) holds the shared fields (project, scopes, endpoints), the cache of
 built credentials and the interface.
 
+A method's operations take ``conn``, the GcpConnector that holds it (typed as the base
+``Connector``: this module does not import the connector's, which imports it).
+
 May import: google-auth (through ``require``), skyvm.redact and skyvm.connectors' base, common, refs and files.
 """
 
@@ -17,18 +20,15 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
 from skyvm import redact
 from skyvm.connectors import refs
-from skyvm.connectors.base import ConnectorError, Method, Needs, refresh_margin_s, require
+from skyvm.connectors.base import Connector, ConnectorError, Method, Needs, refresh_margin_s, require
 from skyvm.connectors.common import parse_json_secret, register_key_file, until
 from skyvm.connectors.files import write_private
-
-if TYPE_CHECKING:  # pragma: no cover
-    from skyvm.connectors.gcp import GcpConnector
 
 CLOUD_PLATFORM = "https://www.googleapis.com/auth/cloud-platform"
 GOOGLE_TOKEN_URI = "https://oauth2.googleapis.com/token"
@@ -62,10 +62,10 @@ class GcpMethod(Method):
     # What tokeninfo refusing the token means.
     REFUSED: ClassVar[str] = "the access token was refused"
 
-    def build(self, conn: "GcpConnector") -> Auth:  # pragma: no cover - each method's
+    def build(self, conn: Connector) -> Auth:  # pragma: no cover - each method's
         raise NotImplementedError
 
-    def keep_fresh(self, conn: "GcpConnector", auth: Auth) -> None:
+    def keep_fresh(self, conn: Connector, auth: Auth) -> None:
         """Refresh the token when it is within the refresh margin of its expiry."""
         if _stale(auth.creds):
             transport = require("google.auth.transport.requests", "gcp", conn.label)
@@ -76,10 +76,10 @@ class GcpMethod(Method):
         """The fix a failed call names for this method (None: by the error alone)."""
         return None
 
-    def who(self, conn: "GcpConnector", auth: Auth, email: Optional[str]) -> str:
+    def who(self, conn: Connector, auth: Auth, email: Optional[str]) -> str:
         return email or "application default credentials"
 
-    def identity(self, conn: "GcpConnector", auth: Auth, project: str) -> str:
+    def identity(self, conn: Connector, auth: Auth, project: str) -> str:
         email = auth.email or getattr(auth.creds, "service_account_email", None)
         if not email or email == "default":
             # ADC of a user, or the metadata server before its first call: ask whose token this is.
@@ -89,7 +89,7 @@ class GcpMethod(Method):
                 email = None
         return f"{self.who(conn, auth, email)} (project {project}); token valid until {until(expiry_ts(auth.creds))}"
 
-    def skypilot_env(self, conn: "GcpConnector", private_dir: Path) -> dict[str, str]:
+    def skypilot_env(self, conn: Connector, private_dir: Path) -> dict[str, str]:
         """Environment for SkyPilot's process (and the gcloud it runs); key files 0600 in ``private_dir``.
 
         SkyPilot checks GCP with ``gcloud auth list`` and google.auth.default(), and mounts
@@ -109,18 +109,18 @@ class GcpMethod(Method):
             env["CLOUDSDK_CONFIG"] = str(gcloud_dir)
         return env
 
-    def credential_env(self, conn: "GcpConnector", auth: Auth, files: Path) -> dict[str, str]:  # pragma: no cover - each method's
+    def credential_env(self, conn: Connector, auth: Auth, files: Path) -> dict[str, str]:  # pragma: no cover - each method's
         raise NotImplementedError
 
 
 class Implicit(GcpMethod):
     method: Literal["implicit"] = "implicit"
 
-    def build(self, conn: "GcpConnector") -> Auth:
+    def build(self, conn: Connector) -> Auth:
         creds, project = conn.default_credentials(conn.scope_list())
         return Auth(creds, project)
 
-    def skypilot_env(self, conn: "GcpConnector", private_dir: Path) -> dict[str, str]:
+    def skypilot_env(self, conn: Connector, private_dir: Path) -> dict[str, str]:
         # SkyPilot finds ADC itself; only a project the settings name is passed on.
         return conn.project_env(conn.project)
 
@@ -138,7 +138,7 @@ class _KeySource(GcpMethod):
             raise ValueError("give service_account_json or credentials, not both")
         return self
 
-    def service_account_info(self, conn: "GcpConnector") -> tuple[dict[str, Any], Optional[str]]:
+    def service_account_info(self, conn: Connector) -> tuple[dict[str, Any], Optional[str]]:
         """The service-account key JSON the settings point at, and the project that came with it."""
         project = None
         if self.service_account_json:
@@ -164,7 +164,7 @@ class _KeySource(GcpMethod):
             raise refs.SecretReferenceError(where, ref, f"holds a key of type {info.get('type')!r}, not a service-account key (type service_account)")
         return info, project or info.get("project_id")
 
-    def service_account_creds(self, conn: "GcpConnector", info: dict[str, Any], scopes: list[str]):
+    def service_account_creds(self, conn: Connector, info: dict[str, Any], scopes: list[str]):
         service_account = require("google.oauth2.service_account", "gcp", conn.label)
         return conn.call("reading the service-account key", service_account.Credentials.from_service_account_info, info, scopes=scopes)
 
@@ -174,11 +174,11 @@ class ServiceAccount(_KeySource):
 
     NEEDS: ClassVar[Needs] = ((("service_account_json", "credentials"), "service_account_json (a reference to the key JSON, e.g. file:/secrets/sa.json) or credentials: airflow:CONN_ID / prefect:gcp-credentials/NAME"),)
 
-    def build(self, conn: "GcpConnector") -> Auth:
+    def build(self, conn: Connector) -> Auth:
         info, project = self.service_account_info(conn)
         return Auth(self.service_account_creds(conn, info, conn.scope_list()), project, info, info.get("client_email"))
 
-    def credential_env(self, conn: "GcpConnector", auth: Auth, files: Path) -> dict[str, str]:
+    def credential_env(self, conn: Connector, auth: Auth, files: Path) -> dict[str, str]:
         key_file = str(write_private(files / "gcp-service-account.json", json.dumps(auth.info)))
         return {"GOOGLE_APPLICATION_CREDENTIALS": key_file, "CLOUDSDK_AUTH_CREDENTIAL_FILE_OVERRIDE": key_file}
 
@@ -194,7 +194,7 @@ class UserAccount(GcpMethod):
     def hint(self) -> Optional[str]:
         return "the refresh token may be revoked or expired: run `gcloud auth application-default login` again and point user_account_json at the new file"
 
-    def _info(self, conn: "GcpConnector") -> dict[str, Any]:
+    def _info(self, conn: Connector) -> dict[str, Any]:
         where, ref = f"{conn.where}.user_account_json", self.user_account_json
         info = parse_json_secret(refs.resolve(ref, where), where, ref, "an authorized_user JSON (gcloud auth application-default login)")
         if info.get("type", "authorized_user") != "authorized_user":
@@ -204,7 +204,7 @@ class UserAccount(GcpMethod):
             raise refs.SecretReferenceError(where, ref, f"lacks {', '.join(missing)}: an authorized_user file has client_id, client_secret and refresh_token")
         return info
 
-    def build(self, conn: "GcpConnector") -> Auth:
+    def build(self, conn: Connector) -> Auth:
         oauth2 = require("google.oauth2.credentials", "gcp", conn.label)
         info = self._info(conn)
         # Built by hand rather than from_authorized_user_info, which ignores the file's token_uri.
@@ -219,10 +219,10 @@ class UserAccount(GcpMethod):
         )
         return Auth(creds, info.get("quota_project_id"), info, info.get("account") or None)
 
-    def who(self, conn: "GcpConnector", auth: Auth, email: Optional[str]) -> str:
+    def who(self, conn: Connector, auth: Auth, email: Optional[str]) -> str:
         return f"{email or 'user account of OAuth client ' + str(auth.info.get('client_id'))} (user account)"
 
-    def credential_env(self, conn: "GcpConnector", auth: Auth, files: Path) -> dict[str, str]:
+    def credential_env(self, conn: Connector, auth: Auth, files: Path) -> dict[str, str]:
         return {"GOOGLE_APPLICATION_CREDENTIALS": str(write_private(files / "gcp-user-account.json", json.dumps(auth.info)))}
 
 
@@ -237,11 +237,11 @@ class OAuth2Token(GcpMethod):
 
     NEEDS: ClassVar[Needs] = ((("token",), "token (a reference to an access token, e.g. env:GOOGLE_OAUTH_ACCESS_TOKEN)"),)
 
-    def build(self, conn: "GcpConnector") -> Auth:
+    def build(self, conn: Connector) -> Auth:
         oauth2 = require("google.oauth2.credentials", "gcp", conn.label)
         return Auth(oauth2.Credentials(token=refs.resolve(self.token, f"{conn.where}.token")))
 
-    def keep_fresh(self, conn: "GcpConnector", auth: Auth) -> None:
+    def keep_fresh(self, conn: Connector, auth: Auth) -> None:
         if auth.expires_at is not None and auth.expires_at <= time.time():
             raise ConnectorError(
                 f"{conn.label}: its access token expired at {until(auth.expires_at)}, and method oauth2-token cannot refresh one: "
@@ -251,14 +251,14 @@ class OAuth2Token(GcpMethod):
     def hint(self) -> Optional[str]:
         return "method oauth2-token holds an access token that cannot be refreshed: it may have expired; mint a new one (gcloud auth print-access-token) or use method service-account"
 
-    def identity(self, conn: "GcpConnector", auth: Auth, project: str) -> str:
+    def identity(self, conn: Connector, auth: Auth, project: str) -> str:
         info = conn.tokeninfo(auth.creds.token)
         expires = time.time() + int(info["expires_in"]) if str(info.get("expires_in", "")).isdigit() else None
         auth.expires_at = expires  # what keep_fresh checks from now on
         who = info.get("email") or info.get("azp") or "an access token"
         return f"{who} (project {project}); a bare access token valid until {until(expires)}, which cannot be refreshed"
 
-    def credential_env(self, conn: "GcpConnector", auth: Auth, files: Path) -> dict[str, str]:
+    def credential_env(self, conn: Connector, auth: Auth, files: Path) -> dict[str, str]:
         # gcloud takes a bare token; google.auth.default() in SkyPilot cannot (see GcpMethod.skypilot_env).
         return {"CLOUDSDK_AUTH_ACCESS_TOKEN": auth.creds.token}
 
@@ -288,11 +288,11 @@ class Impersonation(_KeySource):
         """The delegation chain as the IAM Credentials API names service accounts."""
         return [f"projects/-/serviceAccounts/{email}" for email in self.delegates]
 
-    def url(self, conn: "GcpConnector") -> str:
+    def url(self, conn: Connector) -> str:
         base = (conn.iam_endpoint or IAM_ENDPOINT).rstrip("/")
         return f"{base}/v1/projects/-/serviceAccounts/{self.target_principal}:generateAccessToken"
 
-    def build(self, conn: "GcpConnector") -> Auth:
+    def build(self, conn: Connector) -> Auth:
         impersonated = require("google.auth.impersonated_credentials", "gcp", conn.label)
         if self.service_account_json or self.credentials:
             info, project = self.service_account_info(conn)
@@ -310,10 +310,10 @@ class Impersonation(_KeySource):
         )
         return Auth(creds, project, info, self.target_principal)
 
-    def who(self, conn: "GcpConnector", auth: Auth, email: Optional[str]) -> str:
+    def who(self, conn: Connector, auth: Auth, email: Optional[str]) -> str:
         return f"{self.target_principal} (impersonated)"
 
-    def credential_env(self, conn: "GcpConnector", auth: Auth, files: Path) -> dict[str, str]:
+    def credential_env(self, conn: Connector, auth: Auth, files: Path) -> dict[str, str]:
         # With ADC as the source, its file is embedded when there is one; on a VM's metadata server only gcloud impersonates.
         env = {"CLOUDSDK_AUTH_IMPERSONATE_SERVICE_ACCOUNT": ",".join([*self.delegates, self.target_principal])}
         source = auth.info or adc_file_info()
