@@ -956,3 +956,27 @@ def test_a_missing_sdk_names_the_extra_to_install(monkeypatch, kind, method, fie
     with pytest.raises(ConnectorError) as err:
         c.node_store_access("az://c/p", node="n") if module == "azure.storage.blob" else c.identity()
     assert f"pip install 'skyvm[{extra}]'" in str(err.value) and "connector 'team'" in str(err.value)
+
+
+# -- the settings' shape ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields,fingerprint",
+    [
+        ({"type": "aws", "method": "iam-role", "role_arn": "arn:aws:iam::1:role/r", "aws_access_key_id": "env:K", "aws_secret_access_key": "env:S", "duration_seconds": 900}, "09b5122b4bd5"),
+        ({"type": "gcp", "method": "impersonation", "target_principal": "d@p.iam.gserviceaccount.com", "service_account_json": "file:/k.json", "delegates": ["a@p.iam.gserviceaccount.com"]}, "614df29429f7"),
+        ({"type": "azure", "method": "service-principal", "tenant_id": "t", "client_id": "c", "client_secret": "env:S", "account_name": "acct"}, "336d5eeccca1"),
+        ({"type": "lambda", "method": "api-key", "api_key": "env:LAMBDA_API_KEY"}, "f79d01e6c01a"),
+        ({"type": "kubernetes", "method": "kubeconfig", "kubeconfig": "file:/kube/config", "context": "prod"}, "ab3cf577e4b1"),
+    ],
+)
+def test_a_connector_dumps_flat_parses_back_and_keeps_its_fingerprint(fields, fingerprint):
+    """Each auth method is a strategy of its own, but settings, dumps (a trigger row, a node's
+    settings) and fingerprints (the SkyPilot state a credential set gets) read as one flat model:
+    the same fingerprints as before the methods were split out."""
+    c = conn(fields["type"], fields["method"], **{k: v for k, v in fields.items() if k not in ("type", "method")})
+    dumped = c.public_dump()
+    assert {k: v for k, v in dumped.items() if k in fields} == fields and dumped["name"] == "team"
+    assert parse_connector("team", dumped, "connectors.team") == c
+    assert c.fingerprint() == fingerprint
