@@ -106,6 +106,8 @@ class Backend(abc.ABC):
     # Whether the pool may look in ``clusters()`` for warm clusters other processes of this install
     # left (cheap where the engine is local; a cloud's listing is not asked on every cold start).
     lists_warm: bool = False
+    # How often a follower that cannot watch (another process's attempt, SkyPilot) polls status and log.
+    poll_s: float = 1.0
 
     # -- clusters ----------------------------------------------------------------
 
