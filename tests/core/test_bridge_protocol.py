@@ -179,3 +179,37 @@ def test_a_jobs_log_is_read_from_an_offset_and_fetched_whole_once_not_per_read(f
         assert bridge.read_log(None, 5, 0, managed=True, final=True) == ["one\ntwo\nthree\nfour\n", 19]
     finally:
         bridge.close()
+
+
+def test_streams_open_at_once_are_capped_and_past_the_cap_a_read_fetches_the_log_whole():
+    """Each stream holds one of the API server's log threads: past the cap, a job's log is read as
+    before streams (fetched whole), and a stream that ends frees its place."""
+    from skyvm.skypilot.logs import LogFollowers
+
+    class Jobs:
+        def __init__(self):
+            self.over = threading.Event()
+            self.calls = []
+
+        def tail_logs(self, cluster_name, job_id, on_log=None, follow=True):
+            self.calls.append((job_id, follow))
+            on_log(f"job {job_id} started")
+            if follow:
+                self.over.wait()  # a job still running: its stream stays open
+            return 0
+
+    jobs = Jobs()
+    followers = LogFollowers(jobs, max_following=2)
+    for job_id in (1, 2, 3):
+        assert followers.read("c", job_id, 0) == [f"job {job_id} started\n", len(f"job {job_id} started\n")]
+    assert followers.read("c", 3, 0) == ["job 3 started\n", 14]  # no stream of its own: fetched whole again
+    assert sorted(c for c in jobs.calls if c[1]) == [(1, True), (2, True)]
+    assert jobs.calls.count((3, False)) == 2
+    jobs.over.set()  # the jobs end, their streams with them
+    assert followers.read("c", 1, 14, final=True) == ["", 14]
+    assert followers.read("c", 2, 14, final=True) == ["", 14]
+    followers.read("c", 3, 14)  # a place is free again: job 3 gets its stream
+    deadline = time.monotonic() + 30
+    while (3, True) not in jobs.calls and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (3, True) in jobs.calls

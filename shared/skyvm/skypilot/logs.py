@@ -24,6 +24,9 @@ from typing import Optional
 log = logging.getLogger("skyvm.skypilot")
 # How long a final read waits for a finished job's stream to end (it ends as soon as SkyPilot has sent the rest).
 FINAL_WAIT_S = 120.0
+# Streams open at once per bridge, at most: each holds one of the API server's log threads (128 per server
+# process). Past this, a job's log is fetched whole per read, as before streams.
+MAX_FOLLOWING = 64
 
 
 class _Follower:
@@ -59,8 +62,9 @@ class _Follower:
 class LogFollowers:
     """The followed logs of one bridge's jobs (see the module's docstring)."""
 
-    def __init__(self, bridge):
+    def __init__(self, bridge, max_following: int = MAX_FOLLOWING):
         self.bridge = bridge
+        self.max_following = max_following
         self._lock = threading.Lock()
         self._followers: dict[tuple, _Follower] = {}
 
@@ -97,7 +101,8 @@ class LogFollowers:
         self._fetch(key, lines.append, False)
         text = "".join(line + "\n" for line in lines)
         with self._lock:
-            if not final and key not in self._followers:
+            following = sum(1 for f in self._followers.values() if not f.done.is_set())
+            if not final and key not in self._followers and following < self.max_following:
                 self._followers[key] = follower = _Follower(len(text))
                 threading.Thread(target=self._follow, args=(key, follower), daemon=True, name=f"skyvm-log-{job_id}").start()
         return [text[offset:], max(offset, len(text))]
