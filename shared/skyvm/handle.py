@@ -29,7 +29,7 @@ from skyvm.context import Context, current
 from skyvm.errors import InfrastructureError, NodeCancelled, NodeTimeout
 from skyvm.outcome import LogTail, Outcome, read_outcome
 from skyvm.plan import TaskSpec
-from skyvm.pool import pool_of
+from skyvm.pool import pool_of, wake_all
 from skyvm.prepare import backend_for, new_attempt_id, node_store, prepare
 from skyvm.settings import NodeSettings
 
@@ -165,9 +165,7 @@ class NodeHandle:
             self._let_go, self._following, self._on_log = True, False, None
         reference = self.reference()
         self._unfollow()
-        # Its cluster leaves this process's book: the reference's holder ends it. (The backend must also stop
-        # answering status() from this process's stream of it: a holder here must see what another process sees.)
-        pool_of(self._backend_of()).let_go(self.ref)
+        pool_of(self._backend_of()).let_go(self.ref)  # its cluster leaves this process's book: the reference's holder ends it
         run, self.run = self.run, None
         if run is not None:
             run.forget(self)
@@ -227,8 +225,6 @@ class NodeHandle:
         with self._phase_lock:
             if not self._launching:
                 self._fail(NodeCancelled(f"node {self.node!r} was cancelled before it started"))
-        from skyvm.pool import wake_all
-
         wake_all()  # a node queued for a cluster looks at its flag now
         if self.ref is not None:
             # Stopping an attempt is a backend call that may take seconds (a grace period): many nodes stop
@@ -242,12 +238,10 @@ class NodeHandle:
         try:
             self.cancel()
         finally:  # a stop that failed still releases the cluster and ends the run
-            try:
-                if run is None:  # launched here, its end released it (or the run's end will)
-                    self.release()
-            finally:
-                if run is not None:
-                    run.close(cancel=True)
+            if run is None:  # found again or let go (one launched here was released as it ended)
+                self.release()
+            else:
+                run.close(cancel=True)
 
     # -- the node's life ------------------------------------------------------
 
@@ -351,15 +345,16 @@ class NodeHandle:
             watcher.remove_waiter(self._waiter)
 
     def _poll(self) -> bool:
-        """One poll, on a poll thread: the log written since the last one, then the status. True once finished."""
+        """One poll, on a poll thread: the status, then the log written since the last one (read after
+        the status, so the poll that finds the attempt over passes on the rest of its log). True once finished."""
         if not self._following:
             return True  # let go meanwhile
         backend, ref = self._backend_of(), self.ref
         try:
+            status = backend.status(ref)
             text, self._log_offset = backend.read_log(ref, self._log_offset)
             for line in text.splitlines():
                 self._log(line)
-            status = backend.status(ref)
         except Exception as exc:  # noqa: BLE001 - a busy API server, a hiccup: try again, a few times
             self._poll_failures += 1
             most = self._ctx.knobs.poll_failures
