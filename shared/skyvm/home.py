@@ -159,12 +159,13 @@ class Home:
 
     def cluster_record(self, name: str) -> dict:
         """What this install knows of a cluster: ``runs`` (that used it), ``attempt`` (the NodeRef, as a
-        dict, of the attempt launched there and not yet released; None when none)."""
+        dict, of the attempt launched there and not yet released; None when none), ``let_go`` (its
+        launcher handed it to whoever holds its reference: it is that holder's until released)."""
         try:
             record = json.loads(self._record_path(name).read_text())
         except (OSError, ValueError):
             record = {}
-        return {"runs": list(record.get("runs", [])), "attempt": record.get("attempt")}
+        return {"runs": list(record.get("runs", [])), "attempt": record.get("attempt"), "let_go": bool(record.get("let_go"))}
 
     def write_cluster_record(self, name: str, record: dict) -> None:
         path = self._record_path(name)

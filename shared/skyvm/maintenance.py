@@ -3,7 +3,8 @@
 ``skyvm status`` and ``skyvm gc`` (skyvm.cli) call these; SkyPilot's clusters and pools have
 theirs in ``skyvm.skypilot.clusters``. A cluster is spared while a live run owns it (a run's
 lease is held: ``Home.run_is_live``), while a process claims it, and while the attempt its
-record names still runs (as the backend says). Another install's clusters are judged by that
+record names still runs, let go of by its launcher for whoever holds its reference (as the
+backend says). Another install's clusters are judged by that
 install's home when it is still on this machine, else by asking the cluster.
 
 Holds: ``list_managed``, ``gc_clusters``, ``gc``, ``gc_images``.
@@ -76,7 +77,7 @@ def _may_remove(row: dict, home: Optional[Home]):
         except OSError:
             pass  # another user's home, not writable here: the cluster says below
         else:
-            if running and _attempt_runs(record["attempt"]):
+            if running and record["let_go"] and _attempt_runs(record["attempt"]):
                 lock.release()
                 return False, None  # an attempt let go of (a deferred Airflow task) runs in it
             return True, lock

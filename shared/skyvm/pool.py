@@ -13,8 +13,9 @@ are shared, as SkyPilot pools are, makes the one pool once per run and counts th
 Across the processes of one install (an Airflow trigger, a Prefect worker, another run) the
 install's ``Home`` says who may take a cluster: a claim is a file lock held while the cluster is
 taken and its attempt submitted, and the cluster's record names the attempt launched there and not
-yet released; an attempt another process left is asked for its status (it may have let go of it,
-as a deferred Airflow task does). A warm cluster that hit its autostop just as it was taken is
+yet released. That attempt holds the cluster while it runs and its run lives (the run's lease) or
+its launcher let go of it for whoever holds its reference (a deferred Airflow task); its backend
+is asked whether it runs only then. An attempt whose launcher died with its run holds nothing. A warm cluster that hit its autostop just as it was taken is
 forgotten and the node takes another. A backend only starts, execs in, inspects and removes.
 
 Holds: ``BackendPool``, ``pool_of``, ``reset_pools``; re-exports ``ClusterPool`` and ``wake_all``.
@@ -159,11 +160,11 @@ class BackendPool:
         except Timeout:
             return False
         record = home.cluster_record(name)
-        if not fresh and record["attempt"] is not None and not self._finished(record["attempt"]):
+        if not fresh and self._taken_by(record):
             lock.release()
             return False
         runs = [] if fresh else record["runs"]
-        home.write_cluster_record(name, {"runs": sorted({*runs, spec.run_id}), "attempt": None})
+        home.write_cluster_record(name, {"runs": sorted({*runs, spec.run_id}), "attempt": None, "let_go": False})
         with self._lock:
             self._claims[name] = lock
         return True
@@ -182,6 +183,17 @@ class BackendPool:
         record["attempt"] = ref.to_dict()
         home.write_cluster_record(name, record)
         self._unclaim(name)
+
+    def _taken_by(self, record: dict) -> bool:
+        """Whether the attempt a cluster's record names holds the cluster: it runs, and its run still
+        lives or its launcher let go of it (a deferred Airflow task's, which the reference's holder
+        releases). An attempt whose launcher died with its run is nobody's: gc, or the next node, takes it."""
+        attempt = record["attempt"]
+        if attempt is None:
+            return False
+        if not record["let_go"] and not self.home.run_is_live(attempt.get("run_id", "")):
+            return False
+        return not self._finished(attempt)
 
     def _finished(self, attempt: dict) -> bool:
         """Whether an attempt recorded on a cluster is over, as its backend says (another process's)."""
@@ -215,6 +227,7 @@ class BackendPool:
                 self._let_go.add(ref.attempt_id)
         elif kind != NONE:
             self.slots.forget(ref.cluster)
+            self._update_record(ref, let_go=True)
 
     def release(self, ref: NodeRef, down: bool, discard: bool = False) -> None:
         """The attempt is over: its cluster is free for the next node. A cluster this process does not
@@ -234,7 +247,7 @@ class BackendPool:
                 # Nobody here ends the run (an Airflow task deferred): the run's own pool goes now.
                 self._remove_quietly(ref.cluster, shared=True)
             return
-        self._clear_attempt(ref)
+        self._update_record(ref, let_go=False, clear=True)
         if self.slots.get(ref.cluster) is not None:
             if discard and down:
                 # A cancelled run does not keep its cluster around.
@@ -246,7 +259,8 @@ class BackendPool:
         if down:
             self.remove_if_idle(ref.cluster)
 
-    def _clear_attempt(self, ref: NodeRef) -> None:
+    def _update_record(self, ref: NodeRef, let_go: bool, clear: bool = False) -> None:
+        """The cluster's record of the attempt: let go of by its launcher, or (``clear``) released."""
         home = self.home
         lock = home.cluster_lock(ref.cluster)
         try:
@@ -257,7 +271,9 @@ class BackendPool:
         try:
             record = home.cluster_record(ref.cluster)
             if (record["attempt"] or {}).get("attempt_id") == ref.attempt_id:
-                record["attempt"] = None
+                record["let_go"] = let_go
+                if clear:
+                    record["attempt"] = None
                 home.write_cluster_record(ref.cluster, record)
         finally:
             lock.release()
@@ -290,8 +306,7 @@ class BackendPool:
         except Timeout:
             return False  # a process is taking it right now
         try:
-            record = home.cluster_record(name)
-            if record["attempt"] is not None and not self._finished(record["attempt"]):
+            if self._taken_by(home.cluster_record(name)):
                 return False
             self._remove_quietly(name)
             home.forget_cluster(name)

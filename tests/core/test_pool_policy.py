@@ -89,8 +89,11 @@ def spec(node, run_id="run-1", **settings):
 @pytest.fixture
 def two_processes(tmp_path):
     engine, home = Engine(), Home(tmp_path / "home")
+    leases = [home.hold_run(run) for run in ("run-1", "run-2")]  # both runs live, as their Runs would hold them
     one, other = EngineBackend(engine), EngineBackend(engine)
-    return engine, BackendPool(one, home), BackendPool(other, home)
+    yield engine, BackendPool(one, home), BackendPool(other, home)
+    for lease in leases:
+        lease.release()
 
 
 def test_an_attempt_let_go_keeps_its_cluster_from_every_process_until_it_ends(two_processes):
@@ -140,3 +143,13 @@ def test_a_runs_end_removes_its_down_clusters_and_keeps_the_others_warm(two_proc
         pool.release(ref, down=ref is down)
     pool.end_run("run-1")
     assert down.cluster in engine.removed and kept.cluster in engine.clusters
+
+
+def test_an_attempt_whose_launcher_died_with_its_run_holds_its_cluster_no_more(tmp_path):
+    engine, home = Engine(), Home(tmp_path / "home")
+    lease = home.hold_run("run-1")
+    crashed, other = BackendPool(EngineBackend(engine), home), BackendPool(EngineBackend(engine), home)
+    ref = crashed.launch(spec("orphan"))
+    assert other.launch(spec("beside", run_id="run-2")).cluster != ref.cluster  # its run lives: the cluster is taken
+    lease.release()  # the launching process is killed: its run's lease goes with it
+    assert other.remove_if_idle(ref.cluster) and ref.cluster in engine.removed  # nobody's now: gc's, or the next node's
