@@ -7,6 +7,8 @@
 
 Airflow finds it through the ``apache_airflow_provider`` entry point. No
 import of SkyPilot happens here: the local backend needs none.
+
+Holds ``get_provider_info``. May import: the standard library and yaml (Airflow reads it while it starts).
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ Airflow's convention (the Docker provider's ``DockerContainerFailedException``, 
 ``AirflowSkipException``, and ``skip_on_exit_code`` lists the exit codes that skip the task
 instead of failing it. A node's exit code is the one a process running its code would have:
 a command's own, or ``n`` of ``sys.exit(n)`` in a callable.
+
+Holds the exceptions and the exit-code helpers. May import: airflow's exceptions, skyvm.errors.
 """
 
 from __future__ import annotations

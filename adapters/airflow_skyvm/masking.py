@@ -6,6 +6,8 @@ a task prints. In a worker, the task process sends those lines unmasked to its s
 masks them with what it was told (``mask_secret``) and writes the task log file. So each secret
 skyvm registers is handed to ``airflow.sdk.log.mask_secret``, as Airflow's own secrets backends
 hand theirs: the task process and its supervisor both hide it from then on.
+
+Holds ``install`` and ``flush``. May import: skyvm.redact, airflow.sdk (lazily).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Kept apart from the operator's module: importing that one hands every secret skyvm reads to
 Airflow's masker (``masking.install()``), which a task's process wants and a scheduler, whose
 executor reads one workload secret per task, must not keep for its whole life.
+
+Holds ``node_name``. May import: nothing.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Prefect adapter of skyvm: ``SkyVMTaskRunner`` and per-task ``skyvm_options`` (tasks on nodes),
-``SkyVMWorker`` (work pools of type ``skyvm``: whole flow runs on nodes) and ``@skyvm``."""
+``SkyVMWorker`` (work pools of type ``skyvm``: whole flow runs on nodes) and ``@skyvm``.
+
+May import: its own modules (the public names re-exported).
+"""
 
 from prefect_skyvm.context import skyvm_options
 from prefect_skyvm.decorators import skyvm

@@ -2,6 +2,8 @@
 
 The flow travels as Prefect's bundle (the flow pickled with the modules of your
 project by value, the flow run, the context), inside skyvm's call payload.
+
+Holds ``run_bundle``. May import: prefect only (it runs on the node, where skyvm's host parts are not needed).
 """
 
 from __future__ import annotations

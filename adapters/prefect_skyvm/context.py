@@ -1,4 +1,8 @@
-"""Per-task skyvm settings for the submissions inside a ``with`` block (as prefect-ray's ``remote_options``)."""
+"""Per-task skyvm settings for the submissions inside a ``with`` block (as prefect-ray's ``remote_options``).
+
+Holds ``skyvm_options``, ``current_options``, ``profile_from_tags`` and ``describe`` (a node's settings in a
+log line). May import: the standard library and skyvm.errors (and skyvm.settings' types).
+"""
 
 from __future__ import annotations
 
@@ -46,3 +50,9 @@ def profile_from_tags(tags) -> str | None:
 
         raise SettingsError([("tags", f"more than one skyvm:profile= tag: {sorted(found)}; give one")])
     return found[0] if found else None
+
+
+def describe(settings) -> str:
+    """The resources a node asks for, for the log line that says where it runs."""
+    parts = [f"{k}={getattr(settings, k)}" for k in ("cpus", "memory", "accelerators", "use_spot", "cloud", "infra") if getattr(settings, k) not in (None, False)]
+    return ", ".join(parts) or "default resources"

@@ -14,6 +14,8 @@
 As prefect-docker's ``@docker``: the call starts a ``SkyVMWorker`` in this
 process, which creates the flow run, ships the flow as Prefect's bundle and
 follows its node. The pool is created (type ``skyvm``) when it does not exist.
+
+Holds ``skyvm``. May import: prefect, prefect_skyvm.flow_node and .workers, skyvm.settings.
 """
 
 from __future__ import annotations

@@ -12,6 +12,9 @@ through skyvm's core (``skyvm.Run``), one fresh remote run per attempt.
     def pipeline():
         with skyvm_options(cpus=4):
             heavy.submit()
+
+Holds ``SkyVMTaskRunner`` and ``NodeCrashed``. May import: prefect, prefect_skyvm.context, skyvm's
+public core (skyvm.api, run_ids, waiting, errors, redact, settings).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from typing import Any, Iterable, Mapping, Optional, Union
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from prefect_skyvm.context import current_options, profile_from_tags
+from prefect_skyvm.context import current_options, describe, profile_from_tags
+from skyvm import run_ids, waiting
 from skyvm.api import NodeHandle, Run, check_launchable
 from skyvm.errors import InfrastructureError, NodeAborted, NodeFailed, SkyVMError
 from skyvm.redact import redact
@@ -219,7 +223,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
             from prefect.logging import get_run_logger
 
             logger = get_run_logger()
-            logger.info("skyvm: running %s on a %s node (%s)", node, settings.backend, _describe(settings))
+            logger.info("skyvm: running %s on a %s node (%s)", node, settings.backend, describe(settings))
             args, kwargs = _plain(tuple(args)), _plain(dict(kwargs))
             handle = run.start_call(node, settings, fn, args, kwargs, on_log=lambda line: logger.info(redact(line)))
             return handle
@@ -229,13 +233,8 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
             @functools.wraps(fn)
             async def remote(*args, **kwargs):
                 handle = launch(args, kwargs)
-                try:
-                    while not handle.done():
-                        await asyncio.sleep(0.05)
-                except BaseException:
-                    # Prefect's timeout (or a cancel) interrupted the wait: stop the node too.
-                    await asyncio.to_thread(_stop, handle)
-                    raise
+                # Prefect's timeout (or a cancel) interrupting the wait stops the node too.
+                await waiting.wait_async(handle, logger=_run_logger())
                 return _outcome(handle)
 
         else:
@@ -243,27 +242,12 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
             @functools.wraps(fn)
             def remote(*args, **kwargs):
                 handle = launch(args, kwargs)
-                try:
-                    # Short waits: Prefect's sync timeout arrives as an exception between them.
-                    while not handle.wait(0.1):
-                        pass
-                except BaseException:
-                    _stop(handle)
-                    raise
+                waiting.wait(handle, logger=_run_logger())
                 return _outcome(handle)
 
         copy = task.with_options()
         copy.fn = remote
         return copy
-
-
-def _stop(handle: NodeHandle) -> None:
-    """Stop a node whose wait was interrupted (Prefect's timeout, a cancel). A stop that fails is
-    logged: the interruption stays the task's error, never replaced by the stop's."""
-    try:
-        handle.cancel()
-    except Exception as exc:  # noqa: BLE001 - the original error is the one the task reports
-        _run_logger().warning("skyvm: stopping node %s after its wait was interrupted failed: %s", handle.node, exc)
 
 
 def _run_logger():
@@ -278,7 +262,7 @@ def _run_logger():
 
 def task_nodes_run_id(flow_run_id) -> str:
     """The skyvm run of a flow run's task nodes (its clusters carry it as their run-id label)."""
-    return f"prefect-{flow_run_id}"
+    return run_ids.run_id(run_ids.PREFECT_TASKS, flow_run_id)
 
 
 def _plain(value: Any) -> Any:
@@ -293,8 +277,3 @@ def _plain(value: Any) -> Any:
     if type(value) is dict:
         return {k: _plain(v) for k, v in value.items()}
     return value
-
-
-def _describe(settings: NodeSettings) -> str:
-    parts = [f"{k}={getattr(settings, k)}" for k in ("cpus", "memory", "accelerators", "use_spot", "cloud", "infra") if getattr(settings, k) not in (None, False)]
-    return ", ".join(parts) or "default resources"

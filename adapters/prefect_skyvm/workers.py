@@ -12,11 +12,14 @@ it (the local backend shares the host's network; a cloud VM needs an address it
 can reach). The API URL and key travel as secrets. The worker follows the node:
 a flow run cancelled in the UI or the API stops its node and releases its
 cluster; a node that cannot start or dies leaves the run Crashed with the reason.
+
+Holds ``SkyVMWorker``, its variables and job configuration. May import: prefect, anyio,
+prefect_skyvm.flow_node, .context and .bundle, skyvm's public core (skyvm.api, run_ids, waiting, backends.base's
+NodeRef and states, errors, redact, settings).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
 import uuid
@@ -32,9 +35,12 @@ from prefect.utilities.engine import propose_state
 from prefect.workers.base import BaseJobConfiguration, BaseVariables, BaseWorker, BaseWorkerResult
 
 from prefect_skyvm import flow_node
+from prefect_skyvm.context import describe
+from skyvm import run_ids, waiting
 from skyvm.api import NodeHandle, Run, backend_for, node_image
 from skyvm.backends.base import EXIT_CANCELLED, JobState, NodeRef
 from skyvm.errors import InfrastructureError, NodeCancelled, NodeFailed, SettingsError
+from skyvm.pool import pool_of
 from skyvm.redact import redact
 from skyvm.settings import NodeSettings
 
@@ -263,27 +269,24 @@ class SkyVMWorker(BaseWorker[SkyVMJobConfiguration, SkyVMVariables, SkyVMWorkerR
             await self._propose_state(flow_run, Failed(message=f"skyvm: bad job variables, nothing was launched: {exc}"))
             raise
         node = configuration._flow_name or flow_run.name
-        run = Run({}, run_id=f"prefect-flow-{flow_run.id}")
+        run = Run({}, run_id=run_ids.run_id(run_ids.PREFECT_FLOW, flow_run.id))
         try:
             if settings.backend == "local" and not settings.image:
                 # Built (or found) now, so the flow's own task nodes can run in the same image.
                 image = await anyio.to_thread.run_sync(node_image, settings)
                 settings = settings.model_copy(update={"envs": {**settings.envs, "SKYVM_NODE_IMAGE": image}})
-            logger.info("skyvm: flow run %s on a %s node (%s)", flow_run.name, settings.backend, _describe(settings))
+            logger.info("skyvm: flow run %s on a %s node (%s)", flow_run.name, settings.backend, describe(settings))
             handle: NodeHandle = start(run, node, settings)
-            done = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            handle.add_done_callback(lambda _h: loop.call_soon_threadsafe(done.set))
             # The node is submitted once it has a reference (or it ended before getting one).
-            while handle.ref is None and not handle.done():
-                await _first(done, CANCEL_POLL_S / 10)
+            while handle.ref is None and not await waiting.wait_async(handle, CANCEL_POLL_S / 10):
+                pass
             if handle.ref is None:
                 raise handle.exception() or InfrastructureError(f"node {node!r} ended before it started")
             pid = json.dumps(handle.ref.to_dict(), separators=(",", ":"))
             self._nodes[pid] = _Node(run, handle)
             if task_status is not None:
                 task_status.started(pid)
-            cancelled = await self._follow(flow_run, handle, done)
+            cancelled = await self._follow(flow_run, handle)
             return SkyVMWorkerResult(identifier=pid, status_code=await self._outcome(flow_run, handle, cancelled))
         finally:
             # Also when the worker stops (its task group cancelled): the node is stopped and its cluster released.
@@ -297,12 +300,9 @@ class SkyVMWorker(BaseWorker[SkyVMJobConfiguration, SkyVMVariables, SkyVMWorkerR
                 if held.run is run:
                     del self._nodes[pid]
 
-    async def _follow(self, flow_run: "FlowRun", handle: NodeHandle, done: asyncio.Event) -> bool:
+    async def _follow(self, flow_run: "FlowRun", handle: NodeHandle) -> bool:
         """Wait for the node, stopping it when the flow run is cancelled. True when it was."""
-        while not done.is_set():
-            await _first(done, CANCEL_POLL_S)
-            if done.is_set():
-                break
+        while not await waiting.wait_async(handle, CANCEL_POLL_S):
             try:
                 state = (await self.client.read_flow_run(flow_run.id)).state
             except Exception as exc:  # noqa: BLE001 - the API may blip; the node runs on
@@ -363,21 +363,8 @@ class SkyVMWorker(BaseWorker[SkyVMJobConfiguration, SkyVMVariables, SkyVMWorkerR
             if backend.status(ref).state is JobState.GONE:
                 raise InfrastructureNotFound(f"skyvm node {ref.node!r} on {ref.cluster} no longer exists")
             backend.cancel(ref)
-            backend.release(ref, True, discard=True)
-            backend.end_run(ref.run_id)
+            pool = pool_of(backend)
+            pool.release(ref, True, discard=True)
+            pool.end_run(ref.run_id)
 
         await anyio.to_thread.run_sync(stop)
-
-
-async def _first(event: asyncio.Event, timeout: float) -> None:
-    """Wait for the event, at most ``timeout`` seconds."""
-    try:
-        await asyncio.wait_for(event.wait(), timeout)
-    except asyncio.TimeoutError:
-        pass
-
-
-def _describe(settings: NodeSettings) -> str:
-    from prefect_skyvm.task_runners import _describe as describe
-
-    return describe(settings)

@@ -10,6 +10,8 @@ settings_file, skyvm_conn_id, deferrable, skip_on_exit_code) too.
 As with ``@task.docker``: a failed node raises ``SkyVMNodeFailedException`` (an
 ``AirflowException``) with the remote traceback, and ``sys.exit(n)`` with ``n`` in
 ``skip_on_exit_code`` skips the task.
+
+Holds ``skyvm_task``. May import: airflow's decorator base, airflow_skyvm.operators, skyvm.settings.
 """
 
 from __future__ import annotations

@@ -23,14 +23,16 @@ Per task, settings come from the shared settings YAML (``nodes[task_id]``,
 When the scheduler stops, ``end()`` waits for the running nodes at most ``[skyvm]
 executor_end_timeout`` seconds (default 60; keep it under the deployment's stop grace
 period), then names the tasks still running, cancels their nodes and fails them.
+
+Holds ``SkyVMExecutor``. May import: airflow's executor base and configuration, airflow_skyvm.nodes (never
+the operator's module: see nodes.py), skyvm's public core (skyvm.api, run_ids, waiting, errors, redact,
+settings, the local backend's run-arg helper).
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.metadata
-import time
-import uuid
 from typing import Any, Optional, Sequence
 
 from airflow.configuration import conf
@@ -39,7 +41,7 @@ from airflow.executors.base_executor import PARALLELISM, BaseExecutor
 from airflow_skyvm.nodes import node_name
 from skyvm.api import NodeHandle, Run
 from skyvm.errors import SkyVMError
-from skyvm import redact
+from skyvm import redact, run_ids, waiting
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
 
 # The workload (with its token) travels as a secret env var and is written to a
@@ -95,7 +97,7 @@ class SkyVMExecutor(BaseExecutor):
     def start(self) -> None:
         settings_file = conf.get("skyvm", "settings_file", fallback=None) or None
         self._config = as_config(settings_file)
-        self._run = Run(self._config, run_id=f"af-executor-{uuid.uuid4().hex[:8]}")
+        self._run = Run(self._config, run_id=run_ids.run_id(run_ids.AIRFLOW_EXECUTOR))
         self.log.info("SkyVMExecutor started (settings: %s)", self._config.source or "built-in defaults")
 
     def _node_settings(self, ti) -> NodeSettings:
@@ -166,9 +168,7 @@ class SkyVMExecutor(BaseExecutor):
     def end(self) -> None:
         """Wait for the running nodes, at most ``end_timeout`` seconds; then cancel those still
         running (their tasks fail, named in the log) and release every cluster."""
-        deadline = time.monotonic() + self.end_timeout
-        for handle in list(self._handles.values()):
-            handle.wait(max(0.0, deadline - time.monotonic()))
+        waiting.wait_all(self._handles.values(), self.end_timeout, logger=self.log)
         self.sync()
         if self._handles:
             still = ", ".join(f"{key} (node {h.node}, cluster {h.cluster})" for key, h in self._handles.items())

@@ -7,6 +7,8 @@ this connection (``password: airflow:CONN_ID``), read when a node is launched,
 so the password never sits in settings, the process environment or a command line.
 Cloud credentials come from connectors, which can refer to the team's own
 Airflow connections (``credentials: airflow:aws_default``).
+
+Holds ``SkyVMHook``. May import: airflow's hook base, skyvm.settings.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ Settings come from the shared settings YAML (``settings_file``, else the
 ``skyvm`` connection, else ``$SKYVM_CONFIG`` / ``./skyvm.yaml``), keyed by
 task_id, with ``profile`` and ``sky_settings`` above it. The argument is not
 called ``resources``: that is BaseOperator's own.
+
+Holds ``SkyVMOperator``. May import: airflow's operator base, airflow_skyvm's exceptions, masking, hooks,
+nodes and (lazily, to defer) triggers, skyvm's public core (skyvm.api, run_ids, node's payloads, errors,
+redact, settings, backends.base's states).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from airflow_skyvm.exceptions import SkyVMInfrastructureException, SkyVMNodeFail
 from airflow_skyvm import masking
 from airflow_skyvm.hooks.skyvm import SkyVMHook
 from airflow_skyvm.nodes import node_name
+from skyvm import run_ids
 from skyvm.api import NodeHandle, Run, teardown
 from skyvm.backends.base import JobState
 from skyvm.errors import InfrastructureError, NodeFailed
@@ -136,7 +141,7 @@ class SkyVMOperator(BaseOperator):
 
     def _run_id(self, context) -> str:
         ti = context["ti"]
-        return f"af-{ti.dag_id}-{ti.run_id}-{node_name(ti)}"
+        return run_ids.run_id(run_ids.AIRFLOW_TASK, ti.dag_id, ti.run_id, node_name(ti))
 
     def _payload(self) -> bytes:
         if self.bash_command is not None:
