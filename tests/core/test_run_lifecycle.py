@@ -6,8 +6,11 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import json
 import signal
+import subprocess
 import sys
+import textwrap
 import threading
 import time
 import tracemalloc
@@ -17,7 +20,7 @@ import pytest
 
 from skyvm import InfrastructureError, NodeCancelled, NodeFailed, NodeTimeout, Run
 from skyvm.api import backend_for
-from skyvm.backends.local import local_backend
+from skyvm.backends.local import list_managed, local_backend
 from skyvm.context import Context
 from skyvm.errors import NodeAborted, SettingsError
 from skyvm.settings import NodeSettings
@@ -270,6 +273,40 @@ def test_a_poll_that_hangs_stalls_no_other_nodes_stream_deadline_or_poll():
     finally:
         let_it_return.set()
     assert hung_returned.wait(HANG_GUARD_S)
+    assert containers_of(run.run_id) == []
+
+
+# -- one handle: an attempt followed from its reference, in any process ---------------------------
+
+
+def test_a_node_let_go_is_followed_to_its_result_from_its_reference_in_a_fresh_process(tmp_path):
+    """What an Airflow trigger does, whole: another process attaches to the reference, follows the attempt
+    (polling) to its result and log, and releases it; the run that launched it lets go and never waits."""
+    follower = tmp_path / "follow.py"
+    follower.write_text(
+        textwrap.dedent(
+            """
+            import json, sys
+            from skyvm.api import NodeHandle
+
+            node = NodeHandle.attach(json.loads(sys.stdin.read()))
+            print("RESULT", json.dumps(node.result(120)))
+            print("LOG", json.dumps(node.logs().splitlines()))
+            node.release()
+            """
+        )
+    )
+    with Run(SMALL) as run:
+        launched = run.submit(nap_then, 1, {"answer": 42}, node="followed-elsewhere")
+        reference = json.loads(json.dumps(launched.let_go()))  # what an engine stores
+        assert run.handles == [] and not launched.done()  # the run no longer holds or waits on it
+        out = subprocess.run([sys.executable, str(follower)], input=json.dumps(reference), capture_output=True, text=True, timeout=HANG_GUARD_S)
+        assert out.returncode == 0, out.stderr
+        lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("RESULT ", "LOG ")))
+        assert json.loads(lines["RESULT"]) == {"answer": 42}
+        assert "started" in json.loads(lines["LOG"])
+        # Released by the process that followed it: a down cluster goes then, not at the launcher's run end.
+        assert not [r for r in list_managed() if r["name"] == reference["cluster"]]
     assert containers_of(run.run_id) == []
 
 
