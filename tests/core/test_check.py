@@ -94,11 +94,9 @@ def test_skypilots_own_check_runs_with_the_nodes_connector(standin_vm, tmp_path,
     seen = next(c for c in standin_vm.calls() if c["call"] == "check")["credentials"]
     assert seen["AWS_PROFILE"] == "skyvm" and seen["AWS_SHARED_CREDENTIALS_FILE"]["mode"] == "0o600"
 
-    from skyvm.backends import skypilot as backend_module
+    from skyvm.backends.registry import reset_backends
 
-    for backend in backend_module.all_backends():
-        backend.close()
-    backend_module._with_credentials.clear()
+    reset_backends()  # the credentialed backend (its SkyPilot process, its files) goes: the next check makes a new one
     monkeypatch.setenv("CHECK_SECRET", "wrong-" + uuid.uuid4().hex)
     rows = {r.check: r for r in run_checks(SkyVMConfig(data))}
     assert rows["skypilot"].result == FAIL and "SkyPilot cannot use aws" in rows["skypilot"].detail
