@@ -1,14 +1,12 @@
 """The one handle: an attempt of a node, followed from its ``NodeRef`` by whoever holds it.
 
-    handle = run.start_call(...)          # launched here: prepared, then launched through the pool
-    handle.result()                       # followed: streamed (backend.watch) or polled, off the watcher's thread
-    reference = handle.let_go()           # JSON-able; the attempt runs on and this process stops following it
-    node = NodeHandle.attach(reference)   # in any process (an Airflow trigger): status(), read_log(),
-    node.outcome(); node.result()         # result() follows it by polling; cancel(); release(); teardown()
+    handle = run.start_call(...)          # prepared, then launched through the pool; result() follows it
+    reference = handle.let_go()           # JSON-able; the attempt runs on, this process stops following it
+    node = NodeHandle.attach(reference)   # any process: status(), read_log(), outcome(), result() (polls),
+                                          # cancel(), release(), teardown()
 
-A handle launched here releases its cluster as the attempt ends; one found again (or let go)
-releases it when ``release()``/``teardown()`` is called: no run of this process will end it, so
-``down`` means now. Every wait is bounded by the context's knobs or the node's own ``timeout``.
+Launched here, it releases its cluster as the attempt ends; found again (or let go), on ``release()``/
+``teardown()``, and ``down`` means now (no run of this process will end it).
 
 May import: skyvm.context, skyvm.prepare, skyvm.outcome, skyvm.pool, skyvm.backends.base,
 skyvm.settings, skyvm.errors, skyvm.redact. Never skyvm.run or skyvm.api (Run is only passed in).
@@ -282,10 +280,6 @@ class NodeHandle:
             pass  # a cancel before launch ended it already
 
     def _launch(self) -> None:
-        with self._ctx.active():  # what skyvm does for this node uses its context (a backend's stream: its watcher)
-            self._launch_here()
-
-    def _launch_here(self) -> None:
         s = self.settings
         try:
             if self._cancel.is_set():
@@ -300,7 +294,8 @@ class NodeHandle:
                     raise NodeCancelled(f"node {self.node!r} was cancelled before it started")
                 self._launching = True
             self.started_at = time.time()
-            self.ref = pool_of(backend).launch(spec, on_log=self._log, cancelled=self._cancel.is_set)
+            with self._ctx.active():  # what the pool and backend do for this node uses its context
+                self.ref = pool_of(backend).launch(spec, on_log=self._log, cancelled=self._cancel.is_set)
         except BaseException as exc:  # noqa: BLE001 - everything is reported through the future
             self._payload = None
             self._fail(exc)
