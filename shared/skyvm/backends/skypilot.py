@@ -59,11 +59,8 @@ class SkyPilotBackend(Backend):
         self.credentials = credentials
         self._lock = threading.Lock()
         self._over: set[tuple] = set()  # jobs a status call found over (cluster, job id, managed)
-        self.pool = ClusterPool()
-        # SkyPilot pools this process made or found, by name: the runs using them, and whether the
-        # last run's end takes them down (a per-run pool with down: true; never a shared one).
-        self._pools: dict[str, dict] = {}
-        self._pool_locks: dict[str, threading.Lock] = {}
+        # Where each cluster this process launched landed (its price goes with every attempt on it).
+        self._placements: dict[str, dict] = {}
         # max_hourly_cost verdicts by signature (None: within the cap): asked once, not at every exec.
         self._cap_verdicts: dict[str, Optional[str]] = {}
 
