@@ -17,10 +17,9 @@ import pytest
 sky = pytest.importorskip("sky")
 
 from skyvm import InfrastructureError, NodeCancelled, NodeFailed, Run, SettingsError  # noqa: E402
-from skyvm.backends import skypilot as skypilot_backend_module  # noqa: E402
 from skyvm.backends.skypilot import SkyPilotBackend  # noqa: E402
-from skyvm.skypilot.logs import LogFollowers  # noqa: E402
 from skyvm.context import Context  # noqa: E402
+from skyvm.skypilot.logs import LogFollowers  # noqa: E402
 
 
 class StandInBridge:
@@ -188,9 +187,9 @@ class StandInBridge:
 
 
 @pytest.fixture
-def bridge(monkeypatch):
+def bridge(monkeypatch, use_skypilot):
     stand_in = StandInBridge()
-    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
+    use_skypilot(SkyPilotBackend(stand_in))
     return stand_in
 
 
@@ -249,11 +248,11 @@ def test_a_failed_job_is_never_success(bridge, cloud_settings):
 
 
 @pytest.mark.parametrize("status", ["FAILED", "FAILED_SETUP", "FAILED_DRIVER"])
-def test_an_exit_code_of_0_with_a_failed_job_status_is_never_success(cloud_settings, monkeypatch, status):
+def test_an_exit_code_of_0_with_a_failed_job_status_is_never_success(cloud_settings, monkeypatch, status, use_skypilot):
     # tail_logs says 0, the job's status says it failed (e.g. the VM's agent lost the job after the
     # node wrote its result): the status wins, and the user hears which node and why.
     stand_in = StandInBridge(jobs_end=status)
-    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
+    use_skypilot(SkyPilotBackend(stand_in))
     with Run(cloud_settings) as run:
         handle = run.submit(add, 2, 3, node="disputed")
         with pytest.raises(InfrastructureError, match=f"node 'disputed' .*{status}"):
@@ -275,9 +274,9 @@ def test_cancel_cancels_the_job_and_releases_the_cluster(bridge, cloud_settings)
         assert ("down", cluster) in bridge.calls  # down: true -> the cancelled node's VM goes
 
 
-def test_a_half_made_cluster_is_torn_down(cloud_settings, monkeypatch):
+def test_a_half_made_cluster_is_torn_down(cloud_settings, monkeypatch, use_skypilot):
     stand_in = StandInBridge(fail_launch_for="skyvm")
-    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
+    use_skypilot(SkyPilotBackend(stand_in))
     with Run(cloud_settings) as run:
         handle = run.submit(add, 1, 1, node="unlucky")
         with pytest.raises(InfrastructureError, match="no capacity"):
@@ -286,9 +285,9 @@ def test_a_half_made_cluster_is_torn_down(cloud_settings, monkeypatch):
     assert ("down", name) in stand_in.calls and stand_in.clusters == {}
 
 
-def test_a_cluster_whose_launch_failed_is_never_taken_for_a_warm_one(cloud_settings, monkeypatch):
+def test_a_cluster_whose_launch_failed_is_never_taken_for_a_warm_one(cloud_settings, monkeypatch, use_skypilot):
     stand_in = StandInBridge(fail_launch_for="skyvm")
-    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
+    use_skypilot(SkyPilotBackend(stand_in))
     warm = {**cloud_settings, "defaults": {**cloud_settings["defaults"], "down": False}}  # clusters outlive their run
     with Run(warm) as run:
         with pytest.raises(InfrastructureError, match="no capacity"):
@@ -301,9 +300,9 @@ def test_a_cluster_whose_launch_failed_is_never_taken_for_a_warm_one(cloud_setti
         stand_in.down(name)  # down: false kept the good one warm; this test's "VM" goes now
 
 
-def test_spot_with_recovery_is_a_managed_job_and_preemption_spends_no_retry(cloud_settings, monkeypatch):
+def test_spot_with_recovery_is_a_managed_job_and_preemption_spends_no_retry(cloud_settings, monkeypatch, use_skypilot):
     stand_in = StandInBridge(preempt_managed_once=True)
-    monkeypatch.setattr(skypilot_backend_module, "_backend", SkyPilotBackend(stand_in))
+    use_skypilot(SkyPilotBackend(stand_in))
     settings = {**cloud_settings, "nodes": {"spot": {"use_spot": True, "job_recovery": "FAILOVER"}}}
     with Run(settings) as run:
         handle = run.submit(add, 20, 22, node="spot")

@@ -22,8 +22,7 @@ import pytest
 sky = pytest.importorskip("sky")
 
 from skyvm import NodeCancelled, Run  # noqa: E402
-from skyvm.backends import skypilot as skypilot_backend_module  # noqa: E402
-from skyvm.backends.skypilot import SkyPilotBackend  # noqa: E402
+from skyvm.backends.skypilot import SkyPilotBackend, skypilot_backend  # noqa: E402
 from skyvm.plan import plan_node  # noqa: E402
 from skyvm.settings import SkyVMConfig  # noqa: E402
 from skyvm.skypilot.bridge import SubprocessBridge  # noqa: E402
@@ -43,12 +42,12 @@ class Recorded:
 
 
 @pytest.fixture
-def pool_vm(docker_engine, tmp_path, monkeypatch):
+def pool_vm(docker_engine, tmp_path, monkeypatch, use_skypilot):
     state = tmp_path / "standin"
     monkeypatch.setenv("SKYVM_STANDIN_DIR", str(state))
     monkeypatch.setenv("SKYVM_TEST_SKYPILOT_PYTHON", sys.executable)  # the stand-in runs in this (SkyPilot's) environment
     backend = SkyPilotBackend(SubprocessBridge(str(HERE / "standin-python")))
-    monkeypatch.setattr(skypilot_backend_module, "_backend", backend)
+    use_skypilot(backend)
     yield Recorded(state)
     backend.close()
     left = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=dev.skyvm.standin={state}"], capture_output=True, text=True).stdout.split()
@@ -129,8 +128,7 @@ def test_cancel_stops_the_pool_job_and_frees_its_worker(pool_vm, cloud_settings)
 
 def test_gc_tears_down_the_pool_of_a_run_that_died_and_spares_a_live_ones(pool_vm, cloud_settings, chosen_bridge, capsys):
     from skyvm import cli
-    from skyvm.backends.local import run_lease
-    chosen_bridge(skypilot_backend_module._backend.bridge)  # what `skyvm status/gc` ask
+    chosen_bridge(skypilot_backend().bridge)  # what `skyvm status/gc` ask
     settings = _pooled(cloud_settings, down=False)  # the pool would outlive its run
     run = Run(settings)
     try:
@@ -139,10 +137,8 @@ def test_gc_tears_down_the_pool_of_a_run_that_died_and_spares_a_live_ones(pool_v
         assert cli.main(["gc", "--skypilot"]) == 0 and not pool_vm.calls("pool_down")  # its run lives: spared
         assert cli.main(["status", "--skypilot"]) == 0
         assert pool in capsys.readouterr().out
-        # The run's process dies (its lease names a process that is gone): its pool is garbage now.
-        dead = subprocess.Popen([sys.executable, "-c", "pass"])
-        dead.wait()
-        run_lease(run.run_id).write_text(json.dumps({"pid": dead.pid, "started": time.time()}))
+        # The run's process dies (the lock it held for the run's life goes with it): its pool is garbage now.
+        run._lease.release()
         assert cli.main(["gc", "--skypilot"]) == 0
         assert f"tore down 1 per-run (their run is over) SkyPilot pool(s): {pool}" in capsys.readouterr().out
         assert [c["pool"] for c in pool_vm.calls("pool_down")] == [pool]
@@ -167,7 +163,7 @@ def test_skyvm_plan_prices_a_pool_as_its_workers_times_the_price(catalog_dir):
 
 def test_a_shared_pool_is_made_once_outlives_its_runs_and_only_gc_all_takes_it(pool_vm, cloud_settings, chosen_bridge, capsys):
     from skyvm import cli
-    chosen_bridge(skypilot_backend_module._backend.bridge)  # what `skyvm status/gc` ask
+    chosen_bridge(skypilot_backend().bridge)  # what `skyvm status/gc` ask
     settings = {**cloud_settings, "nodes": {"pooled": {"pool": "team-pool"}}}  # a name: the team's long-lived pool
     for n in (1, 2):  # two runs, one after the other
         with Run(settings) as run:
@@ -184,7 +180,6 @@ def test_a_shared_pool_is_made_once_outlives_its_runs_and_only_gc_all_takes_it(p
 
 def test_a_pool_node_let_go_is_found_again_and_its_release_takes_the_runs_pool_down(pool_vm, cloud_settings):
     from skyvm.api import NodeHandle
-    from skyvm.backends.local import run_lease
     from skyvm.node import make_call_payload
 
     run = Run(_pooled(cloud_settings))  # an Airflow task that defers: nobody closes this run
@@ -197,7 +192,7 @@ def test_a_pool_node_let_go_is_found_again_and_its_release_takes_the_runs_pool_d
     assert not pool_vm.calls("pool_down")
     node.release()  # the trigger's end: the run's own pool goes with its node (down: true)
     assert [c["pool"] for c in pool_vm.calls("pool_down")] == [node.cluster]
-    run_lease(run.run_id).unlink()
+    run._lease.release()  # nobody closes this run: its lease goes as its process's would
 
 
 def test_down_of_a_pool_that_is_not_there_is_not_an_error(api_server):
