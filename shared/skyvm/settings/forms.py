@@ -5,7 +5,8 @@ Lambda Cloud's unsupported fields) and one check per value form (quantities, acc
 job recovery, infra, ports, names). Each check returns the value as the model keeps it, or
 raises ``ValueError`` with the text a user sees: what was given and what is accepted.
 
-May import: :mod:`skyvm.validation` (``suggest``); no pydantic model, no other part of skyvm.
+May import: :mod:`skyvm.validation` (``suggest``) and :mod:`skyvm.clouds` (the clouds and store
+prefixes, re-exported here); no pydantic model, no other part of skyvm.
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping, Optional, Union
 
+from skyvm.clouds import CLOUDS, STORE_PREFIXES
+from skyvm.clouds import INFRA_NAMES as INFRA_CLOUDS  # infra prefixes SkyPilot accepts, mapped to the cloud they mean
 from skyvm.validation import suggest
 
-CLOUDS = ("aws", "gcp", "azure", "lambda", "kubernetes")
-# infra prefixes SkyPilot accepts, mapped to the cloud they mean.
-INFRA_CLOUDS = {"aws": "aws", "gcp": "gcp", "azure": "azure", "lambda": "lambda", "kubernetes": "kubernetes", "k8s": "kubernetes"}
 DISK_TIERS = ("low", "medium", "high", "ultra", "best")
 RECOVERY_STRATEGIES = ("FAILOVER", "EAGER_NEXT_REGION", "NONE")
 BACKENDS = ("local", "skypilot")
-STORE_PREFIXES = ("file://", "s3://", "gs://", "gcs://", "az://", "abfs://")
 
 # Lambda Cloud has no spot market, no custom images, no zones, fixed disks and
 # no autostop: SkyPilot would refuse these only at launch time.

@@ -48,7 +48,7 @@ class NodeSettings(BaseModel):
 
     # Where: the backend, then the cloud placement SkyPilot chooses within.
     backend: Literal["local", "skypilot"] = "local"
-    cloud: Optional[Literal["aws", "gcp", "azure", "lambda", "kubernetes"]] = None
+    cloud: Optional[Literal[forms.CLOUDS]] = None
     infra: Optional[str] = None
     region: Optional[str] = None
     zone: Optional[str] = None
