@@ -3,7 +3,7 @@
 Holds the clouds a plan may place a node on (``PLANNING_CLOUDS``), which clouds a task's resources
 are pinned to, and the context that patches ``sky.check`` for the length of one plan.
 
-May import: the standard library; ``sky`` is passed in (only the SDK adapter imports SkyPilot).
+May import: the standard library and skyvm.clouds; ``sky`` is passed in (only the SDK adapter imports SkyPilot).
 """
 
 from __future__ import annotations
@@ -12,9 +12,8 @@ import contextlib
 import threading
 from typing import Optional
 
-# The clouds a plan may place a node on when it names none (Kubernetes only when named: it has no catalog prices).
-PLANNING_CLOUDS = ("aws", "gcp", "azure", "lambda")
-_INFRA_CLOUD = {"k8s": "kubernetes"}
+from skyvm.clouds import INFRA_NAMES, PLANNING_CLOUDS  # PLANNING_CLOUDS: where a plan may place a node that names no cloud
+
 _ENABLED_LOCK = threading.Lock()
 
 
@@ -27,7 +26,7 @@ def _clouds_named(resources: dict) -> Optional[list[str]]:
         if not infra:
             return None
         cloud = infra.split("/")[0].lower()
-        named.add(_INFRA_CLOUD.get(cloud, cloud))
+        named.add(INFRA_NAMES.get(cloud, cloud))
     return sorted(named)
 
 

@@ -3,7 +3,7 @@
 Pure and JSON-serialisable, so it crosses the bridge to SkyPilot's own
 environment unchanged. No ``sky`` import here.
 
-May import: the standard library, skyvm.candidates, skyvm.errors, skyvm.plan.
+May import: the standard library, skyvm.candidates, skyvm.clouds, skyvm.errors, skyvm.plan.
 """
 
 from __future__ import annotations
@@ -12,11 +12,10 @@ import re
 from typing import Any, Optional
 
 from skyvm.candidates import CANDIDATE_FIELDS, candidate_layers
+from skyvm.clouds import SKYPILOT_INFRA
 from skyvm.errors import SettingsError
 from skyvm.plan import TaskSpec
 
-# SkyPilot's name for each cloud in `infra`.
-_INFRA = {"aws": "aws", "gcp": "gcp", "azure": "azure", "lambda": "lambda", "kubernetes": "k8s"}
 # Resource fields passed through unchanged.
 _PASS_THROUGH = ("instance_type", "cpus", "memory", "accelerators", "accelerator_args", "use_spot", "job_recovery", "disk_size", "disk_tier", "ports", "network_tier", "max_hourly_cost", "autostop")
 
@@ -35,7 +34,7 @@ def infra_of(resources: dict[str, Any]) -> Optional[str]:
         if resources.get("region") or resources.get("zone"):
             raise SettingsError([("region", "region/zone without a cloud: give cloud (or infra='CLOUD/REGION[/ZONE]')")])
         return None
-    parts = [_INFRA[cloud]] + [p for p in (resources.get("region"), resources.get("zone")) if p]
+    parts = [SKYPILOT_INFRA[cloud]] + [p for p in (resources.get("region"), resources.get("zone")) if p]
     if resources.get("zone") and not resources.get("region"):
         raise SettingsError([("zone", "a zone needs its region: give region too (or infra='CLOUD/REGION/ZONE')")])
     return "/".join(parts)
