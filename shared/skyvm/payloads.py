@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Callable, NamedTuple, Optional
 from urllib.parse import unquote, urlparse
 
+from skyvm.clouds import BUCKET_SCHEMES
 from skyvm.errors import PayloadError, SkyVMError
 from skyvm.redact import redact, register
 
@@ -150,7 +151,8 @@ _S3 = Cloud("s3fs", "S3FileSystem", "aws", "bucket", "set AWS_ACCESS_KEY_ID and 
 # every bucket's layout first (a minute's timeout against an emulator, and more permissions).
 _GCS = Cloud("gcsfs.core", "GCSFileSystem", "gcp", "bucket", "set SKYVM_GCS_TOKEN (an OAuth2 access token) or GOOGLE_APPLICATION_CREDENTIALS")
 _AZ = Cloud("adlfs", "AzureBlobFileSystem", "azure", "container", "set AZURE_STORAGE_CONNECTION_STRING (an account's, or BlobEndpoint=...;SharedAccessSignature=...)")
-CLOUDS = {"s3": _S3, "gs": _GCS, "gcs": _GCS, "az": _AZ, "abfs": _AZ}
+# Each bucket scheme's file system, by the cloud that serves it (skyvm.clouds says which).
+CLOUDS = {scheme: {"aws": _S3, "gcp": _GCS, "azure": _AZ}[cloud] for scheme, cloud in BUCKET_SCHEMES.items()}
 
 # Exceptions (by class name, so no SDK need be importable) that mean "no usable credentials".
 _NO_CREDENTIALS = {"NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "CredentialUnavailableError"}
