@@ -12,8 +12,8 @@ SkyPilot goes through the bridge (``skyvm.skypilot.bridge``).
 
 Holds: ``SkyPilotBackend``, ``is_managed``, ``missing_for_vms``; ``skypilot_backend`` and
 ``all_backends`` (the registry's, re-exported).
-May import: skyvm.backends.base, skyvm.skypilot.*, skyvm.plan, skyvm.settings, skyvm.errors
-(never the pool or the API).
+May import: skyvm.backends.base, skyvm.skypilot.*, skyvm.plan, skyvm.settings, skyvm.clouds,
+skyvm.errors (never the pool or the API).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, NoReturn, Optional
 
 from skyvm.backends.base import NONE, OWN, SHARED, Backend, JobState, JobStatus, LogSink, NodeRef
+from skyvm.clouds import BUCKET_PREFIXES
 from skyvm.errors import InfrastructureError, NodeCancelled
 from skyvm.plan import TaskSpec, pool_name
 from skyvm.settings import NodeSettings
@@ -298,9 +299,6 @@ class SkyPilotBackend(Backend):
             log.error("could not tear down cluster %s: %s (run `sky down %s`)", name, exc, name)
 
 
-BUCKET_SCHEMES = ("s3://", "gs://", "gcs://", "az://", "abfs://")
-
-
 def missing_for_vms(settings: NodeSettings) -> list[tuple[str, str]]:
     """What a VM needs that a laptop does not, as (field, problem): a bucket store and a pullable image.
 
@@ -308,7 +306,7 @@ def missing_for_vms(settings: NodeSettings) -> list[tuple[str, str]]:
     """
     problems = []
     store = settings.payload_store or "a local directory (the default)"
-    if not store.startswith(BUCKET_SCHEMES):
+    if not store.startswith(BUCKET_PREFIXES):
         problems.append(
             ("payload_store", f"backend 'skypilot' needs a payload store the VM can reach; got {store}; "
              "set payload_store: s3://BUCKET[/PREFIX], gs://BUCKET[/PREFIX] or az://CONTAINER[/PREFIX]")
