@@ -221,6 +221,7 @@ class BackendPool:
         """The launching process stops following the attempt (Airflow's deferral): it runs on, and its
         cluster leaves this process's book, its record saying it is taken; whoever releases the
         reference (a trigger, in any process) decides the cluster's end, as for one found again."""
+        self.backend.let_go(ref)
         kind = ref.extra.get("kind")
         if kind == SHARED:
             with self._lock:

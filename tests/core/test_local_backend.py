@@ -296,6 +296,22 @@ def test_a_node_let_go_runs_on_without_a_waiting_process_and_is_found_again():
         assert not [r for r in list_managed() if r["name"] == node.cluster]
 
 
+def test_a_node_let_go_that_prints_more_than_a_pipe_holds_runs_to_its_end_while_its_launcher_lives():
+    # The launcher lets go and goes on (Airflow's dag.test(), a worker): the exec's stream it no longer
+    # reads must not fill up and stall the node.
+    from skyvm.api import NodeHandle
+    from skyvm.backends.base import JobState
+    from skyvm.node import make_command_payload
+
+    with Run() as run:
+        command = "head -c 4000000 /dev/zero | tr '\\0' x | fold -w 100; echo; echo printed-all"
+        node = NodeHandle.attach(run.start_raw("chatty", run.resolve("chatty"), make_command_payload(command)).let_go())
+        assert wait_until(lambda: node.status().state.finished, 90), node.status()
+        assert node.status().state is JobState.SUCCEEDED
+        assert node.outcome().value() == "printed-all"
+        node.release()
+
+
 def test_a_node_let_go_can_be_cancelled():
     from skyvm.api import NodeHandle
     from skyvm.backends.base import JobState

@@ -12,7 +12,7 @@ an Airflow trigger or another process (by polling ``status`` and ``read_log``).
     backend.cluster_kind(spec)                      backend.read_log(ref, offset)
     backend.cluster_name(spec, slot)                backend.cancel(ref)
     backend.start_cluster(spec, name)               backend.watch(ref, on_log, on_exit)
-    backend.run_attempt(spec, cluster, fresh=...)
+    backend.run_attempt(spec, cluster, fresh=...)   backend.let_go(ref)
     backend.clusters(signature=None, running=False)
     backend.remove_cluster(name, shared=...)
 
@@ -170,3 +170,7 @@ class Backend(abc.ABC):
         """Follow the attempt by push (a stream), calling ``on_exit`` once; False when only polling works
         (another process's attempt, or a backend without streams)."""
         return False
+
+    def let_go(self, ref: NodeRef) -> None:
+        """The launching process stops following the attempt, which runs on (Airflow's deferral):
+        let go of what this process holds for it (a stream nobody reads would fill and stall the node)."""

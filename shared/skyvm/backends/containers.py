@@ -275,6 +275,20 @@ class DockerBackend(Backend):
         watcher().add_stream(raw, raw.recv, on_log, ended, docker_frames=True)
         return True
 
+    def let_go(self, ref: NodeRef) -> None:
+        """Nobody here follows the attempt: its output is read and dropped while this process lives
+        (unread, the exec's pipe would fill and stall the node); its log and exit stay in the cluster."""
+        from skyvm.context import watcher
+
+        with self._lock:
+            stream = self._streams.pop(ref.attempt_id, None)
+        if stream is None:
+            return
+        sock = stream[0]
+        raw = getattr(sock, "_sock", sock)
+        raw.setblocking(False)
+        watcher().add_stream(raw, raw.recv, lambda _line: None, sock.close, docker_frames=True)
+
     def status(self, ref: NodeRef) -> JobStatus:
         import docker
 
