@@ -110,9 +110,9 @@ def _http_login(server: str, user: str, password: str) -> str:
 
 def _skypilot(settings: NodeSettings, clouds: list[str]) -> Callable[[], str]:
     def sky_check() -> str:
-        from skyvm.backends.skypilot import skypilot_backend
+        from skyvm.backends.registry import skypilot_bridge
 
-        enabled = skypilot_backend(settings).bridge.check(clouds or None)
+        enabled = skypilot_bridge(settings).check(clouds or None)
         missing = [c for c in clouds if c not in enabled]
         if missing:
             raise RuntimeError(f"SkyPilot cannot use {', '.join(missing)} with these credentials (enabled: {', '.join(enabled) or 'none'}); see `sky check -v`")

@@ -102,6 +102,12 @@ def skypilot_backend(settings=None) -> Backend:
     return backends().skypilot(settings)
 
 
+def skypilot_bridge(settings=None):
+    """The bridge a node's connectors reach SkyPilot through (``skyvm check`` asks it ``sky check``):
+    the one its SkyPilot backend launches with, so the check sees what a launch would."""
+    return backends().skypilot(settings).bridge
+
+
 def use_backend(backend: Optional[Backend], name: str = "") -> None:
     backends().use(backend, name)
 
