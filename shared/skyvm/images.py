@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+from skyvm import progress
 from skyvm.errors import InfrastructureError
 from skyvm.home import Home
 from skyvm.settings import RegistrySettings
@@ -93,12 +95,13 @@ def build_wheels(requirements: Sequence[str] = (), cache: Optional[Path] = None)
         return out
     tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=out.parent if out.parent.exists() else None))
     try:
-        if root:
-            _pip("wheel", "--no-deps", "-q", "-w", str(tmp), str(root))
-            own = next(tmp.glob("skyvm-*.whl"))
-            _pip("wheel", "-q", "-w", str(tmp), str(own), *RUNTIME_REQUIREMENTS, *requirements)
-        else:
-            _pip("wheel", "-q", "-w", str(tmp), f"skyvm=={skyvm.__version__}", *RUNTIME_REQUIREMENTS, *requirements)
+        with progress.step("building wheels for the node image", logger=log):
+            if root:
+                _pip("wheel", "--no-deps", "-q", "-w", str(tmp), str(root))
+                own = next(tmp.glob("skyvm-*.whl"))
+                _pip("wheel", "-q", "-w", str(tmp), str(own), *RUNTIME_REQUIREMENTS, *requirements)
+            else:
+                _pip("wheel", "-q", "-w", str(tmp), f"skyvm=={skyvm.__version__}", *RUNTIME_REQUIREMENTS, *requirements)
         (tmp / ".complete").write_text(json.dumps(sorted(requirements)))
         out.parent.mkdir(parents=True, exist_ok=True)
         if out.exists():  # built meanwhile by another process
@@ -176,8 +179,7 @@ def build_node_image(
         base_id = client.images.get(base).id
     except Exception:  # noqa: BLE001
         try:
-            log.info("pulling base image %s", base)
-            base_id = client.images.pull(base).id
+            base_id = pull_image(client, base)
         except Exception as exc:  # noqa: BLE001
             raise InfrastructureError(
                 f"base image {base!r} is neither present nor pullable ({exc}); set SKYVM_BASE_IMAGE to an image with python3 and venv "
@@ -196,14 +198,7 @@ def build_node_image(
         try:
             client.images.get(local_tag)
         except Exception:  # noqa: BLE001 - absent: build it
-            log.info("building node image %s from %s", local_tag, base)
-            try:
-                client.images.build(
-                    fileobj=_context_tar(dockerfile, wheels), custom_context=True, tag=local_tag, network_mode="host", rm=True, forcerm=True, pull=False
-                )
-            except Exception as exc:  # noqa: BLE001
-                logs = "".join(chunk.get("stream", "") for chunk in getattr(exc, "build_log", []) or [])
-                raise InfrastructureError(f"building node image {local_tag} failed: {exc}\n{logs[-4000:]}") from None
+            _build(client, dockerfile, wheels, local_tag, base)
             built = True
         pushed = False
         if registry and push:
@@ -218,11 +213,66 @@ def build_node_image(
         return BuiltImage(ref=ref, content_hash=content_hash, built=built, pushed=pushed)
 
 
-def push_image(client, ref: str, registry: RegistrySettings, login: Optional[tuple[str, str]] = None) -> None:
-    repo, _, tag = ref.rpartition(":")
+# "Step 3/6 : RUN python3 -m venv ...": the classic builder's line at the start of each layer.
+_BUILD_STEP = re.compile(r"^Step (\d+)/(\d+) : (.*)")
+
+
+def _build(client, dockerfile: str, wheels: Path, tag: str, base: str) -> None:
+    """Build the node image, its progress layer by layer from the build stream."""
+    logs: list[str] = []
+    with progress.step(f"building node image {tag} from {base}", logger=log) as shown:
+        try:
+            chunks = client.api.build(
+                fileobj=_context_tar(dockerfile, wheels), custom_context=True, tag=tag, network_mode="host", rm=True, forcerm=True, pull=False, decode=True
+            )
+            for chunk in chunks:
+                text = chunk.get("stream", "")
+                logs.append(text)
+                layer = _BUILD_STEP.match(text)
+                if layer:
+                    shown.update(f"step {layer[1]}/{layer[2]}: {layer[3][:60]}", completed=int(layer[1]) - 1, total=int(layer[2]))
+                if "error" in chunk:
+                    raise InfrastructureError(f"building node image {tag} failed: {chunk['error']}\n{''.join(logs)[-4000:]}")
+            client.images.get(tag)
+        except InfrastructureError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise InfrastructureError(f"building node image {tag} failed: {exc}\n{''.join(logs)[-4000:]}") from None
+
+
+def follow_layers(shown: progress.Step, chunks) -> list[str]:
+    """Show a push's or pull's bytes, summed over its layers, from Docker's stream; return its errors."""
+    layers: dict[str, tuple[int, int]] = {}
     errors = []
-    for chunk in client.api.push(repo, tag=tag, auth_config=registry_auth(registry, login), stream=True, decode=True):
+    for chunk in chunks:
         if "error" in chunk:
             errors.append(chunk["error"])
+        detail = chunk.get("progressDetail") or {}
+        if chunk.get("id") and detail.get("total"):
+            # A push's "current" may pass its "total" (Docker counts them apart): never more than all.
+            layers[chunk["id"]] = (min(detail.get("current", 0), detail["total"]), detail["total"])
+            shown.update(f"{len(layers)} layer(s)", completed=sum(c for c, _ in layers.values()), total=sum(t for _, t in layers.values()))
+    return errors
+
+
+def pull_image(client, ref: str, auth_config: Optional[dict] = None) -> str:
+    """Pull ``ref`` (with ``registry_auth``'s login, if any), with progress; its image id."""
+    from docker.utils import parse_repository_tag
+
+    repo, tag = parse_repository_tag(ref)
+    with progress.step(f"pulling {ref}", logger=log, unit="bytes") as shown:
+        try:
+            errors = follow_layers(shown, client.api.pull(repo, tag=tag or "latest", auth_config=auth_config, stream=True, decode=True))
+        except Exception as exc:  # noqa: BLE001 - the engine's refusal, said with what was pulled
+            raise InfrastructureError(f"pulling {ref} failed: {exc}") from None
+    if errors:
+        raise InfrastructureError(f"pulling {ref} failed: {'; '.join(errors)}")
+    return client.images.get(ref).id
+
+
+def push_image(client, ref: str, registry: RegistrySettings, login: Optional[tuple[str, str]] = None) -> None:
+    repo, _, tag = ref.rpartition(":")
+    with progress.step(f"pushing {ref}", logger=log, unit="bytes") as shown:
+        errors = follow_layers(shown, client.api.push(repo, tag=tag, auth_config=registry_auth(registry, login), stream=True, decode=True))
     if errors:
         raise InfrastructureError(f"pushing {ref} to {registry.server} failed: {'; '.join(errors)}")
