@@ -14,6 +14,8 @@ skyvm.settings, skyvm.errors, skyvm.redact. Never skyvm.run or skyvm.api (Run is
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import threading
 import time
@@ -296,6 +298,9 @@ class NodeHandle:
             self.started_at = time.time()
             with self._ctx.active():  # what the pool and backend do for this node uses its context
                 self.ref = pool_of(backend).launch(spec, on_log=self._log, cancelled=self._cancel.is_set)
+            # The node has its payload (inline through its agent, or from the store): it may be large.
+            self.spec = dataclasses.replace(spec, payload=None)
+            del spec
         except BaseException as exc:  # noqa: BLE001 - everything is reported through the future
             self._payload = None
             self._fail(exc)

@@ -205,8 +205,11 @@ def _run_attempt(args, pidfile: Path) -> int:
     started = time.time()
     try:
         try:
-            store, key = store_for_object(args.payload)
-            payload = cloudpickle.loads(store.get(key))
+            inline = getattr(args, "payload_bytes", None)  # the agent's channel carried it: no store round trip
+            if inline is None:
+                store, key = store_for_object(args.payload)
+                inline = store.get(key)
+            payload = cloudpickle.loads(inline)
         except Exception as exc:  # noqa: BLE001 - any fetch/unpickle problem is an infrastructure failure
             print(f"skyvm.node: cannot load payload {args.payload}: {exc}", file=sys.stderr, flush=True)
             return EXIT_INFRA
@@ -263,8 +266,14 @@ def cmd_cancel(args) -> int:
         pid = int(pidfile.read_text())
     except (OSError, ValueError):
         return 0  # not running (never started or already done)
+    # A node the agent forked leads its own process group: the whole group is stopped, whatever it started.
     try:
-        os.kill(pid, signal.SIGTERM)
+        group = os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return 0
+    kill = os.killpg if group else os.kill
+    try:
+        kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         return 0
     deadline = time.time() + args.grace
@@ -275,7 +284,7 @@ def cmd_cancel(args) -> int:
             return 0
         time.sleep(0.1)
     try:
-        os.kill(pid, signal.SIGKILL)
+        kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     return 0

@@ -85,6 +85,9 @@ class TaskSpec:
     result_url: str = ""
     # (username, password or token) for the registry, minted when the attempt was prepared.
     registry_auth: Optional[tuple[str, str]] = field(default=None, repr=False)
+    # The payload itself, for a backend that hands it to the node directly (a cluster's agent); else it is
+    # read from payload_url.
+    payload: Optional[bytes] = field(default=None, repr=False, compare=False)
 
     def cluster_name_for(self, slot: int) -> str:
         """The name of the slot-th cluster of this signature in this run."""
@@ -188,6 +191,7 @@ def plan_node(
     image: str,
     secrets: Optional[dict[str, str]] = None,
     registry_auth: Optional[tuple[str, str]] = None,
+    payload: Optional[bytes] = None,
 ) -> TaskSpec:
     """Turn resolved settings, the node's identity, its payload and its image into a TaskSpec."""
     if settings.single_vm:
@@ -223,4 +227,5 @@ def plan_node(
         payload_url=payload_url,
         result_url=result_url,
         registry_auth=registry_auth,
+        payload=payload,
     )

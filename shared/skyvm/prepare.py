@@ -131,5 +131,6 @@ def prepare(run_id: str, node: str, attempt_id: str, s: NodeSettings, payload: b
         secrets=secrets,
         # Minted now, for this attempt: every launch and every exec logs in with a fresh token.
         registry_auth=connectors.registry_login(s, s.registry) if image.startswith(_registry_prefix(s)) else None,
+        payload=payload,
     )
     return store, spec

@@ -7,6 +7,11 @@ docker-image cluster. The container's main process is the idle watcher, so autos
 inside the "VM" even when the launching process is gone; an attempt keeps its log and exit code
 in the container, so it runs on when its launcher's stream closes.
 
+With skyvm's own image, the container's main process is the cluster's agent (``skyvm.agent``):
+every attempt then goes over one channel per cluster (``agent_channel``) to a child forked from a
+warm interpreter, with no exec at all; the exec path stays for user images, for ``SKYVM_AGENT=0``,
+and as the fallback when an agent cannot be reached.
+
 Holds: the container labels, ``local_cluster_name``, ``cluster_row``, ``DockerBackend``.
 May import: skyvm.backends.base, skyvm.engine, skyvm.capacity, skyvm.home, skyvm.images,
 skyvm.redact, skyvm.errors, skyvm.plan, skyvm.watcher (never the pool or the API).
@@ -17,11 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Optional
 
 from skyvm import redact
+from skyvm.backends.agent_channel import KEY, SOCKET, AgentChannel, AgentGone, agent_dir, new_key
 from skyvm.backends.base import Backend, ClusterGone, JobState, JobStatus, LogSink, NodeRef, state_of_exit
 from skyvm.backends.run_args import run_options, start_with_cli
 from skyvm.capacity import check_satisfiable, quantity
@@ -44,8 +51,22 @@ L_OWNER = f"{LABEL}.owner-pid"
 # and records that say whether a node runs in it, and the store it mounts, are that home's.
 L_HOME = f"{LABEL}.home"
 L_HOME_PATH = f"{LABEL}.home-path"
+# The socket of the cluster's agent on this host (absent: the cluster has none, attempts are execs).
+L_AGENT = f"{LABEL}.agent"
 # How many finished attempts' exits a backend remembers for status() (the watched ones).
 KEEP_EXITS = 4096
+# How long a fresh cluster's agent may take to listen (its interpreter starts, pre-imports the engine), and a
+# warm one to answer (it listens already: not answering at once means it is out of reach).
+AGENT_START_S = 120.0
+AGENT_ANSWER_S = 3.0
+# A cancelled node gets this long after SIGTERM before its process group is killed.
+CANCEL_GRACE_S = 10
+
+
+def uses_agent(spec: TaskSpec) -> bool:
+    """A cluster of skyvm's own image runs an agent (a user's image gets skyvm's runtime only in its setup,
+    after the container's first process started); ``SKYVM_AGENT=0`` turns agents off (every node an exec)."""
+    return spec.settings.image is None and os.environ.get("SKYVM_AGENT", "1") != "0"
 
 
 def local_cluster_name(spec: TaskSpec, slot: int) -> str:
@@ -91,6 +112,10 @@ class DockerBackend(Backend):
         self._lock = threading.Lock()
         self._streams: dict[str, tuple] = {}  # attempt -> (socket, exec id): launched, not yet watched
         self._exits: dict[str, JobStatus] = {}  # attempt -> how its exec ended (watched attempts)
+        self._channels: dict[str, AgentChannel] = {}  # cluster -> the channel to its agent
+        self._channel_locks: dict[str, threading.Lock] = {}
+        self._agents: dict[str, Optional[str]] = {}  # cluster -> its agent's socket (None: it has none)
+        self._agent_runs: dict[str, AgentChannel] = {}  # attempt -> its channel, until it ends
 
     # -- clusters ----------------------------------------------------------------
 
@@ -154,6 +179,16 @@ class DockerBackend(Backend):
         minutes = s.autostop_minutes
         watch = ["python3", "-m", "skyvm.node", "idle-watch"] + (["--minutes", str(minutes)] if minutes is not None else [])
         binds = []
+        if uses_agent(spec):
+            # The agent is the cluster's first process: the first node needs no second exec.
+            directory = agent_dir(name)
+            new_key(directory)
+            sock = str(directory / SOCKET)
+            binds.append(f"{directory}:{directory}")
+            labels[L_AGENT] = sock
+            watch = ["python3", "-m", "skyvm.agent", "--socket", sock, "--key-file", str(directory / KEY)] + (["--minutes", str(minutes)] if minutes is not None else [])
+        with self._lock:
+            self._agents[name] = labels.get(L_AGENT)
         store = s.payload_store or str(home.store)
         if "://" not in store or store.startswith("file://"):
             # The VM would reach a directory store through a mount; here the same path is bind-mounted.
@@ -209,6 +244,7 @@ class DockerBackend(Backend):
     def _remove(self, name: str) -> None:
         import docker
 
+        self._close_channel(name)
         try:
             self.api.remove_container(name, force=True)
         except docker.errors.NotFound:
@@ -216,6 +252,81 @@ class DockerBackend(Backend):
         except docker.errors.APIError as exc:
             if "already in progress" not in str(exc):
                 log.warning("removing cluster %s: %s", name, exc)
+        shutil.rmtree(agent_dir(name), ignore_errors=True)
+
+    # -- agents ------------------------------------------------------------------
+
+    def _close_channel(self, name: str) -> None:
+        with self._lock:
+            channel = self._channels.pop(name, None)
+            self._agents.pop(name, None)
+        if channel is not None:
+            channel.close()
+
+    def _agent_socket(self, name: str) -> Optional[str]:
+        """The cluster's agent socket (None: it has none). ClusterGone when the cluster is."""
+        import docker
+
+        with self._lock:
+            if name in self._agents:
+                return self._agents[name]
+        try:
+            labels = self.api.inspect_container(name)["Config"]["Labels"] or {}
+        except docker.errors.NotFound:
+            raise ClusterGone(name) from None
+        sock = labels.get(L_AGENT)
+        with self._lock:
+            self._agents[name] = sock
+        return sock
+
+    def _running(self, name: str) -> bool:
+        import docker
+
+        try:
+            return bool(self.api.inspect_container(name)["State"]["Running"])
+        except docker.errors.NotFound:
+            return False
+
+    def _channel(self, name: str, fresh: bool = False) -> Optional[AgentChannel]:
+        """This process's channel to the cluster's agent, opened once (None: the cluster has no agent)."""
+        with self._lock:
+            channel = self._channels.get(name)
+            if channel is not None and channel.alive:
+                return channel
+            lock = self._channel_locks.setdefault(name, threading.Lock())
+        sock = self._agent_socket(name)
+        if sock is None:
+            return None
+        with lock:
+            with self._lock:
+                channel = self._channels.get(name)
+            if channel is not None and channel.alive:
+                return channel
+            try:
+                key = (Path(sock).parent / KEY).read_bytes().strip()
+            except OSError as exc:
+                raise AgentGone(f"cannot read the key of cluster {name}'s agent: {exc}") from None
+            # A fresh cluster's agent may still be starting; a warm one's answers at once or not at all.
+            channel = AgentChannel(name, sock, key, connect_timeout=AGENT_START_S if fresh else AGENT_ANSWER_S, alive=lambda: self._running(name))
+            with self._lock:
+                self._channels[name] = channel
+            return channel
+
+    def _run_on_agent(self, spec: TaskSpec, name: str, fresh: bool) -> bool:
+        """Start the attempt through the cluster's agent; False when the cluster has none (or it is out of reach)."""
+        try:
+            channel = self._channel(name, fresh)
+            if channel is None:
+                return False
+            channel.run(spec.attempt_id, spec.payload, spec.payload_url, spec.result_url, {**spec.envs, **spec.secrets})
+        except AgentGone as exc:
+            if not self._running(name):
+                raise ClusterGone(name) from None
+            log.warning("node %s: %s; running it with an exec instead", spec.node, exc)
+            return False
+        with self._lock:
+            self._agent_runs[spec.attempt_id] = channel
+        return True
 
     # -- attempts ----------------------------------------------------------------
 
@@ -229,6 +340,8 @@ class DockerBackend(Backend):
         try:
             if cancelled is not None and cancelled():
                 raise NodeCancelled(f"node {spec.node!r} was cancelled before it started")
+            if self._run_on_agent(spec, name, fresh):
+                return NodeRef(backend=self.name, cluster=name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id, fresh=fresh)
             try:
                 eid = self.api.exec_create(name, ["sh", "-c", spec.run + " --detached"], environment={**spec.envs, **spec.secrets})["Id"]
             except docker.errors.NotFound:
@@ -251,6 +364,15 @@ class DockerBackend(Backend):
 
         with self._lock:
             stream = self._streams.pop(ref.attempt_id, None)
+            channel = self._agent_runs.get(ref.attempt_id)
+        if channel is not None:
+            def on_agent_exit(status: JobStatus) -> None:
+                with self._lock:
+                    self._agent_runs.pop(ref.attempt_id, None)
+                    remember_exit(self._exits, ref.attempt_id, status)
+                on_exit(status)
+
+            return channel.follow(ref.attempt_id, on_log, on_agent_exit)
         if stream is None:
             return False
         sock, eid = stream
@@ -282,6 +404,9 @@ class DockerBackend(Backend):
 
         with self._lock:
             stream = self._streams.pop(ref.attempt_id, None)
+            channel = self._agent_runs.pop(ref.attempt_id, None)
+        if channel is not None:
+            channel.drop(ref.attempt_id)
         if stream is None:
             return
         sock = stream[0]
@@ -325,7 +450,15 @@ class DockerBackend(Backend):
     def cancel(self, ref: NodeRef) -> None:
         import docker
 
+        with self._lock:
+            channel = self._agent_runs.get(ref.attempt_id)
+        if channel is not None:
+            try:
+                channel.cancel(ref.attempt_id, CANCEL_GRACE_S)  # the agent stops the node's whole process group
+                return
+            except AgentGone:
+                pass  # the exec below finds it by its pid file, if the cluster is still there
         try:
-            self._exec_output(ref.cluster, ["python3", "-m", "skyvm.node", "cancel", "--attempt", ref.attempt_id, "--grace", "10"])
+            self._exec_output(ref.cluster, ["python3", "-m", "skyvm.node", "cancel", "--attempt", ref.attempt_id, "--grace", str(CANCEL_GRACE_S)])
         except docker.errors.APIError:
             pass  # the cluster is gone: so is the attempt

@@ -1,0 +1,388 @@
+"""The resident agent of a cluster: the cluster's main process, which runs each node as a forked child.
+
+``python -m skyvm.agent --socket PATH --key-file PATH [--minutes M]`` listens on a Unix socket
+(``multiprocessing.connection``: framed messages, HMAC challenge with the cluster's key) and
+serves every launcher that connects: one long-lived channel per launcher and cluster, never a
+process start per node. Why a fork server (as multiprocessing's "forkserver"): the parent
+imports the node runtime (and Prefect's task engine when the image has it) once and never runs
+user code, so each node is a fresh child of a pristine, warm interpreter, started in a
+millisecond or two, with no state left over from the node before.
+
+Each child: its own session and process group (cancel kills the whole group), the node's
+environment, stdout and stderr into a pipe the parent forwards to whoever follows the attempt;
+it runs ``skyvm.node``'s attempt as ``python -m skyvm.node run --detached`` would (the log, exit
+code and pid files are the same, so ``skyvm.node status|log|cancel`` through an exec find it
+from any process). The parent is single-threaded (a selector loop), so forking is always safe;
+it also keeps the cluster's autostop, as ``skyvm.node idle-watch`` does for clusters without it.
+
+Messages, launcher -> agent: ``("run", {attempt, payload, payload_url, result_url, env})``,
+``("cancel", attempt, grace_s)``, ``("ping",)``; agent -> launcher: ``("started", attempt, pid)``,
+``("log", attempt, bytes)``, ``("exit", attempt, code)``, ``("pong",)``. Only plain types travel.
+
+May import: the standard library and skyvm.node (the node image has nothing else of the launcher's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
+from typing import Optional
+
+from skyvm import node as runtime
+
+# Modules a warm node should not pay for, imported by the pristine parent when the image has them.
+PRELOAD_WHEN = {"prefect": ("prefect_skyvm.on_node",)}
+# A launcher that stops reading for this long loses its channel, not the agent's other launchers.
+SEND_TIMEOUT_S = 10
+EXIT_SIGNALLED = 128  # + the signal's number, as a shell reports a child killed by a signal
+
+
+@dataclass
+class Child:
+    attempt: str
+    pid: int
+    pipe: int  # the read end of the child's stdout and stderr
+    followers: list = field(default_factory=list)  # connections that started it
+    pidfd: Optional[int] = None
+    code: Optional[int] = None  # set once reaped
+    kill_at: Optional[float] = None  # SIGKILL to the group after a cancel's grace
+
+
+@dataclass
+class Job:
+    """What a forked child runs: returned from the loop in the child alone."""
+
+    attempt: str
+    payload: Optional[bytes]
+    payload_url: str
+    result_url: str
+    env: dict
+
+
+def preload() -> None:
+    for probe, modules in PRELOAD_WHEN.items():
+        if importlib.util.find_spec(probe) is None:
+            continue
+        for name in modules:
+            try:
+                importlib.import_module(name)
+            except Exception as exc:  # noqa: BLE001 - a node imports it again and reports its own error
+                print(f"skyvm.agent: preloading {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
+class Agent:
+    def __init__(self, sock_path: str, key: bytes, minutes: Optional[float]):
+        self.sock_path = sock_path
+        self.key = key
+        self.minutes = minutes
+        self.poll_s = float(os.environ.get("SKYVM_IDLE_POLL_S", "5"))
+        self.sel = selectors.DefaultSelector()
+        self.children: dict[str, Child] = {}
+        self.conns: set = set()
+        self.stopping = False
+        try:
+            os.unlink(sock_path)
+        except FileNotFoundError:
+            pass
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is its owner's alone, before anyone can connect
+        try:
+            self.listener.bind(sock_path)
+        finally:
+            os.umask(old)
+        # The launcher may be another user than the container's (a rootless host user): the socket is the
+        # directory's owner's, who made it and its key.
+        st = os.stat(os.path.dirname(sock_path) or ".")
+        try:
+            os.chown(sock_path, st.st_uid, st.st_gid)
+        except PermissionError:
+            pass
+        self.listener.listen(64)
+        self.sel.register(self.listener, selectors.EVENT_READ, ("accept", None))
+
+    # -- the loop ------------------------------------------------------------------
+
+    def loop(self) -> Optional[Job]:
+        """Serve until idle long enough (None) or, in a forked child, return the child's job.
+
+        No try/finally here: the child returns through these frames, and must not run the parent's cleanup.
+        """
+        last_check = time.monotonic()
+        while not self.stopping:
+            for key, _events in self.sel.select(timeout=self._timeout()):
+                kind, obj = key.data
+                if kind == "accept":
+                    self._accept()
+                elif kind == "conn":
+                    job = self._message(obj)
+                    if job is not None:
+                        return job
+                elif kind == "pipe":
+                    self._pipe(obj)
+                elif kind == "pidfd":
+                    self._reap(obj)
+            self._reap_all()
+            self._kill_late()
+            if time.monotonic() - last_check >= self.poll_s:
+                last_check = time.monotonic()
+                if self._idle_long_enough():
+                    return None
+        return None
+
+    def _timeout(self) -> float:
+        timeout = self.poll_s
+        for child in self.children.values():
+            if child.kill_at is not None:
+                timeout = min(timeout, max(0.0, child.kill_at - time.monotonic()))
+            if child.pidfd is None:
+                timeout = min(timeout, 0.05)  # no pidfd on this kernel: poll for the child's end
+        return timeout
+
+    def _idle_long_enough(self) -> bool:
+        if self.minutes is None or self.minutes < 0:
+            return False
+        if self.children or runtime._busy():
+            runtime._touch_activity()
+            return False
+        idle = time.time() - runtime.ACTIVITY.stat().st_mtime
+        if idle < self.minutes * 60:
+            return False
+        print(f"skyvm.agent: idle for {idle:.0f}s, autostop after {self.minutes} min", flush=True)
+        return True
+
+    # -- channels ------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        sock, _ = self.listener.accept()
+        # The handshake and every later send or read are bounded. Not settimeout(): it would make the fd
+        # non-blocking, and Connection reads it with plain os.read.
+        bound = struct.pack("ll", SEND_TIMEOUT_S, 0)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, bound)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, bound)
+        conn = Connection(sock.detach())
+        try:
+            deliver_challenge(conn, self.key)
+            answer_challenge(conn, self.key)
+        except Exception as exc:  # noqa: BLE001 - a wrong key or a dropped peer: refuse it, serve the rest
+            print(f"skyvm.agent: refused a connection: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+            conn.close()
+            return
+        self.conns.add(conn)
+        self.sel.register(conn.fileno(), selectors.EVENT_READ, ("conn", conn))
+
+    def _drop(self, conn) -> None:
+        if conn in self.conns:
+            self.conns.discard(conn)
+            self.sel.unregister(conn.fileno())
+            conn.close()
+        for child in self.children.values():
+            if conn in child.followers:
+                child.followers.remove(conn)
+
+    def _send(self, conn, msg: tuple) -> None:
+        try:
+            conn.send(msg)
+        except (OSError, EOFError, ValueError):
+            self._drop(conn)
+
+    def _message(self, conn) -> Optional[Job]:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            self._drop(conn)
+            return None
+        op = msg[0]
+        if op == "run":
+            return self._fork(conn, msg[1])
+        if op == "cancel":
+            self._cancel(msg[1], float(msg[2]))
+        elif op == "ping":
+            self._send(conn, ("pong",))
+        return None
+
+    # -- children ------------------------------------------------------------------
+
+    def _fork(self, conn, req: dict) -> Optional[Job]:
+        attempt = req["attempt"]
+        runtime._touch_activity()
+        read, write = os.pipe()
+        sys.stdout.flush()  # nothing buffered here may be written twice, once by the child
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            self._become_child(write)
+            return Job(attempt, req.get("payload"), req["payload_url"], req["result_url"], req.get("env") or {})
+        os.close(write)
+        os.set_blocking(read, False)
+        child = Child(attempt, pid, read, [conn])
+        try:
+            child.pidfd = os.pidfd_open(pid)
+            self.sel.register(child.pidfd, selectors.EVENT_READ, ("pidfd", child))
+        except (AttributeError, OSError):
+            child.pidfd = None  # an old kernel: _reap_all polls
+        self.children[attempt] = child
+        self.sel.register(read, selectors.EVENT_READ, ("pipe", child))
+        self._send(conn, ("started", attempt, pid))
+        return None
+
+    def _become_child(self, write: int) -> None:
+        """In the forked child: its own session and process group, the parent's fds closed, output to the pipe."""
+        os.setsid()
+        self.sel.close()
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+        for child in self.children.values():
+            for fd in (child.pipe, child.pidfd):
+                if fd is not None:
+                    os.close(fd)
+        os.dup2(write, 1)
+        os.dup2(write, 2)
+        os.close(write)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+    def _pipe(self, child: Child) -> None:
+        try:
+            data = os.read(child.pipe, 65536)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if data:
+            for conn in list(child.followers):
+                self._send(conn, ("log", child.attempt, data))
+            return
+        self.sel.unregister(child.pipe)
+        os.close(child.pipe)
+        child.pipe = -1
+        self._finish_if_done(child)
+
+    def _reap(self, child: Child) -> None:
+        try:
+            pid, status = os.waitpid(child.pid, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = child.pid, 0
+        if pid == 0:
+            return
+        child.code = os.waitstatus_to_exitcode(status)
+        if child.code < 0:
+            child.code = EXIT_SIGNALLED - child.code
+        if child.pidfd is not None:
+            self.sel.unregister(child.pidfd)
+            os.close(child.pidfd)
+            child.pidfd = None
+        # The node is over: what it left running in its group goes with it (a node is one process group).
+        try:
+            os.killpg(child.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self._drain(child)
+        self._finish_if_done(child)
+
+    def _drain(self, child: Child) -> None:
+        """Forward what the child wrote before it ended; close the pipe (a leftover writer is dead now)."""
+        if child.pipe < 0:
+            return
+        while True:
+            try:
+                data = os.read(child.pipe, 65536)
+            except (BlockingIOError, OSError):
+                break
+            if not data:
+                break
+            for conn in list(child.followers):
+                self._send(conn, ("log", child.attempt, data))
+        self.sel.unregister(child.pipe)
+        os.close(child.pipe)
+        child.pipe = -1
+
+    def _reap_all(self) -> None:
+        for child in list(self.children.values()):
+            if child.code is None and child.pidfd is None:
+                self._reap(child)
+
+    def _finish_if_done(self, child: Child) -> None:
+        if child.code is None or child.pipe >= 0:
+            return
+        rc_file = runtime.STATE_DIR / f"{child.attempt}.rc"
+        if not rc_file.exists():
+            # Killed before it could say (OOM, SIGKILL): another process's status() must still see the end.
+            rc_file.write_text(str(child.code))
+        runtime._pidfile(child.attempt).unlink(missing_ok=True)
+        self.children.pop(child.attempt, None)
+        runtime._touch_activity()
+        for conn in list(child.followers):
+            self._send(conn, ("exit", child.attempt, child.code))
+
+    def _cancel(self, attempt: str, grace_s: float) -> None:
+        child = self.children.get(attempt)
+        if child is None or child.code is not None:
+            return
+        try:
+            os.killpg(child.pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            return
+        child.kill_at = time.monotonic() + grace_s
+
+    def _kill_late(self) -> None:
+        now = time.monotonic()
+        for child in self.children.values():
+            if child.kill_at is not None and child.code is None and now >= child.kill_at:
+                child.kill_at = None
+                try:
+                    os.killpg(child.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def close(self) -> None:
+        for child in list(self.children.values()):
+            try:
+                os.killpg(child.pid, signal.SIGTERM)
+            except (ProcessLookupError, PermissionError):
+                pass
+        try:
+            os.unlink(self.sock_path)
+        except FileNotFoundError:
+            pass
+
+
+def run_child(job: Job) -> int:
+    """The forked child: the node's attempt, with its environment, as ``skyvm.node run --detached``."""
+    os.environ.update(job.env)
+    args = argparse.Namespace(payload=job.payload_url, result=job.result_url, attempt=job.attempt, detached=True, payload_bytes=job.payload)
+    return runtime.cmd_run(args)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m skyvm.agent", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--socket", required=True, help="the Unix socket to listen on")
+    parser.add_argument("--key-file", required=True, help="the cluster's key: launchers prove they hold it")
+    parser.add_argument("--minutes", type=float, default=None, help="autostop: exit after this many idle minutes")
+    args = parser.parse_args(argv)
+    with open(args.key_file, "rb") as fh:
+        key = fh.read().strip()
+    agent = Agent(args.socket, key, args.minutes)
+    signal.signal(signal.SIGTERM, lambda *_: setattr(agent, "stopping", True))
+    runtime._touch_activity()
+    preload()
+    print(f"skyvm.agent: serving {args.socket} (python {sys.version.split()[0]})", flush=True)
+    job = agent.loop()
+    if job is not None:
+        return run_child(job)  # the forked child: its exit code is the node's
+    agent.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

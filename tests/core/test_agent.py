@@ -1,0 +1,169 @@
+"""The resident agent of a local cluster: nodes forked from a pristine parent over one channel, on a real Docker engine.
+
+What a user observes: each node is a fresh interpreter with the cluster's limits, cancel stops
+everything the node started, an agent that dies ends its node as GONE with a clear error, and a
+cluster whose agent cannot be reached still runs nodes (through an exec).
+"""
+
+from __future__ import annotations
+
+import builtins
+import logging
+import os
+import time
+
+import docker
+import pytest
+
+from skyvm import InfrastructureError, NodeCancelled, Run
+from skyvm.backends.agent_channel import SOCKET, agent_dir
+from skyvm.backends.local import list_managed
+from skyvm.limits import container_limits
+
+pytestmark = pytest.mark.usefixtures("docker_engine")
+
+
+def fresh_interpreter(i):
+    """What a node sees of the interpreter it runs in; then it leaves a mark the next node must not see."""
+    import skyvm.node as runtime
+
+    seen = {"marked": hasattr(builtins, "skyvm_test_mark"), "module_mark": getattr(runtime, "test_mark", None), "pid": os.getpid(), "ppid": os.getppid(), "i": i}
+    builtins.skyvm_test_mark = i
+    runtime.test_mark = i
+    return seen
+
+
+def spawn_and_sleep():
+    """Starts a grandchild in its own process (same group), reports both pids, then waits to be cancelled."""
+    import subprocess
+
+    sleeper = subprocess.Popen(["sleep", "600"])
+    print(f"pids {os.getpid()} {sleeper.pid}", flush=True)
+    time.sleep(600)
+
+
+def sleep_long():
+    print("sleeping", flush=True)
+    time.sleep(600)
+
+
+def limits():
+    return container_limits()
+
+
+LIST_PROCESSES = """
+import os
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        args = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ").decode().strip()
+    except OSError:
+        continue
+    print(pid, os.getpgid(int(pid)), args)
+"""
+
+
+def processes_in(container) -> str:
+    """pid, process group and command line of every process in the cluster (its image has no ps)."""
+    return container.exec_run(["python3", "-c", LIST_PROCESSES]).output.decode()
+
+
+def cluster_container(handle):
+    return docker.from_env().containers.get(handle.cluster)
+
+
+def wait_for(predicate, timeout=60.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_thousand_nodes_through_one_cluster_each_in_a_fresh_interpreter():
+    with Run({"defaults": {"cpus": 1, "memory": 0.5, "max_clusters": 1}}) as run:
+        first = run.submit(fresh_interpreter, -1, node="fresh")
+        first.result(300)
+        container = cluster_container(first)
+        main_args = container.attrs["Config"]["Cmd"]
+        assert main_args[:3] == ["python3", "-m", "skyvm.agent"]  # the cluster's first process is its agent
+        handles = [run.submit(fresh_interpreter, i, node="fresh") for i in range(1000)]
+        seen = [h.result(600) for h in handles]
+        assert {h.cluster for h in handles} == {first.cluster}
+        # No exec per node: the engine saw no exec on the cluster beyond the first one's none.
+        assert not container.attrs.get("ExecIDs")
+        container.reload()
+        assert not container.attrs.get("ExecIDs")
+    assert [s["i"] for s in seen] == list(range(1000))
+    assert not any(s["marked"] for s in seen)  # nothing one node left in its interpreter reaches the next
+    assert all(s["module_mark"] is None for s in seen)
+    assert len({s["pid"] for s in seen}) == 1000  # a process per node
+    assert len({s["ppid"] for s in seen}) == 1  # all forked from the same warm parent
+
+
+def test_limits_inside_a_forked_node_are_the_clusters():
+    with Run({"defaults": {"cpus": 1, "memory": 0.5}}) as run:
+        handle = run.submit(limits, node="limits")
+        seen = handle.result(300)
+        host = cluster_container(handle).attrs["HostConfig"]
+    assert (seen["cpus"], seen["memory_gib"]) == (1.0, 0.5)
+    assert (host["NanoCpus"] / 1e9, host["Memory"] / 2**30) == (1.0, 0.5)
+
+
+def test_cancel_kills_the_nodes_whole_process_group():
+    # down: false keeps the cluster after a cancel (a cancelled node's cluster otherwise goes with it, and
+    # everything in it): what is left running in it is then the agent's doing.
+    from skyvm.backends.local import local_backend
+
+    with Run({"defaults": {"cpus": 1, "down": False, "idle_minutes_to_autostop": 30}}) as run:
+        lines = []
+        handle = run.submit(spawn_and_sleep, node="group", on_log=lines.append)
+        try:
+            assert wait_for(lambda: any(line.startswith("pids ") for line in lines), timeout=600), lines
+            node_pid, sleeper_pid = map(int, next(line for line in lines if line.startswith("pids ")).split()[1:])
+            container = cluster_container(handle)
+            before = processes_in(container)
+            assert f"{sleeper_pid} {node_pid} sleep 600" in before, before  # the grandchild is in the node's group
+            handle.cancel()
+            with pytest.raises(NodeCancelled):
+                handle.result(120)
+            assert wait_for(lambda: "sleep 600" not in processes_in(container)), processes_in(container)
+            assert "skyvm.agent" in processes_in(container)  # the agent lives on for the next node
+            again = run.submit(limits, node="group")
+            assert again.result(120)["cpus"] == 1.0 and again.cluster == handle.cluster
+        finally:
+            local_backend().remove_cluster(handle.cluster)
+
+
+def test_an_agent_killed_mid_node_ends_it_as_gone_with_a_clear_error():
+    with Run({"defaults": {"cpus": 1}}) as run:
+        lines = []
+        handle = run.submit(sleep_long, node="orphan", on_log=lines.append)
+        assert wait_for(lambda: "sleeping" in lines, timeout=600), lines
+        container = cluster_container(handle)
+        gone_cluster = handle.cluster
+        agent_pid = next(line.split()[0] for line in processes_in(container).splitlines() if line.split()[2:5] == ["python3", "-m", "skyvm.agent"])
+        assert container.exec_run(["python3", "-c", f"import os; os.kill({agent_pid}, 9)"]).exit_code == 0
+        with pytest.raises(InfrastructureError, match=rf"agent of cluster {gone_cluster} is gone"):
+            handle.result(120)
+        # The cluster went with its agent; the next node of the run gets a new one.
+        again = run.submit(limits, node="orphan")
+        assert again.result(300)["cpus"] == 1.0
+    assert [r for r in list_managed() if r["run_id"] == run.run_id] == []
+
+
+def test_an_agent_out_of_reach_falls_back_to_an_exec(caplog):
+    with Run({"defaults": {"cpus": 1}}) as run:
+        first = run.submit(limits, node="reach")
+        first.result(300)
+        # The socket disappears from the host (the agent runs on): this process's channel is dropped too.
+        (agent_dir(first.cluster) / SOCKET).unlink()
+        from skyvm.backends.local import local_backend
+
+        local_backend()._close_channel(first.cluster)
+        with caplog.at_level(logging.WARNING, logger="skyvm.agent"):
+            with caplog.at_level(logging.WARNING, logger="skyvm.local"):
+                second = run.submit(limits, node="reach")
+                assert second.result(300)["cpus"] == 1.0
+        assert second.cluster == first.cluster
+        assert "running it with an exec instead" in caplog.text
