@@ -95,7 +95,7 @@ def test_a_local_cluster_name_carries_its_install_and_stays_valid(tmp_path, monk
 def test_gc_of_another_install_takes_a_well_formed_id(capsys):
     with pytest.raises(SystemExit):
         cli.main(["gc", "--home-id", "not-an-id"])
-    assert "argument --home-id: 'not-an-id' is not an install's id: 4 to 12 hex digits" in capsys.readouterr().err
+    assert "Invalid value for '--home-id': 'not-an-id' is not an install's id: 4 to 12 hex digits" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["gc", "--home-id", "abcd", "--all-homes"])  # one or the other
-    assert "not allowed with argument" in capsys.readouterr().err
+    assert "Invalid value for --all-homes: not allowed with --home-id" in capsys.readouterr().err

@@ -82,6 +82,8 @@ def test_skyvm_plan_on_the_example_dag_file(catalog_dir):
     assert settings["crunch"].cpus == "2+"  # nodes.crunch -> profile heavy, from the skyvm.yaml beside the DAG
     assert settings["report"].cpus == "0.5"  # sky_settings in the operator call
     out = _cli(str(ROOT / "dags" / "airflow_dag.py"), "--catalog-dir", catalog_dir, "--json")
+    assert out.returncode == 1 and "1 node(s) cannot be placed or are over their max_hourly_cost: report" in out.stderr  # a CI gate fails
+    out = _cli(str(ROOT / "dags" / "airflow_dag.py"), "--catalog-dir", catalog_dir, "--json", "--allow-unplaceable")
     assert out.returncode == 0, out.stderr
     rows = {r["node"]: r for r in json.loads(out.stdout)}
     assert rows["count_words"]["instance_type"] == "c7i.large"
