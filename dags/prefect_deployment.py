@@ -77,13 +77,19 @@ def main() -> None:
     from prefect.settings import PREFECT_API_URL, PREFECT_LOCAL_STORAGE_PATH, temporary_settings
 
     state = Path(tempfile.mkdtemp(prefix="skyvm-prefect-demo-"))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    api = f"http://127.0.0.1:{port}/api"
+    # ./dev demo starts one Prefect server for its Prefect parts and names it in PREFECT_API_URL;
+    # run alone, this script starts its own.
+    api = os.environ.get("PREFECT_API_URL")
+    if not api:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            api = f"http://127.0.0.1:{s.getsockname()[1]}/api"
     env = {**os.environ, "PREFECT_HOME": str(state), "PREFECT_API_URL": api, "PREFECT_LOCAL_STORAGE_PATH": str(state / "results"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_PREFETCH_SECONDS": "0"}
-    server = _start(["server", "start", "--host", "127.0.0.1", "--port", str(port)], {k: v for k, v in env.items() if k != "PREFECT_API_URL"}, state / "server.log")
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        port = api.rsplit(":", 1)[1].split("/")[0]
+        server = _start(["server", "start", "--host", "127.0.0.1", "--port", port], {k: v for k, v in env.items() if k != "PREFECT_API_URL"}, state / "server.log")
     worker = None
     try:
         _until(lambda: _healthy(urllib.request, api), "the Prefect server to answer")
@@ -109,7 +115,8 @@ def main() -> None:
     finally:
         if worker is not None:
             _stop(worker)
-        _stop(server)
+        if server is not None:
+            _stop(server)
 
 
 def _healthy(request, api: str) -> bool:
