@@ -159,16 +159,20 @@ def run_part(part: Part, env: dict, state: Path) -> Outcome:
     return outcome
 
 
+# A node's line as an example prints it: where it ran (its container) and the limits seen inside.
+PLACED = re.compile(r"container=|cpus=[\d.]+ memory=[\d.]+ GiB|^TOTAL ")
+# Prefect's log prefix ("10:36:44.120 | INFO    | Flow run 'x' - "): not needed in the summary.
+PREFECT_PREFIX = re.compile(r"^\S+ \| \w+\s+\| Flow run '[^']*' - ")
+
+
 def summary(outcomes: list[Outcome]) -> str:
-    rows = [(o.part.name, "ok" if o.code == 0 else f"FAILED ({o.code})", o.part.env, f"{o.seconds:.1f}s",
-             sum(1 for line in o.shown if "container=" in line or "cpus=" in line)) for o in outcomes]
-    lines = ["", bold("==> summary: what ran, where, at what limits, how long"), tables.render(rows, ["part", "result", "environment", "took", "placements shown"])]
-    # Where each node ran and at what limits, as the examples printed it.
-    for o in outcomes:
-        placed = [line.strip() for line in o.shown if "container=" in line or re.search(r"cpus=\S+ memory=", line)]
-        if placed:
-            lines.append(f"{o.part.name}:")
-            lines += [f"  {line[:150]}" for line in placed]
+    placed = {o.part.name: [PREFECT_PREFIX.sub("", line.strip()) for line in o.shown if PLACED.search(line)] for o in outcomes}
+    rows = [(o.part.name, "ok" if o.code == 0 else f"FAILED ({o.code})", o.part.env, f"{o.seconds:.1f}s", len(placed[o.part.name])) for o in outcomes]
+    lines = ["", bold("==> summary: what ran, where, at what limits, how long"), tables.render(rows, ["part", "result", "environment", "took", "nodes"])]
+    for name, nodes in placed.items():
+        if nodes:
+            lines.append(f"{name}:")
+            lines += [f"  {line[:160]}" for line in nodes]
     return "\n".join(lines)
 
 
