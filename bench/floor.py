@@ -6,7 +6,9 @@
   timed apart ("+ teardown").
 - docker run --rm: ``docker run --rm --network host IMAGE python3 -c pass`` (start, run, remove).
 - skyvm warm: nodes one after another in one long-lived ``Run`` whose warm cluster (one per
-  parallel lane, ``max_clusters``) is reused.
+  parallel lane, ``max_clusters``) is reused: each node a child forked by the cluster's agent.
+- skyvm warm, exec path: the same with ``SKYVM_AGENT=0`` when its clusters start (every node a
+  ``docker exec`` of the node runtime, as before the agent).
 - docker exec: ``docker exec CONTAINER python3 -c pass`` into a running container of the image.
 
 Same image (skyvm's node image, built through skyvm first, not timed), same parallelism
@@ -14,11 +16,12 @@ Same image (skyvm's node image, built through skyvm first, not timed), same para
 skyvm's cold steps done by hand with the docker CLI, and the node runtime's import in a warm
 container.
 
-Targets (issue): cold at most +50 ms median over docker run --rm; warm at most 1.2x docker exec.
+Targets (issue 19): cold at most +50 ms median over docker run --rm; warm at most 0.5x docker exec.
 """
 
 from __future__ import annotations
 
+import os
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -67,12 +70,20 @@ def floor(b) -> None:
 
     warm = skyvm.Run({"defaults": {"labels": b.labels(kind="warm"), "max_clusters": parallel}})
     b.on_exit(warm.close)
+    warm_exec = skyvm.Run({"defaults": {"labels": b.labels(kind="warm-exec"), "max_clusters": parallel}})
+    b.on_exit(warm_exec.close)
 
     def warm_node(i: int) -> None:
         t0 = time.perf_counter()
         value = warm.submit(nodefns.square, i, node="warm").result(600)
         b.add("skyvm warm", time.perf_counter() - t0)
         b.check(value == i * i, f"warm node {i} returned {value!r}")
+
+    def warm_exec_node(i: int) -> None:
+        t0 = time.perf_counter()
+        value = warm_exec.submit(nodefns.square, i, node="warm").result(600)
+        b.add("skyvm warm, exec path", time.perf_counter() - t0)
+        b.check(value == i * i, f"warm exec-path node {i} returned {value!r}")
 
     def cold_node(i: int) -> None:
         # Its own run and its own signature: nothing warm can serve it.
@@ -114,6 +125,12 @@ def floor(b) -> None:
 
     # Warm-up, not counted: the warm clusters, the docker CLI's and the page cache's first runs.
     _lanes(parallel, parallel, lambda i: warm.submit(nodefns.noop, node="warm").result(600))
+    # The exec path's clusters start without an agent (the setting is read when a cluster starts).
+    os.environ["SKYVM_AGENT"] = "0"
+    try:
+        _lanes(parallel, parallel, lambda i: warm_exec.submit(nodefns.noop, node="warm").result(600))
+    finally:
+        del os.environ["SKYVM_AGENT"]
     _lanes(parallel, parallel, lambda i: sh("docker", "exec", execs[i], "python3", "-c", "pass"))
     sh(*docker_run, "python3", "-c", "pass")
 
@@ -126,6 +143,7 @@ def floor(b) -> None:
             "docker run --rm": arm(run_rm),
             "skyvm warm": arm(warm_node),
             "docker exec": arm(exec_pass),
+            "skyvm warm, exec path": arm(warm_exec_node),
         }
     )
     # The explaining rows: fewer samples suffice.
@@ -136,22 +154,24 @@ def floor(b) -> None:
     b.delta_ms("skyvm cold + teardown - docker run --rm", "skyvm cold + teardown", "docker run --rm")
     warm_ratio = b.ratio("skyvm warm / docker exec", "skyvm warm", "docker exec")
     b.ratio("docker exec: import skyvm.node / docker exec", "docker exec: import skyvm.node", "docker exec")
+    b.ratio("skyvm warm, exec path / docker exec", "skyvm warm, exec path", "docker exec")
+    b.ratio("skyvm warm / skyvm warm, exec path", "skyvm warm", "skyvm warm, exec path")
     b.target(
         "cold over docker run --rm",
         cold,
         "<=",
         50,
         "ms",
-        "skyvm's cold path is docker run -d, a setup exec and the node's exec ('docker by hand' is that floor), "
-        "plus skyvm's docker ps / ps -a / inspect calls, the node runtime's import and the payload and result through the store; "
-        "docker run --rm is one container start",
+        "skyvm's cold path is docker create + start with the agent as the container's first process, the agent's "
+        "interpreter start and the node runtime's import, one fork, and the result through the store; "
+        "docker run --rm is one container start running python3 -c pass",
     )
     b.target(
         "warm / docker exec",
         warm_ratio,
         "<=",
-        1.2,
+        0.5,
         "x",
-        "a warm node is one docker exec of the node runtime: starting Python and importing skyvm.node (cloudpickle, the store) "
-        "alone costs more than the whole warm node (see 'docker exec: import skyvm.node'); what skyvm adds on top is within the noise",
+        "a warm node is a message over the cluster's agent channel and a fork of its warm interpreter: no exec, "
+        "no interpreter start, no import ('skyvm warm, exec path' is the same node through a docker exec)",
     )

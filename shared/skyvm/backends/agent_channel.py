@@ -118,7 +118,7 @@ class AgentChannel:
                     if not alive():
                         raise AgentGone(f"cluster {self.cluster} stopped before its agent answered") from None
                 time.sleep(delay)
-                delay = min(delay * 2, 0.05)
+                delay = min(delay * 2, 0.01)  # a fresh cluster's agent is waited for within ~10 ms of listening
             except Exception as exc:  # noqa: BLE001 - a refused key (AuthenticationError) and the like
                 raise AgentGone(f"the agent of cluster {self.cluster} refused this launcher: {type(exc).__name__}: {exc}") from None
 
