@@ -143,7 +143,8 @@ def test_an_agent_killed_mid_node_ends_it_as_gone_with_a_clear_error():
         container = cluster_container(handle)
         gone_cluster = handle.cluster
         agent_pid = next(line.split()[0] for line in processes_in(container).splitlines() if line.split()[2:5] == ["python3", "-m", "skyvm.agent"])
-        assert container.exec_run(["python3", "-c", f"import os; os.kill({agent_pid}, 9)"]).exit_code == 0
+        # The container ends with its agent, and may take this very exec with it (exit 137): what counts is below.
+        container.exec_run(["python3", "-c", f"import os; os.kill({agent_pid}, 9)"])
         with pytest.raises(InfrastructureError, match=rf"agent of cluster {gone_cluster} is gone"):
             handle.result(120)
         # The cluster went with its agent; the next node of the run gets a new one.
