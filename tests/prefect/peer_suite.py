@@ -4,15 +4,17 @@ Both modules run their flows on one settings dict, so they share its warm cluste
 (``down: false``: a cluster outlives the flow run that started it and the next flow run of the
 same signature takes it); ``warm_clusters_removed`` removes them once the session is over.
 
-Holds: ``SETTINGS``, ``runner``, ``warm_clusters_removed``.
-May import: pytest, prefect_skyvm, skyvm's local backend (gc).
+Holds: ``SETTINGS``, ``runner``, ``warm_clusters_removed``, ``sleep_task``.
+May import: pytest, prefect, prefect_skyvm, skyvm's local backend (gc).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
+from prefect import task
 
 from prefect_skyvm import SkyVMTaskRunner
 from skyvm.backends.local import gc
@@ -30,3 +32,10 @@ def warm_clusters_removed(docker_engine):
     """After the session's last flow: the warm clusters these suites kept go (no run owns them then)."""
     yield
     gc()
+
+
+@task
+def sleep_task(seconds):
+    """Both suites' test_as_completed_yields_correct_order sleep in it (prefect-ray's calls it task_a)."""
+    time.sleep(seconds)
+    return seconds

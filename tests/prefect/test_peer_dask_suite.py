@@ -225,11 +225,7 @@ class TestDaskTaskRunner:
         assert cx.type == StateType.COMPLETED
 
     def test_as_completed_yields_correct_order(self, task_runner: SkyVMTaskRunner):
-        @task
-        def sleep_task(seconds):
-            time.sleep(seconds)
-            return seconds
-
+        sleep_task = peer_suite.sleep_task
         timings = [1, 5, 10]
         with task_runner:
             futures = [task_runner.submit(sleep_task, parameters={"seconds": s}, wait_for=[]) for s in reversed(timings)]

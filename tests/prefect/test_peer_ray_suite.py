@@ -66,11 +66,7 @@ class TestRayTaskRunner:
         return file_path
 
     def test_as_completed_yields_correct_order(self, task_runner: SkyVMTaskRunner):
-        @task
-        def task_a(seconds):
-            time.sleep(seconds)
-            return seconds
-
+        task_a = peer_suite.sleep_task
         timings = [1, 5, 10]
 
         @flow(version="test", task_runner=task_runner)
