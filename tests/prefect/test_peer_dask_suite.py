@@ -20,7 +20,8 @@ Changed from upstream, and why:
 - test_worker_loss_exhaustion_marks_task_run_crashed: upstream loses its Dask worker to an OOM with
   ``allowed-failures`` 1. Here the node's own container is killed mid-task (found as one of this
   session's running skyvm clusters, by the name the task reports from inside it; no other container
-  is touched). Its runner asks for 0.25 GiB (upstream: ``memory_limit="256 MiB"``), its own cluster.
+  is touched). Its runner asks for 0.25 GiB (upstream: ``memory_limit="256 MiB"``), its own cluster,
+  with ``down: true``; beyond upstream, the test asserts the lost cluster is not left behind.
 - test_nested_task_submission: upstream asserts ``PrefectDaskFuture`` for both futures; here any
   ``PrefectFuture`` (the outer one is the runner's, the nested one the node's own task runner's).
 

@@ -22,6 +22,8 @@ Changed from upstream, and why:
   concurrency; no test asserts a duration, and in test_dependencies five waves of nodes sleep it.
 - test_flow_and_subflow_both_with_task_runner: the tasks write a file of the test's tmp_path, which
   Ray's workers share with the test process; here the nodes get that folder mounted at the same path.
+- test_dependencies: upstream's flow returns nothing, so it passes whatever its tasks do; here it
+  returns its 15 futures and the test asserts each completed.
 
 Dropped (about Ray itself, not about a task runner):
 - test_ray_options: ``prefect_ray.context.remote_options`` (``@ray.remote`` arguments); skyvm's
