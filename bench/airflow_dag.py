@@ -165,7 +165,9 @@ def airflow_bench(b) -> None:
         "<=",
         1.0,
         "x",
-        "a cold SkyVM task starts a cluster container and then execs the node runtime in it (two process starts; see floor), where DockerOperator runs one container",
+        "a cold SkyVM task is a Run of its own: the cluster container starts with its agent, the node is forked, "
+        "and the run's end removes the container (down: true) inside the task, beside skyvm's image and settings checks; "
+        "DockerOperator runs one container",
     )
     b.target(
         "SkyVMOperator warm / DockerOperator",
