@@ -6,6 +6,7 @@ words, never their timing (a tiny heartbeat interval makes the every-10-s line a
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import re
@@ -69,10 +70,11 @@ def test_a_first_build_logs_wheels_layers_push_and_pull(caplog, tmp_path, monkey
     build_wheels(cache=tmp_path / "wheels")
     said = lines(caplog)
     assert said[0] == "building wheels for the node image: started" and DONE.search(said[-1]), said
-    # A base of its own name: the image's content differs, so it is built, not found.
+    # A base of its own (the usual one with a label): a new image id, so no layer comes from Docker's cache.
     client = docker_client()
     base = f"skyvm-progress-test-base:{uuid.uuid4().hex[:8]}"
-    client.images.get(default_base_image()).tag(base)
+    dockerfile = f"FROM {default_base_image()}\nLABEL dev.skyvm.progress-test={base.rsplit(':', 1)[1]}\n".encode()
+    client.images.build(fileobj=io.BytesIO(dockerfile), tag=base, rm=True)
     caplog.clear()
     built = None
     try:
