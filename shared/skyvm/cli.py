@@ -128,10 +128,11 @@ SKYPILOT_COLUMNS = ["name", "state", "run_id", "node", "resources", "autostop_mi
 POOL_COLUMNS = ["name", "state", "kind", "run_id", "run_live", "workers", "resources"]
 
 
-@app.command(epilog=_examples("skyvm status", "skyvm status --all-homes", "skyvm status --skypilot -o json"))
+@app.command(epilog=_examples("skyvm status", "skyvm status --run 0195f3c2-...  # a Prefect flow run's id, or a run id", "skyvm status --all-homes", "skyvm status --skypilot -o json"))
 def status(
     output: Output = _output_option(),
     as_json: bool = JSON_FLAG,
+    run: Optional[str] = typer.Option(None, "--run", help="Only the clusters of this run: a skyvm run id (run-..., prefect-..., af-...) or the orchestrator's own id in it (a Prefect flow run's id)."),
     all_homes: bool = typer.Option(False, "--all-homes", help="Every skyvm install's clusters on this Docker engine, with the install of each."),
     skypilot: bool = typer.Option(False, "--skypilot", help="Also SkyPilot's clusters that skyvm launched (asks SkyPilot's API server)."),
 ) -> int:
@@ -145,6 +146,8 @@ def status(
     rows = [{"backend": "local", "install": _install(r), **r} for r in every if all_homes or r["home"] == mine]
     others = {r["home"] for r in every if r["home"] != mine}
     sky_rows, pool_rows = _skypilot_rows() if skypilot else ([], [])
+    if run:
+        rows, sky_rows, pool_rows = (_of_run(r, run) for r in (rows, sky_rows, pool_rows))
     if _chosen(output, as_json) == "json":
         _print_json(rows + sky_rows + pool_rows)
         return 0
@@ -166,6 +169,11 @@ def status(
             print("\nSkyPilot pools (skyvm's labels):")
             print(tables.render(pool_rows, POOL_COLUMNS))
     return 0
+
+
+def _of_run(rows: list[dict], run: str) -> list[dict]:
+    """Rows of one run: its run id, or the orchestrator's id inside it (``prefect-flow-<flow run id>``)."""
+    return [r for r in rows if r.get("run_id") == run or f"-{run}" in (r.get("run_id") or "")]
 
 
 def _home_id(value: Optional[str]) -> Optional[str]:

@@ -122,6 +122,12 @@ def test_status_json_carries_the_tables_fields():
         # Every column but STATUS ("Up 2 seconds": it moves on between the two calls).
         assert line[:-1] == [str(row[h.lower()]) for h in header[:-1]] and line[-1].startswith("Up ") and row["status"].startswith("Up ")
         assert row["run_id"] == run.run_id and row["node"] == "summed" and row["backend"] == "local"
+        # --run: a run's clusters by its run id, or by the key inside it (what an orchestrator calls the run).
+        key = run.run_id.split("-", 1)[1]
+        for wanted in (run.run_id, key):
+            only = json.loads(skyvm("status", "--run", wanted, "-o", "json").stdout)
+            assert [r["name"] for r in only] == [handle.cluster]
+        assert json.loads(skyvm("status", "--run", "no-such-run", "-o", "json").stdout) == []
     finally:
         assert handle.cluster in gc()
 
