@@ -1,9 +1,18 @@
 """``SkyVMTaskRunner``: every task of a Prefect flow runs in its own container on a VM.
 
-The Prefect task engine stays in the flow process: states, retries, timeouts,
-caching, result persistence and events are Prefect's own, and the node needs
-no route to the Prefect API. Only the task's function body runs on the node,
-through skyvm's core (``skyvm.Run``), one fresh remote run per attempt.
+Engine mode (where the node can reach the flow's Prefect API; ``engine_mode`` says the rule): Prefect's
+own task engine runs on the node, as prefect-dask and prefect-ray run it on their workers, so
+``get_run_logger()``, ``prefect.runtime``, artifacts, nested ``.submit()``, variables and events work
+inside the task; the node's final State resolves the future. One node runs all attempts of a task
+(retries are the engine's, on the node). The node's output goes to this process's stdout.
+
+Body mode (``prefect_engine: false``, or a node that cannot reach the API): the Prefect task engine
+stays in the flow process (states, retries, timeouts, caching and events are Prefect's own, and the
+node needs no route to the API); only the task's function body runs on the node, one fresh remote run
+per attempt, its output streamed into the task run's logs (``get_run_logger()`` too, when the image
+has Prefect).
+
+Either way the call goes through skyvm's core (``skyvm.Run``).
 
     from prefect import flow, task
     from prefect_skyvm import SkyVMTaskRunner, skyvm_options
@@ -13,8 +22,8 @@ through skyvm's core (``skyvm.Run``), one fresh remote run per attempt.
         with skyvm_options(cpus=4):
             heavy.submit()
 
-Holds ``SkyVMTaskRunner`` and ``NodeCrashed``. May import: prefect, prefect_skyvm.context, skyvm's
-public core (skyvm.api, run_ids, waiting, errors, redact, settings).
+Holds ``SkyVMTaskRunner`` and ``NodeCrashed``. May import: prefect, prefect_skyvm's context,
+engine_mode and on_node, skyvm's public core (skyvm.api, calls, run_ids, waiting, errors, redact, settings).
 """
 
 from __future__ import annotations
@@ -31,10 +40,12 @@ from typing import Any, Iterable, Mapping, Optional, Union
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from prefect_skyvm import engine_mode, on_node
 from prefect_skyvm.context import current_options, describe, profile_from_tags
 from skyvm import run_ids, waiting
+from skyvm.calls import ship_by_value
 from skyvm.api import NodeHandle, Run, check_launchable
-from skyvm.errors import InfrastructureError, NodeAborted, NodeFailed, SkyVMError
+from skyvm.errors import InfrastructureError, NodeAborted, NodeFailed, PayloadError, SkyVMError
 from skyvm.redact import redact
 from skyvm.settings import NodeSettings, SkyVMConfig, as_config
 
@@ -58,6 +69,16 @@ def _crashed_state(exc: BaseException):
 
     error = exc.error if isinstance(exc, NodeCrashed) else exc
     return Crashed(message=f"skyvm node crashed: {error}", data=error if isinstance(error, Exception) else InfrastructureError(str(error)))
+
+
+_echo_lock = threading.Lock()
+
+
+def _echo(line: str) -> None:
+    """An engine-mode node's output: on this process's stdout, as a process pool's workers print (the
+    engine on the node sends the task run's logs to the API itself)."""
+    with _echo_lock:
+        print(redact(line), flush=True)
 
 
 def _outcome(handle: NodeHandle) -> Any:
@@ -104,6 +125,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         self._config.resolve("<any task>", profile=profile, code=overrides)
         self._run: Optional[Run] = None
         self._handles_lock = threading.Lock()
+        self._node_flows: dict = {}  # id(flow) -> (flow, its copy with a thread pool): what nodes get
 
     # -- Prefect's TaskRunner protocol ----------------------------------------
 
@@ -119,7 +141,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
     def __getstate__(self) -> dict[str, Any]:
         # A pickled runner carries its arguments only: no run, no threads, no locks.
         state = super().__getstate__()
-        for key in ("_run", "_executor", "_handles_lock", "_config", "_cancel_events"):
+        for key in ("_run", "_executor", "_handles_lock", "_config", "_cancel_events", "_node_flows"):
             state.pop(key, None)
         return state
 
@@ -129,6 +151,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         self._executor = None
         self._cancel_events = {}
         self._handles_lock = threading.Lock()
+        self._node_flows = {}
         self._config = as_config(self.settings)
 
     def __enter__(self) -> "SkyVMTaskRunner":
@@ -173,9 +196,13 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         from prefect.task_engine import run_task_async, run_task_sync
 
         # Settings are resolved here, in the submitting thread: a mistake raises from .submit() and nothing starts.
-        settings = self.settings_for(task)
-        remote = self._remote_task(task, settings)
+        settings = self._resolve(task)
+        engine = engine_mode.use_engine(task.name, settings, _run_logger())
+        check_launchable(task.name, settings)
         task_run_id = uuid7()
+        if engine:
+            return self._submit_engine(task, settings, task_run_id, parameters, wait_for, dependencies)
+        remote = self._remote_task(task, settings)
         cancel_event = threading.Event()
         self._cancel_events[task_run_id] = cancel_event
         kwargs = dict(
@@ -200,24 +227,58 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         future = self._executor.submit(copy_context().run, run_to_state)
         return PrefectConcurrentFuture(task_run_id=task_run_id, wrapped_future=future)
 
+    def _submit_engine(self, task, settings: NodeSettings, task_run_id, parameters, wait_for, dependencies) -> PrefectConcurrentFuture:
+        """Engine mode: a node runs Prefect's task engine; its final State resolves the future."""
+        run = self._run
+        node_flows = self._node_flows
+
+        def run_on_node():
+            from prefect.states import Failed
+
+            logger = _run_logger()
+            try:
+                # Upstream futures are waited for here, off the submitting thread, as ProcessPoolTaskRunner does.
+                kwargs, secrets = engine_mode.engine_call(task, task_run_id, _plain(parameters), wait_for, dependencies, node_flows)
+                node_settings = engine_mode.engine_settings(settings, secrets)
+                logger.info("skyvm: running %s with Prefect's engine on a %s node (%s)", task.name, settings.backend, describe(settings))
+                handle = run.start_call(task.name, node_settings, on_node.run_task, (), kwargs, on_log=_echo)
+                waiting.wait(handle, logger=logger)
+                return handle.result()  # the engine's final State: the task's own errors are in it
+            except NodeAborted as exc:
+                # Its code ended it (KeyboardInterrupt, SystemExit): the engine on the node said Crashed already.
+                return _crashed_state(NodeCrashed(exc))
+            except PayloadError as exc:  # an argument that cannot travel: the task's input is at fault
+                state = Failed(message=f"skyvm: {exc}", data=exc)
+            except SkyVMError as exc:  # the node could not run, or died: nothing on it said how the task ended
+                state = _crashed_state(NodeCrashed(exc))
+            engine_mode.record_state(task, task_run_id, state, logger)
+            return state
+
+        future = self._executor.submit(copy_context().run, run_on_node)
+        return PrefectConcurrentFuture(task_run_id=task_run_id, wrapped_future=future)
+
     # -- skyvm ----------------------------------------------------------------
 
     def settings_for(self, task) -> NodeSettings:
-        """The resolved settings of one task, all layers applied."""
+        """The resolved settings of one task, all layers applied, checked against their backend."""
+        settings = self._resolve(task)
+        check_launchable(task.name, settings)
+        return settings
+
+    def _resolve(self, task) -> NodeSettings:
         from prefect.context import TagsContext
 
         options = current_options()
         tags = set(task.tags or ()) | set(TagsContext.get().current_tags or ())
         profile = options.pop("profile", None) or profile_from_tags(tags) or self.profile
-        settings = self._config.resolve(task.name, profile=profile, code=self.overrides, override=options)
-        check_launchable(task.name, settings)
-        return settings
+        return self._config.resolve(task.name, profile=profile, code=self.overrides, override=options)
 
     def _remote_task(self, task, settings: NodeSettings):
         """A copy of the task whose function ships the call to a node and returns its result."""
         fn = task.fn
         node = task.name
         run = self._run
+        node_flows = self._node_flows
 
         def launch(args, kwargs) -> NodeHandle:
             from prefect.logging import get_run_logger
@@ -225,7 +286,10 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
             logger = get_run_logger()
             logger.info("skyvm: running %s on a %s node (%s)", node, settings.backend, describe(settings))
             args, kwargs = _plain(tuple(args)), _plain(dict(kwargs))
-            handle = run.start_call(node, settings, fn, args, kwargs, on_log=lambda line: logger.info(redact(line)))
+            ship_by_value(fn)
+            # The task run's context travels too: where the image has Prefect, get_run_logger() works in the body.
+            body = (fn, args, kwargs, engine_mode.body_context(node_flows, task))
+            handle = run.start_call(node, settings, on_node.run_body, body, on_log=lambda line: logger.info(redact(line)))
             return handle
 
         if task.isasync:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 from pathlib import Path
 
 import cloudpickle
@@ -360,10 +361,12 @@ def fails_twice(counter_dir: str):
     return len(attempts)
 
 
-def test_retries_are_fresh_remote_runs(tmp_path):
+@pytest.mark.parametrize("engine, nodes", [(True, 1), (False, 3)], ids=["engine", "body"])
+def test_retries(tmp_path, engine, nodes):
+    """Engine mode: Prefect's engine retries on the node it runs on. Body mode: each retry is a fresh remote run."""
     counter = tmp_path / "counter"
     counter.mkdir()
-    runner = SkyVMTaskRunner(SETTINGS, docker_run_args=["--volume", f"{counter}:/counter"])
+    runner = SkyVMTaskRunner(SETTINGS, prefect_engine=engine, docker_run_args=["--volume", f"{counter}:/counter"])
 
     @flow(task_runner=runner)
     def f():
@@ -372,7 +375,7 @@ def test_retries_are_fresh_remote_runs(tmp_path):
     state = f()
     assert state.is_completed() and state.result() == 3
     attempts = (counter / "attempts").read_text().split()
-    assert len(attempts) == 3 and len(set(attempts)) == 3  # exactly three remote runs, each its own attempt
+    assert len(attempts) == 3 and len(set(attempts)) == nodes  # exactly three tries, on that many skyvm attempts
 
 
 @task
@@ -382,13 +385,16 @@ def chatty():
     return "ok"
 
 
-def test_node_output_lands_in_the_task_run_logs(runner):
+@pytest.mark.parametrize("engine", [True, False], ids=["engine", "body"])
+def test_node_output_lands_in_the_task_run_logs(engine):
+    """Body mode streams the node's output into the task run's logs; in engine mode the node's own engine
+    sends them, prints included with Prefect's log_prints."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
 
-    @flow(task_runner=runner)
+    @flow(task_runner=SkyVMTaskRunner(SETTINGS, prefect_engine=engine))
     def f():
-        return chatty.submit()
+        return chatty.with_options(log_prints=engine).submit()
 
     state = f()
     assert state.result() == "ok"
@@ -484,6 +490,7 @@ def test_a_task_ending_its_node_with_sys_exit_or_keyboard_interrupt_is_crashed_a
                     future.wait()
                 for future in crashed:
                     print("STATE", future.state.type.value, "|", future.state.message.replace("\\n", " // "), flush=True)
+                    print("TASK RUN", future.task_run_id, flush=True)
                 return after.submit("the crashes").result()
 
             @flow(task_runner=RUNNER.duplicate())
@@ -513,6 +520,15 @@ def test_a_task_ending_its_node_with_sys_exit_or_keyboard_interrupt_is_crashed_a
     assert "FLOW COMPLETED ran after the crashes" in out.stdout
     # Resolving a crashed task's future fails the flow with the crash, as for any crashed task.
     assert "RESOLVED FAILED NodeAborted" in out.stdout
+    # The API says Crashed too (the engine on the node said it before its node ended).
+    from prefect.client.orchestration import get_client
+
+    async def read_states():
+        async with get_client() as client:
+            ids = [line.split()[-1] for line in out.stdout.splitlines() if line.startswith("TASK RUN ")]
+            return [(await client.read_task_run(uuid.UUID(i))).state.type for i in ids]
+
+    assert asyncio.run(read_states()) == [StateType.CRASHED, StateType.CRASHED]
 
 
 @task(timeout_seconds=15)
@@ -521,9 +537,10 @@ def stalls():
     time.sleep(600)
 
 
-def test_a_task_timeout_stays_its_error_when_stopping_the_node_fails(runner, request):
-    """The node's container is frozen (docker pause) once its attempt runs, so no stop request reaches it:
-    the task is still TimedOut, and the failed stop is logged on the task run."""
+def test_a_task_timeout_stays_its_error_when_stopping_the_node_fails(request):
+    """Body mode (the timeout is this process's). The node's container is frozen (docker pause) once its
+    attempt runs, so no stop request reaches it: the task is still TimedOut, and the failed stop is logged
+    on the task run."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
 
@@ -533,7 +550,7 @@ def test_a_task_timeout_stays_its_error_when_stopping_the_node_fails(runner, req
     request.addfinalizer(context.reset)
     paused: list[str] = []
 
-    @flow(task_runner=runner)
+    @flow(task_runner=SkyVMTaskRunner(SETTINGS, prefect_engine=False))
     def f():
         from prefect.context import FlowRunContext
 

@@ -111,6 +111,9 @@ class NodeSettings(BaseModel):
     secrets: dict[str, str] = Field(default_factory=dict, repr=False)
     stream_logs: bool = True
     timeout: Optional[float] = Field(default=None, gt=0)
+    # Prefect's adapter only (Airflow ignores it): true runs Prefect's own task engine on the node,
+    # false ships only the task's function body; unset: the engine where the node can reach the API.
+    prefect_engine: Optional[bool] = None
 
     # Where payloads and results travel: a directory (file:// or a path), s3://, gs:// or az://.
     payload_store: Optional[str] = None

@@ -1,0 +1,220 @@
+"""Where a task's Prefect engine runs, and what travels for it: the launcher's side of engine mode.
+
+The rule (``prefect_engine``, a node setting; Airflow ignores it):
+
+- ``false``: body mode. Prefect's task engine runs in the flow's process and only the function body
+  runs on the node (no route to the API needed, no Prefect needed in the image).
+- ``true`` or unset: engine mode when the node can reach the flow's Prefect API, which is when
+  the node runs on the local backend (containers on the host's network: a loopback URL, the ephemeral
+  server included, is reached as it is), or the API's URL is not a loopback one (``localhost``,
+  ``127.0.0.0/8``, ``::1``; no URL means Prefect's ephemeral server, on loopback).
+- A node that cannot reach it (the skypilot backend with a loopback API): unset falls back to body
+  mode with an info line on the flow run's log; ``true`` raises ``SettingsError`` at ``.submit()``.
+
+Engine mode ships what Prefect's ``ProcessPoolTaskRunner`` hands its subprocesses: the task, its
+parameters with futures replaced by their final States (the node's engine resolves them, NotReady
+on a failed upstream included), ``wait_for`` as States, the flow's serialized context with the flow's
+task runner replaced by a ``ThreadPoolTaskRunner`` (nested submissions run on the same node), and
+Prefect's settings as environment variables. The API's URL and Prefect's secret settings (the API
+key) never travel in the payload: they go to the node as skyvm secrets (``on_node`` puts them back).
+
+Holds ``use_engine``, ``engine_settings``, ``engine_call``, ``body_context`` and ``record_state``.
+May import: prefect, skyvm.settings and skyvm.errors, prefect_skyvm.flow_node (the node's Prefect
+pins, the environment split).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import uuid
+from typing import Any, Iterable, Optional
+from urllib.parse import urlsplit
+
+from prefect_skyvm.flow_node import node_requirements, split_env
+from skyvm.errors import SettingsError
+from skyvm.settings import NodeSettings
+
+log = logging.getLogger("prefect_skyvm")
+
+
+def api_url() -> Optional[str]:
+    """The API the flow talks to: its client's (the ephemeral server's, when that is what runs), else the setting."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL
+
+    ctx = FlowRunContext.get()
+    client_url = getattr(getattr(ctx, "client", None), "api_url", None)
+    return str(client_url) if client_url else PREFECT_API_URL.value()
+
+
+def _is_loopback(url: Optional[str]) -> bool:
+    host = urlsplit(url).hostname if url else None
+    if host is None or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def use_engine(node: str, settings: NodeSettings, logger=None) -> bool:
+    """Engine mode or body mode for one task (the rule in the module's docstring)."""
+    if settings.prefect_engine is False:
+        return False
+    url = api_url()
+    if settings.backend == "local" or not _is_loopback(url):
+        return True
+    if settings.prefect_engine:
+        raise SettingsError(
+            [(
+                f"nodes.{node}.prefect_engine",
+                f"true, but a {settings.backend} node cannot reach the flow's Prefect API at {url or 'the ephemeral server (loopback)'}: "
+                "set PREFECT_API_URL to an API the VM can reach (Prefect Cloud, a server on a public or VPN address), "
+                "or set prefect_engine: false to run Prefect's engine in the flow's process and only the function body on the node",
+            )],
+            source=f"task '{node}'",
+        )
+    (logger or log).info(
+        "skyvm: %s runs in body mode (Prefect's engine in this process, the function on the node): a %s node cannot reach "
+        "the Prefect API at %s; set PREFECT_API_URL to an address the VM reaches for engine mode, or prefect_engine: false to silence this",
+        node, settings.backend, url or "the ephemeral server (loopback)",
+    )
+    return False
+
+
+def _secret_paths() -> list[tuple[tuple[str, ...], str]]:
+    """Where Prefect's secret settings (SecretStr) and the API URL sit in the serialized settings."""
+    from pydantic import SecretBytes, SecretStr
+
+    found = [(("api", "url"), "PREFECT_API_URL")]
+
+    def walk(value: Any, path: tuple[str, ...]) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, (*path, key))
+        elif isinstance(value, (SecretStr, SecretBytes)):
+            found.append((path, "PREFECT_" + "_".join(path).upper()))
+
+    from prefect.context import SettingsContext
+
+    walk(SettingsContext.get().serialize(include_secrets=False)["settings"], ())
+    return found
+
+
+def _pop(settings: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path[:-1]:
+        settings = settings.get(key) or {}
+    return settings.pop(path[-1], None) if isinstance(settings, dict) else None
+
+
+def _node_context(node_flows: dict, secrets: Optional[dict[str, str]] = None) -> tuple[dict[str, Any], list]:
+    """(the flow's serialized context for a node, where its secret settings were): the flow's task
+    runner a thread pool, the secret settings taken out (into ``secrets`` when given)."""
+    from prefect.context import serialize_context
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    context = serialize_context()
+    flow_ctx = context.get("flow_run_context") or {}
+    flow = flow_ctx.get("flow")
+    if flow is not None:
+        if id(flow) not in node_flows:
+            node_flows[id(flow)] = (flow, flow.with_options(task_runner=ThreadPoolTaskRunner()))
+        flow_ctx["flow"] = node_flows[id(flow)][1]
+        from skyvm.calls import ship_by_value
+
+        ship_by_value(flow.fn)
+    settings = (context.get("settings_context") or {}).get("settings")
+    paths = _secret_paths() if settings is not None else []
+    for path, name in paths:
+        value = _pop(settings, path)
+        if secrets is not None and value:
+            secrets[name] = str(value)
+    if secrets is not None and "PREFECT_API_URL" not in secrets and api_url():
+        secrets["PREFECT_API_URL"] = api_url()  # the ephemeral server's: the setting is unset
+    return context, paths
+
+
+def engine_settings(settings: NodeSettings, secrets: dict[str, str]) -> NodeSettings:
+    """The node's settings in engine mode: Prefect at the flow's version in its image, the API's secrets."""
+    extra = [r for r in node_requirements() if r not in settings.requirements]
+    return settings.model_copy(update={"requirements": [*settings.requirements, *extra], "secrets": {**settings.secrets, **secrets}})
+
+
+def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_for: Optional[Iterable], dependencies, node_flows: dict):
+    """(kwargs of ``on_node.run_task``, secrets for the node) of one task; waits for its upstream futures."""
+    from prefect.futures import PrefectFuture, wait
+    from prefect.settings.context import get_current_settings
+    from prefect.utilities.collections import visit_collection
+
+    from skyvm.calls import ship_by_value
+
+    wait_for_states = None
+    if wait_for:
+        futures = list(wait_for)
+        wait(futures)
+        wait_for_states = [f.state for f in futures]
+
+    def to_state(expr: Any) -> Any:
+        if isinstance(expr, PrefectFuture):
+            expr.wait()
+            return expr.state
+        return expr
+
+    states = {k: visit_collection(v, visit_fn=to_state, return_data=True) for k, v in parameters.items()}
+    secrets: dict[str, str] = {}
+    context, secret_paths = _node_context(node_flows, secrets)
+    env = get_current_settings().to_environment_variables(exclude_unset=True) | {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")}
+    plain_env, secret_env = split_env(env)
+    secrets.update(secret_env)
+    ship_by_value(task.fn)
+    kwargs = dict(
+        task=task, task_run_id=task_run_id, parameters=states, wait_for=wait_for_states, return_type="state",
+        dependencies=dependencies, context=context, env=plain_env, secret_paths=secret_paths,
+    )
+    return kwargs, secrets
+
+
+def body_context(node_flows: dict, task) -> bytes:
+    """The task run's context for a body-mode node with Prefect (``on_node.run_body``), pickled apart so a
+    node without Prefect never unpickles it: no API (logs to the node's output), no secrets. The task in
+    it is the user's ``task``, not the copy that launches the node (that one holds the live run)."""
+    import cloudpickle
+
+    context, _ = _node_context(node_flows)
+    if context.get("task_run_context"):
+        context["task_run_context"]["task"] = task
+    settings = (context.get("settings_context") or {}).get("settings")
+    if settings is not None:
+        settings.setdefault("logging", {}).setdefault("to_api", {})["enabled"] = False
+        settings.setdefault("server", {}).setdefault("ephemeral", {})["enabled"] = False
+    return cloudpickle.dumps(context)
+
+
+def record_state(task, task_run_id: uuid.UUID, state, logger=None) -> None:
+    """The final state of a task run whose node did not report one (it never ran, or died): set in the
+    API too (forced), the task run made with it when its node never got to create it. Best effort: the
+    flow goes on with the state either way, a failure to record it is a warning."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import FlowRunContext
+    from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+
+    try:
+        with get_client(sync_client=True) as client:
+            try:
+                current = client.read_task_run(task_run_id)
+            except ObjectNotFound:
+                ctx = FlowRunContext.get()
+                flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else None
+                try:
+                    client.create_task_run(task, flow_run_id, dynamic_key=str(task_run_id), id=task_run_id, name=task.name, state=state)
+                    return
+                except PrefectHTTPStatusError as exc:
+                    if exc.response.status_code != 409:
+                        raise
+                    current = None  # its node's engine reported it meanwhile
+            if current is None or current.state is None or current.state.type != state.type:
+                client.set_task_run_state(task_run_id, state, force=True)
+    except Exception as exc:  # noqa: BLE001 - the API being unreachable must not hide the task's own outcome
+        (logger or log).warning("skyvm: could not record task run %s as %s in the Prefect API: %s", task_run_id, state.type.value, exc)

@@ -1,0 +1,85 @@
+"""What runs on a node for ``SkyVMTaskRunner``: Prefect's own task engine (engine mode), or the task's
+function body inside a Prefect logging context (body mode).
+
+Engine mode is what Prefect's ``ProcessPoolTaskRunner`` does in its subprocesses, on another machine:
+the flow's serialized context is hydrated, ``run_task_sync``/``run_task_async`` runs the task (states,
+retries, logs, artifacts, events and nested submissions as in Prefect), the events and log workers are
+flushed, and the final State is the node's return value.
+
+What may not travel in the payload (the API URL, the API key: any setting Prefect keeps as a secret) was
+taken out of the serialized settings by the launcher and reaches the node's environment as skyvm secrets;
+``_restore_settings`` puts them back from there.
+
+Imported on every node whose image has Prefect (the resident agent imports it ahead of the nodes, so a
+warm node pays no import): Prefect's task engine at module level, nothing of the launcher's side (no
+docker, no skyvm.api/run/pool). May import: the standard library, cloudpickle and Prefect (when installed).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+try:  # an image without Prefect still runs bodies (body mode)
+    from prefect.context import hydrated_context
+    from prefect.events.worker import EventsWorker
+    from prefect.task_engine import run_task_async, run_task_sync
+except ImportError:  # pragma: no cover - exercised by images without Prefect
+    hydrated_context = None
+
+# (path in the serialized settings, environment variable) pairs: the settings that travel as skyvm secrets.
+SecretPaths = list[tuple[tuple[str, ...], str]]
+
+
+def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[str, Any], **engine_kwargs: Any):
+    """Run one task with Prefect's engine (``engine_kwargs`` are ``run_task_sync``'s); returns its final State."""
+    os.environ.update(env)
+    _restore_settings(context, secret_paths)
+    task = engine_kwargs["task"]
+    with hydrated_context(context):
+        try:
+            if task.isasync:
+                import asyncio
+
+                return asyncio.run(run_task_async(**engine_kwargs))
+            return run_task_sync(**engine_kwargs)
+        finally:
+            # The node's process ends with the call: what the task logged and emitted must reach the API first
+            # (a crash included: the engine has just proposed the Crashed state).
+            _flush()
+
+
+def run_body(fn, args: tuple, kwargs: dict, context_blob: Optional[bytes]):
+    """Body mode: the task's function itself, inside the task run's Prefect context when Prefect is
+    installed, so ``get_run_logger()`` works. Its records go to the node's output (never to the API, which
+    this node may not reach), which the launcher streams into the task run's logs."""
+    if hydrated_context is None or context_blob is None:
+        return fn(*args, **kwargs)
+    import cloudpickle
+    from prefect.client.orchestration import SyncPrefectClient
+
+    context = cloudpickle.loads(context_blob)
+    # A client is part of a run context; this one is never used (no API from a body-mode node).
+    with hydrated_context(context, client=SyncPrefectClient("http://skyvm-body-mode.invalid/api")):
+        return fn(*args, **kwargs)
+
+
+def _restore_settings(context: dict[str, Any], secret_paths: SecretPaths) -> None:
+    settings = (context.get("settings_context") or {}).get("settings")
+    if settings is None:
+        return
+    for path, name in secret_paths:
+        if name in os.environ:
+            place = settings
+            for key in path[:-1]:
+                place = place.setdefault(key, {})
+            place[path[-1]] = os.environ[name]
+
+
+def _flush() -> None:
+    # Prefect's services (the events worker, the API log worker) share one table of instances: draining
+    # through one drains them all. None running: nothing to send, and no client made for nothing.
+    with EventsWorker._instance_lock:
+        running = bool(EventsWorker._instances)
+    if running:
+        EventsWorker.drain_all(timeout=60)
