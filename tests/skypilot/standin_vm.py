@@ -15,6 +15,10 @@ What a cloud VM would do is done on this machine, with real parts:
   container with the task's docker run options, then runs ``setup`` in it;
 - a job is ``run`` executed in that container with the task's envs and secrets (values in the
   environment, names only on argv); its log and exit code are kept so ``tail_logs`` follows it;
+- the container gets what SkyPilot gives a docker-image cluster: its own ``sshd`` (Debian's
+  openssh-server, from the .debs ``./dev setup`` downloads; on a free loopback port), a key
+  pair of the cluster's own and a host key; ``ssh_info`` hands them out as the cluster's handle
+  and SkyPilot's credentials do (``SKYVM_STANDIN_SSH=0``: no SSH, as a cluster without it);
 - ``down`` removes the container.
 
 State lives in ``$SKYVM_STANDIN_DIR``: every call is appended to ``calls.jsonl`` with secret
@@ -37,6 +41,8 @@ from skyvm.skypilot.bridge import FAILED_JOB_EXIT, serve
 
 STATE = Path(os.environ["SKYVM_STANDIN_DIR"])
 LABEL = "dev.skyvm.standin"
+# Debian's openssh-server and what it needs beyond the base image (./dev setup downloads them).
+SSHD_DEBS = Path(os.environ.get("SKYVM_STANDIN_SSHD_DEBS") or Path(__file__).resolve().parents[2] / ".dev" / "sshd-debs")
 
 
 # What a cloud's SDK in SkyPilot's process would read; recorded by name, files by mode, never values.
@@ -193,17 +199,65 @@ class VMStandIn:
         self._save(cluster_name, {"status": "INIT", "labels": dict(resources.labels or {}), **record})
         self._slow_cloud(cluster_name)
         run_options = (task.get("config") or {}).get("docker", {}).get("run_options", [])
+        if os.environ.get("SKYVM_STANDIN_SSH", "1") != "0":
+            image = self._sshd_image(image)
         started = subprocess.run(
             ["docker", "run", "-d", "--name", _container(cluster_name), "--network", "host", "--label", f"{LABEL}={STATE}", *run_options, image, "sleep", "infinity"],
             capture_output=True, text=True,
         )
         if started.returncode != 0:
             raise RuntimeError(f"starting the node container failed: {started.stderr.strip()}")
+        if os.environ.get("SKYVM_STANDIN_SSH", "1") != "0":
+            self._save(cluster_name, {**self._cluster(cluster_name), "ssh": self._start_sshd(cluster_name)})
         names, env = self._env(task)
         setup = subprocess.run(["docker", "exec", *names, _container(cluster_name), "sh", "-c", task["setup"]], env=env, capture_output=True, text=True)
         if setup.returncode != 0:
             raise RuntimeError(f"setup failed on {cluster_name}: {setup.stdout[-2000:]}{setup.stderr[-2000:]}")
         self._save(cluster_name, {**self._cluster(cluster_name), "status": "UP"})
+
+    def _sshd_image(self, image: str) -> str:
+        """The node image with Debian's openssh-server in it (built once per image, as SkyPilot
+        installs openssh-server in a docker-image cluster's container)."""
+        debs = sorted(SSHD_DEBS.glob("*.deb")) if SSHD_DEBS.is_dir() else []
+        if not any(p.name.startswith("openssh-server_") for p in debs):
+            raise RuntimeError(f"no openssh-server .deb in {SSHD_DEBS}: run ./dev setup (or set SKYVM_STANDIN_SSH=0)")
+        image_id = subprocess.run(["docker", "image", "inspect", "-f", "{{.Id}}", image], capture_output=True, text=True, check=True).stdout.strip()
+        tag = f"skyvm-standin-sshd:{image_id.split(':')[-1][:16]}"
+        if subprocess.run(["docker", "image", "inspect", tag], capture_output=True).returncode == 0:
+            return tag
+        dockerfile = f"FROM {image}\nCOPY *.deb /tmp/sshd-debs/\nRUN dpkg -i /tmp/sshd-debs/*.deb && rm -rf /tmp/sshd-debs /etc/ssh/ssh_host_* && mkdir -p /run/sshd\n"
+        built = subprocess.run(["docker", "build", "-q", "-t", tag, "-f", "-", str(SSHD_DEBS)], input=dockerfile, capture_output=True, text=True)
+        if built.returncode != 0:
+            raise RuntimeError(f"building the stand-in's sshd image failed: {built.stderr[-2000:]}")
+        return tag
+
+    def _start_sshd(self, cluster_name: str) -> dict:
+        """sshd in the cluster's container on a free loopback port, with a client key and a host key of
+        the cluster's own (ed25519, as SkyPilot makes): what ``ssh_info`` hands out."""
+        import socket
+
+        container = _container(cluster_name)
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        script = (
+            "set -e; mkdir -p /root/.ssh /run/sshd; chmod 700 /root/.ssh; "
+            "ssh-keygen -q -t ed25519 -N '' -f /etc/ssh/standin_host_key; ssh-keygen -q -t ed25519 -N '' -f /tmp/standin_client_key; "
+            "cp /tmp/standin_client_key.pub /root/.ssh/authorized_keys; "
+            f"/usr/sbin/sshd -p {port} -h /etc/ssh/standin_host_key -o ListenAddress=127.0.0.1 -o UsePAM=no "
+            "-o PasswordAuthentication=no -o PermitRootLogin=prohibit-password -o AllowStreamLocalForwarding=yes; "
+            "cat /tmp/standin_client_key; echo ====; cat /etc/ssh/standin_host_key.pub; rm /tmp/standin_client_key*"
+        )
+        out = subprocess.run(["docker", "exec", container, "sh", "-c", script], capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"starting sshd in {cluster_name} failed: {out.stderr[-2000:]}")
+        key, host_key = out.stdout.split("====\n")
+        return {"host": "127.0.0.1", "port": port, "user": "root", "private_key": key, "host_key": host_key.strip(), "proxy_command": None, "docker": None}
+
+    def ssh_info(self, cluster_name):
+        self._record("ssh_info", cluster=cluster_name)
+        record = self._cluster(cluster_name)
+        return record.get("ssh") if record["status"] == "UP" else None
 
     def _slow_cloud(self, cluster_name) -> None:
         """``SKYVM_STANDIN_PROVISION_S``: the VM takes this long to come up (a slow cloud, a busy

@@ -10,6 +10,10 @@ its warm workers start a node in seconds where a new VM takes minutes. A node is
 when its job is: the exit code of ``tail_logs`` is checked, never ignored. Every call to
 SkyPilot goes through the bridge (``skyvm.skypilot.bridge``).
 
+A cluster of skyvm's image runs an agent (started by the launch's setup): warm nodes go to it over
+the cluster's one SSH connection, not as SkyPilot jobs (``skyvm.skypilot.agents``); a cluster
+without SSH access, a key or an answering agent gets ``sky exec``.
+
 Holds: ``SkyPilotBackend``, ``is_managed``, ``missing_for_vms``; ``skypilot_backend`` and
 ``all_backends`` (the registry's, re-exported).
 May import: skyvm.backends.base, skyvm.skypilot.*, skyvm.plan, skyvm.settings, skyvm.clouds,
@@ -18,18 +22,22 @@ skyvm.errors (never the pool or the API).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, NoReturn, Optional
 
+from skyvm.backends.agent_channel import agent_dir
 from skyvm.backends.base import NONE, OWN, SHARED, Backend, JobState, JobStatus, LogSink, NodeRef
 from skyvm.clouds import BUCKET_PREFIXES
 from skyvm.errors import InfrastructureError, NodeCancelled
 from skyvm.plan import TaskSpec, pool_name
 from skyvm.settings import NodeSettings
 from skyvm.skypilot.bridge import FAILED_JOB_EXIT, SkyBridge, get_bridge
+from skyvm.skypilot.agents import VIA_AGENT, ClusterAgents, with_agent
 from skyvm.skypilot.credentials import CredentialSet
 from skyvm.skypilot.placing import cap_refusal, place
 from skyvm.skypilot.task_config import pool_job_config, pool_task_config, task_config
@@ -64,6 +72,8 @@ class SkyPilotBackend(Backend):
         self._placements: dict[str, dict] = {}
         # max_hourly_cost verdicts by signature (None: within the cap): asked once, not at every exec.
         self._cap_verdicts: dict[str, Optional[str]] = {}
+        # The clusters' agents over SSH: warm nodes with no SkyPilot job.
+        self._agents = ClusterAgents(lambda: self.bridge)
 
     @property
     def bridge(self) -> SkyBridge:
@@ -78,6 +88,7 @@ class SkyPilotBackend(Backend):
 
     def close(self) -> None:
         """This credential set's bridge, its own local API server and its private files go (at exit)."""
+        self._agents.close()
         with self._lock:
             bridge, self._bridge = self._bridge, None
         if bridge is not None and self.credentials is not None:
@@ -137,11 +148,14 @@ class SkyPilotBackend(Backend):
                 with self._lock:
                     self._placements[cluster] = placement
             else:
-                answer = self.bridge.exec(task, cluster, on_log=on_log)
+                ref = self._agents.dispatch(spec, cluster, on_log)
+                answer = None if ref is not None else self.bridge.exec(task, cluster, on_log=on_log)
         except BaseException as exc:
             _raise_infra(spec, cluster, exc)
         with self._lock:
             price = self._placements.get(cluster, {}).get("hourly_price")
+        if answer is None:
+            return dataclasses.replace(ref, hourly_price=price)
         return NodeRef(cluster=cluster, job_id=answer["job_id"], fresh=fresh, hourly_price=price, **base)
 
     def _run_on_pool(self, spec: TaskSpec, name: str, base: dict, on_log: Optional[LogSink]) -> NodeRef:
@@ -224,7 +238,7 @@ class SkyPilotBackend(Backend):
         idle, down = (None, False) if s.autostop is not None else (s.idle_minutes_to_autostop, s.down)
         options = {"options": dict(s.skypilot["launch"])} if s.skypilot.get("launch") else {}
         try:
-            answer = self.bridge.launch(task, cluster_name, idle_minutes_to_autostop=idle, down=down, retry_until_up=s.retry_until_up, on_log=on_log, **options)
+            answer = self.bridge.launch(with_agent(task, cluster_name), cluster_name, idle_minutes_to_autostop=idle, down=down, retry_until_up=s.retry_until_up, on_log=on_log, **options)
         except BaseException:
             self._down(cluster_name)
             raise
@@ -252,7 +266,16 @@ class SkyPilotBackend(Backend):
             return self.bridge.jobs_logs(ref.job_id, on_log=lambda _line: None, follow=False)
         return self.bridge.tail_logs(ref.cluster, ref.job_id, on_log=lambda _line: None, follow=False)
 
+    def watch(self, ref: NodeRef, on_log: LogSink, on_exit) -> bool:
+        return _via_agent(ref) and self._agents.watch(ref, on_log, on_exit)
+
+    def let_go(self, ref: NodeRef) -> None:
+        if _via_agent(ref):
+            self._agents.let_go(ref)
+
     def status(self, ref: NodeRef) -> JobStatus:
+        if _via_agent(ref):
+            return self._agents.status(ref)
         try:
             status = self._job_status(ref)
         except InfrastructureError as exc:
@@ -276,12 +299,16 @@ class SkyPilotBackend(Backend):
     def read_log(self, ref: NodeRef, offset: int = 0) -> tuple[str, int]:
         """The job's log from ``offset`` (characters) on: what has not been shown yet, streamed once by
         the bridge (skyvm.skypilot.logs), never fetched whole per poll."""
+        if _via_agent(ref):
+            return self._agents.read_log(ref, offset)
         final = (ref.cluster, ref.job_id, ref.managed) in self._over
         text, end = self.bridge.read_log(ref.cluster, ref.job_id, offset, managed=ref.managed, final=final)
         return text, end
 
     def cancel(self, ref: NodeRef) -> None:
-        if ref.managed:
+        if _via_agent(ref):
+            self._agents.cancel(ref)
+        elif ref.managed:
             self.bridge.jobs_cancel(ref.job_id)
         else:
             self.bridge.cancel(ref.cluster, ref.job_id)
@@ -293,6 +320,8 @@ class SkyPilotBackend(Backend):
             log.error("could not tear down pool %s: %s (run `sky jobs pool down %s`)", name, exc, name)
 
     def _down(self, name: str) -> None:
+        self._agents.forget(name)
+        shutil.rmtree(agent_dir(name), ignore_errors=True)  # its agent's key goes with it
         try:
             self.bridge.down(name)
         except Exception as exc:  # noqa: BLE001 - report, do not hide the original error
@@ -317,6 +346,10 @@ def missing_for_vms(settings: NodeSettings) -> list[tuple[str, str]]:
              "set registry: {server, username, password} to push it, or image: to one the VM can pull")
         )
     return problems
+
+
+def _via_agent(ref: NodeRef) -> bool:
+    return ref.extra.get("via") == VIA_AGENT
 
 
 def _raise_infra(spec: TaskSpec, cluster: str, exc: BaseException) -> NoReturn:

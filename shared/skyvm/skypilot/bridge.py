@@ -2,7 +2,7 @@
 
 A bridge answers the calls of ``interface.SkyBridge`` (launch, exec, job_status, tail_logs,
 read_log, cancel, down, autostop, status, jobs_launch (on a pool too), jobs_status, jobs_cancel,
-jobs_logs, pool_apply, pool_status, pool_down, optimize, check, api_stop), JSON values in and out,
+jobs_logs, pool_apply, pool_status, pool_down, optimize, check, api_stop, ssh_info), JSON values in and out,
 so the same interface works in-process (``sdk.InProcessBridge``, when ``sky`` is importable) and
 across a process boundary (``rpc_client.SubprocessBridge`` talking to ``rpc_server``, run as
 ``python -m skyvm.skypilot.bridge --serve`` in SkyPilot's own environment: SkyPilot cannot share an

@@ -19,7 +19,7 @@ from typing import Callable, Optional, Protocol
 LogSink = Callable[[str], None]
 CALLS = (
     "launch", "exec", "job_status", "tail_logs", "read_log", "cancel", "down", "autostop", "status", "jobs_launch", "jobs_status",
-    "jobs_cancel", "jobs_logs", "optimize", "check", "api_stop", "pool_apply", "pool_status", "pool_down",
+    "jobs_cancel", "jobs_logs", "optimize", "check", "api_stop", "pool_apply", "pool_status", "pool_down", "ssh_info",
 )
 # Calls that stream a log (to stderr across the process boundary).
 LOGGING_CALLS = ("launch", "exec", "tail_logs", "jobs_launch", "jobs_logs", "pool_apply")
@@ -69,3 +69,7 @@ class SkyBridge(Protocol):
     def pool_apply(self, task: dict, pool_name: str, on_log: Optional[LogSink] = None) -> None: ...
     def pool_status(self, pool_names: Optional[list[str]] = None) -> list[dict]: ...
     def pool_down(self, pool_name: str) -> None: ...
+    # How to reach an UP cluster's head over SSH, from its handle as SkyPilot keeps it: ``host``, ``port``,
+    # ``user``, ``private_key`` (the key's text), ``host_key`` (None: SkyPilot checks none), ``proxy_command``
+    # and ``docker`` (``{host, port, user}``: the node's container, reached through the head). None: no SSH.
+    def ssh_info(self, cluster_name: str) -> Optional[dict]: ...

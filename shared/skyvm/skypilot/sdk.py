@@ -144,6 +144,35 @@ class InProcessBridge:
             })
         return out
 
+    def ssh_info(self, cluster_name):
+        """What ``ssh <cluster>`` uses, from the cluster's handle and the credentials the API server hands
+        its client (the key's text when the server is remote): the head's first address and SSH port."""
+        import os
+
+        from sky.skylet.constants import DEFAULT_DOCKER_PORT
+
+        records = self.sky.get(self.sky.status([cluster_name], _include_credentials=True))
+        for record in records or []:
+            handle, creds = record.get("handle"), record.get("credentials") or {}
+            if handle is None or not handle.cached_external_ips or not creds:
+                return None  # not UP, or no SSH access SkyPilot hands out (the caller uses `sky exec`)
+            key = creds.get("ssh_private_key_content")
+            if key is None and creds.get("ssh_private_key"):
+                with open(os.path.expanduser(creds["ssh_private_key"])) as fh:
+                    key = fh.read()
+            if key is None:
+                return None
+            ports = handle.cached_external_ssh_ports or [22]
+            info = {
+                "host": handle.cached_external_ips[0], "port": int(ports[0]), "user": handle.ssh_user or creds.get("ssh_user"),
+                "private_key": key, "host_key": None, "proxy_command": creds.get("ssh_proxy_command"), "docker": None,
+            }
+            if handle.docker_user:
+                # SkyPilot's container runs its own sshd on the VM's loopback; `ssh <cluster>` jumps there.
+                info["docker"] = {"host": "localhost", "port": DEFAULT_DOCKER_PORT, "user": handle.docker_user, "host_key": None}
+            return info
+        return None
+
     def jobs_launch(self, task, name, on_log=None, pool=None):
         job_ids, _handle = self._stream_and_get(self.sky.jobs.launch(self._task(task), name=name, pool=pool), on_log)
         job_id = job_ids[0] if isinstance(job_ids, list) else job_ids

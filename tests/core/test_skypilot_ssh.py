@@ -1,0 +1,189 @@
+"""Warm nodes on a SkyPilot cluster go to its agent over SSH, not as SkyPilot jobs (issue 20).
+
+SkyPilot is reached through ``SubprocessBridge`` and answered by the recording stand-in VM
+(tests/skypilot/standin_vm.py): its cluster is a container of the node image with Debian's
+openssh-server in it, a key pair and a host key of the cluster's own, handed out by the bridge's
+``ssh_info`` as SkyPilot's cluster handle does. The launch's setup starts the agent there; sshd,
+the agent, the registry and S3 (moto) are real.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from skyvm import InfrastructureError, NodeCancelled, Run
+from skyvm.backends.agent_channel import agent_dir
+
+
+def _settings(s3_server, registry, **more) -> dict:
+    return {"defaults": {"backend": "skypilot", "cloud": "aws", "down": True, "max_clusters": 1, "payload_store": "s3://skyvm-test/ssh",
+                         "payload_store_endpoint": s3_server, "registry": registry.model_dump(), **more}}
+
+
+@pytest.fixture
+def vm_settings(standin_vm, s3_server, registry, monkeypatch):
+    monkeypatch.setenv("SKYVM_S3_ENDPOINT_URL", s3_server)
+    return _settings(s3_server, registry)
+
+
+def parent_command() -> str:
+    """What started this node's process: the cluster's agent, or a job's shell."""
+    import os
+
+    with open(f"/proc/{os.getppid()}/cmdline", "rb") as fh:
+        return fh.read().replace(b"\0", b" ").decode().strip()
+
+
+def spawn_and_wait(seconds: float) -> int:
+    """A node that starts a child in its own process group, says the child's pid, and waits."""
+    import subprocess as sp
+    import time as t
+
+    child = sp.Popen(["sleep", "300"])
+    print(f"child pid {child.pid}", flush=True)
+    t.sleep(seconds)
+    return child.pid
+
+
+def chatty(seconds: float) -> str:
+    import time as t
+
+    print("before the drop", flush=True)
+    t.sleep(seconds)
+    print("after the drop", flush=True)
+    return "done"
+
+
+def _container(cluster: str) -> str:
+    return f"skyvm-standin-{cluster}"[:120]
+
+
+def _wait_for_line(handle, text: str, timeout: float = 120) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in handle.logs().splitlines():
+            if text in line:
+                return line
+        time.sleep(0.1)
+    raise AssertionError(f"no {text!r} in the node's log: {handle.logs()[-2000:]}")
+
+
+def _kill_sshd(cluster: str, *, sessions_only: bool) -> list[int]:
+    """Kill sshd's per-connection processes in the cluster's container (and its listener too)."""
+    script = (
+        "import os, signal\n"
+        "killed = []\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        cmd = open(f'/proc/{pid}/cmdline', 'rb').read().replace(b'\\0', b' ').decode()\n"
+        "    except OSError:\n"
+        "        continue\n"
+        f"    if cmd.startswith('sshd: root') or (not {sessions_only} and 'sshd' in cmd.split(' ')[0]):\n"
+        "        os.kill(int(pid), signal.SIGKILL); killed.append(int(pid))\n"
+        "print(killed)\n"
+    )
+    out = subprocess.run(["docker", "exec", _container(cluster), "python3", "-c", script], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def _alive_in(cluster: str, pid: int) -> bool:
+    return subprocess.run(["docker", "exec", _container(cluster), "kill", "-0", str(pid)], capture_output=True).returncode == 0
+
+
+def test_warm_nodes_go_over_ssh_to_the_agent_with_one_launch_and_no_exec(standin_vm, vm_settings):
+    with Run(vm_settings) as run:
+        first = run.submit(parent_command, node="first")
+        assert "skyvm.agent" not in first.result(600)  # the launch's own job
+        key = (agent_dir(first.cluster) / "key").read_text()
+        warm = [run.submit(parent_command, node=f"warm-{i}") for i in range(3)]
+        parents = [h.result(300) for h in warm]
+        for h in warm:
+            assert h.cluster == first.cluster
+            assert f"runs on cluster {h.cluster} through its agent over SSH (root@127.0.0.1:" in h.logs()
+    assert all(p.startswith("python3 -m skyvm.agent --socket /tmp/skyvm-agent/agent.sock") for p in parents), parents
+    calls = standin_vm.calls()
+    kinds = [c["call"] for c in calls]
+    assert kinds.count("launch") == 1 and kinds.count("exec") == 0, kinds
+    assert len({c["job_id"] for c in calls if c["call"] in ("job_status", "tail_logs")}) == 1  # only the launch's job is polled
+    assert kinds.count("ssh_info") == 1  # one connection for the cluster, shared by every warm node
+    launch = next(c for c in calls if c["call"] == "launch")
+    assert "SKYVM_AGENT_KEY" in launch["task"]["secrets"] and "skyvm.agent" in launch["task"]["setup"]
+    assert key not in (standin_vm.dir / "calls.jsonl").read_text()  # a secret: its name is recorded, never its value
+    assert not agent_dir(first.cluster).exists()  # gone with the cluster
+
+
+def test_without_ssh_a_warm_node_is_a_sky_exec_and_its_log_says_so(standin_vm, vm_settings, monkeypatch):
+    monkeypatch.setenv("SKYVM_STANDIN_SSH", "0")  # a cluster SkyPilot gives no SSH access to
+    with Run(vm_settings) as run:
+        run.submit(parent_command, node="first").result(600)
+        warm = run.submit(parent_command, node="warm")
+        assert "skyvm.agent" not in warm.result(300)
+        assert "as a SkyPilot job (sky exec): SkyPilot gives no SSH access to it" in warm.logs()
+    kinds = [c["call"] for c in standin_vm.calls()]
+    assert kinds.count("launch") == 1 and kinds.count("exec") == 1
+
+
+def test_cancel_over_the_channel_kills_the_nodes_process_group(standin_vm, vm_settings):
+    with Run(vm_settings) as run:
+        run.submit(parent_command, node="first").result(600)
+        node = run.submit(spawn_and_wait, 300, node="waits")
+        child = int(_wait_for_line(node, "child pid").split()[-1])
+        assert _alive_in(node.cluster, child)
+        node.cancel()
+        with pytest.raises(NodeCancelled):
+            node.result(120)
+        assert not _alive_in(node.cluster, child)
+    kinds = [c["call"] for c in standin_vm.calls()]
+    assert kinds.count("exec") == 0 and kinds.count("cancel") == 0  # no SkyPilot job to cancel: the agent did it
+
+
+def test_a_killed_ssh_session_mid_node_reconnects_and_the_node_finishes(standin_vm, vm_settings):
+    with Run(vm_settings) as run:
+        run.submit(parent_command, node="first").result(600)
+        node = run.submit(chatty, 4, node="chatty")
+        _wait_for_line(node, "before the drop")
+        assert _kill_sshd(node.cluster, sessions_only=True)
+        assert node.result(300) == "done"
+        lines = node.logs().splitlines()
+        assert lines.count("before the drop") == 1 and lines.count("after the drop") == 1
+        # The next warm node goes over the new connection.
+        assert run.submit(parent_command, node="after").result(300).startswith("python3 -m skyvm.agent")
+    assert [c["call"] for c in standin_vm.calls()].count("exec") == 0
+
+
+def test_a_connection_down_past_the_bound_ends_the_node_gone_naming_the_cluster(standin_vm, vm_settings, monkeypatch):
+    monkeypatch.setenv("SKYVM_SSH_RECONNECT_S", "3")
+    with Run(vm_settings) as run:
+        run.submit(parent_command, node="first").result(600)
+        node = run.submit(chatty, 120, node="stranded")
+        _wait_for_line(node, "before the drop")
+        cluster = node.cluster
+        assert _kill_sshd(cluster, sessions_only=False)
+        with pytest.raises(InfrastructureError) as err:
+            node.result(300)
+    assert f"cluster {cluster} stayed out of reach over SSH for 3s" in str(err.value)
+
+
+def test_a_wrong_key_or_host_key_is_refused_naming_the_cluster(standin_vm, vm_settings):
+    import asyncssh
+
+    from skyvm.backends.skypilot import skypilot_backend
+    from skyvm.skypilot.ssh_channel import SSHLink, SSHRefused
+
+    with Run(vm_settings) as run:
+        first = run.submit(parent_command, node="first")
+        first.result(600)
+        info = skypilot_backend().bridge.ssh_info(first.cluster)
+        other = asyncssh.generate_private_key("ssh-ed25519")
+        wrong_key = {**info, "private_key": other.export_private_key().decode()}
+        wrong_host = {**info, "host_key": other.export_public_key().decode()}
+        for bad, says in ((wrong_key, "refused SkyPilot's key"), (wrong_host, "is not the one SkyPilot recorded")):
+            link = SSHLink(first.cluster, bad, f"/tmp/skyvm-test-fwd-{time.monotonic_ns()}.sock", "/tmp/skyvm-agent/agent.sock")
+            with pytest.raises(SSHRefused) as err:
+                link.open()
+            assert f"cluster {first.cluster}" in str(err.value) and says in str(err.value)
+            link.close()
