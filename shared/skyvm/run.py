@@ -6,7 +6,7 @@ ones. Every wait is bounded (the context's ``cancel_wait_s`` and
 ``close_wait_s``, the nodes' own ``timeout``).
 
 May import: skyvm.handle, skyvm.prepare, skyvm.context, skyvm.pool, skyvm.node (payloads),
-skyvm.settings, skyvm.errors, skyvm.home (the run's lease). Never skyvm.api.
+skyvm.settings, skyvm.errors, skyvm.home (the run's lease), skyvm.costs (its summary). Never skyvm.api.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from skyvm import node as node_runtime
 from skyvm import run_ids
 from skyvm.context import Context, current
+from skyvm.costs import Summary, node_row
 from skyvm.errors import NodeTimeout, SkyVMError
 from skyvm.handle import NodeHandle
 from skyvm.home import Home
@@ -127,21 +128,26 @@ class Run:
         return self._closed
 
     def _finished(self, handle: NodeHandle) -> None:
-        row = _cost_row(handle)
+        row = node_row(handle)  # None: never launched, it ran nowhere
         with self._lock:
             self._live.pop(handle.attempt_id, None)
             if row is not None:
                 self._costs.append(row)
-                self._cost_total += row["cost"]
+                self._cost_total += row["cost"] or 0.0
                 self._cost_nodes += 1
 
     def cost_summary(self) -> list[dict]:
-        """Per node with a known VM price: duration, $/h and cost (duration x price); the last
-        ``cost_rows`` (a knob) finished nodes, then those still running (so far)."""
+        """Per launched node (skyvm.costs.node_row): placement, limits, duration, $/h and cost (None
+        when no price is known); the last ``cost_rows`` (a knob) finished nodes, then those still running."""
+        return self.summary().rows
+
+    def summary(self) -> Summary:
+        """``cost_summary()``'s rows and the run's total (over every finished node, listed or not)."""
         with self._lock:
-            rows = list(self._costs)
+            rows, total, finished = list(self._costs), self._cost_total, self._cost_nodes
             live = list(self._live.values())
-        return rows + [row for row in map(_cost_row, live) if row is not None]
+        running = [row for row in map(node_row, live) if row is not None]
+        return Summary.of(rows + running, total_cost=total + sum(r["cost"] or 0.0 for r in running), nodes=finished + len(running))
 
     def close(self, cancel: bool = True, timeout: Optional[float] = None) -> None:
         """End the run: cancel what still runs (or wait for it), then release its clusters.
@@ -205,16 +211,9 @@ class Run:
         return late
 
     def _log_costs(self) -> None:
-        with self._lock:
-            rows, finished, total = list(self._costs), self._cost_nodes, self._cost_total
-            live = list(self._live.values())
-        running = [row for row in map(_cost_row, live) if row is not None]
-        if not rows and not running:
-            return
-        lines = [f"  {r['node']:<24} {r['cluster']:<40} {r['duration_s']:>8.1f}s x ${r['hourly_price']:.4f}/h = ${r['cost']:.6f}" for r in rows + running]
-        total += sum(r["cost"] for r in running)
-        shown = "" if finished <= len(rows) else f" (the last {len(rows)} of {finished} finished nodes listed)"
-        log.info("skyvm cost summary of run %s%s:\n%s\n  total $%.6f", self.run_id, shown, "\n".join(lines), total)
+        summary = self.summary()
+        if summary.rows:
+            log.info("skyvm summary of run %s:\n%s", self.run_id, summary.table(width=None))
 
     def __enter__(self) -> "Run":
         return self
@@ -222,9 +221,3 @@ class Run:
     def __exit__(self, *exc) -> None:
         self.close(cancel=True)
 
-
-def _cost_row(h: NodeHandle) -> Optional[dict]:
-    cost = h.cost
-    if cost is None:
-        return None
-    return {"node": h.node, "cluster": h.cluster, "duration_s": round(h.duration_s or 0, 1), "hourly_price": h.hourly_price, "cost": round(cost, 6)}
