@@ -122,9 +122,7 @@ class Context:
         (once per requirements and registry in this context)."""
         if settings.image:
             return settings.image
-        if os.environ.get("SKYVM_NODE_IMAGE") and not settings.requirements and not settings.registry:
-            # A node started from a node (a flow on a node whose tasks use SkyVMTaskRunner) has no source
-            # checkout to build skyvm's image from: its nodes run in the image it runs in.
+        if not builds_image(settings):
             return os.environ["SKYVM_NODE_IMAGE"]
         key = (tuple(settings.requirements), settings.registry)
         with self._image_lock:
@@ -164,6 +162,15 @@ class Context:
         for pool in pools:
             if pool is not None:
                 pool.shutdown(wait=False)
+
+
+def builds_image(settings: "NodeSettings") -> bool:
+    """Whether a node of these settings runs in skyvm's node image built on this host (not ``image``)."""
+    if settings.image:
+        return False
+    # A node started from a node (a flow on a node whose tasks use SkyVMTaskRunner) has no source
+    # checkout to build skyvm's image from: its nodes run in the image it runs in.
+    return not (os.environ.get("SKYVM_NODE_IMAGE") and not settings.requirements and not settings.registry)
 
 
 _current: Optional[Context] = None

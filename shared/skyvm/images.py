@@ -52,12 +52,99 @@ LABEL dev.skyvm.image=node
 _build_lock = threading.Lock()
 
 
-def default_base_image() -> str:
-    """The official slim image of the host's Python minor version, unless SKYVM_BASE_IMAGE names another.
+# ./dev's node bases (``./dev base X.Y``): skyvm-base:pyX.Y-<Debian suite>, labelled with their Python's minor version.
+BASE_REPOSITORY = "skyvm-base"
+PYTHON_LABEL = "dev.skyvm.python"
+_PYTHON_PROBE = ["python3", "-c", "import sys; print('%d.%d' % sys.version_info[:2])"]
+# image id -> its python3's minor version: asked once per image (a label, else a container that prints it).
+_base_pythons: dict[str, str] = {}
+# $SKYVM_BASE_IMAGE values ("" for none) whose base passed check_launcher_base in this process.
+_checked_bases: set[str] = set()
 
-    The payload is cloudpickled, so the node's Python must match the host's.
+
+def launcher_python() -> str:
+    """This process's Python minor version ("3.13"): a node's must be the same (payloads are cloudpickled)."""
+    return f"{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _local_bases(client) -> list[str]:
+    return sorted(tag for image in client.images.list(name=BASE_REPOSITORY) for tag in image.tags)
+
+
+def default_base_image(client=None) -> str:
+    """The base of the node image: ``$SKYVM_BASE_IMAGE``, else a local skyvm-base:pyX.Y-* of this launcher's
+    Python minor version (``./dev base X.Y`` makes one), else the official ``python:X.Y-slim``."""
+    if os.environ.get("SKYVM_BASE_IMAGE"):
+        return os.environ["SKYVM_BASE_IMAGE"]
+    minor = launcher_python()
+    try:
+        local = [tag for tag in _local_bases(client or docker_client()) if tag.startswith(f"{BASE_REPOSITORY}:py{minor}-")]
+    except InfrastructureError:  # no engine here: the official image's name, for a build elsewhere
+        local = []
+    return local[0] if local else f"python:{minor}-slim"
+
+
+def base_python(client, image) -> str:
+    """The Python minor version of ``image`` (a docker SDK Image): its label, else its python3's answer, once per image id."""
+    if image.id not in _base_pythons:
+        label = (image.labels or {}).get(PYTHON_LABEL)
+        if label:
+            _base_pythons[image.id] = label
+        else:
+            try:
+                out = client.containers.run(image.id, _PYTHON_PROBE, remove=True, network_mode="none", stderr=True)
+            except Exception as exc:  # noqa: BLE001 - no python3 is as bad as a wrong one
+                raise InfrastructureError(f"base image {image.tags[0] if image.tags else image.id}: `python3` does not run in it ({exc}); a base needs python3 with venv") from None
+            _base_pythons[image.id] = out.decode().strip()
+    return _base_pythons[image.id]
+
+
+def _fix(minor: str) -> str:
+    return f"make a base for Python {minor} with `./dev base {minor}`, or set SKYVM_BASE_IMAGE to an image whose python3 is {minor}"
+
+
+def require_launcher_python(client, base: str, image) -> None:
+    """Refuse ``base`` (its docker SDK Image) when its Python is not this launcher's minor version."""
+    got, want = base_python(client, image), launcher_python()
+    if got != want:
+        raise InfrastructureError(
+            f"base image {base!r} has Python {got}, but this launcher runs Python {want}: a node's payload is cloudpickled and "
+            f"needs the same minor version; {_fix(want)}"
+        )
+
+
+def check_launcher_base() -> None:
+    """At submit: refuse, naming both versions and the fix, a default base that cannot serve this launcher's Python.
+
+    A base that is absent but served by a registry passes (the build pulls it and checks it then);
+    without a Docker engine nothing is checked here (the build says so). A base that passed is not
+    asked again in this process (per ``$SKYVM_BASE_IMAGE``): the build checks the one it uses anyway.
     """
-    return os.environ.get("SKYVM_BASE_IMAGE") or f"python:{sys.version_info.major}.{sys.version_info.minor}-slim"
+    key = os.environ.get("SKYVM_BASE_IMAGE", "")
+    if key in _checked_bases:
+        return
+    try:
+        client = docker_client()
+    except InfrastructureError:
+        return
+    try:
+        base = default_base_image(client)
+        try:
+            image = client.images.get(base)
+        except Exception:  # noqa: BLE001 - absent: a registry may serve it
+            try:
+                client.images.get_registry_data(base)
+            except Exception as exc:  # noqa: BLE001
+                others = ", ".join(_local_bases(client)) or "none"
+                raise InfrastructureError(
+                    f"no base image for this launcher's Python {launcher_python()}: {base!r} is neither present nor pullable ({exc}); "
+                    f"the local bases are: {others}; {_fix(launcher_python())}"
+                ) from None
+        else:
+            require_launcher_python(client, base, image)
+    finally:
+        client.close()
+    _checked_bases.add(key)
 
 
 def project_root() -> Optional[Path]:
@@ -89,7 +176,8 @@ def build_wheels(requirements: Sequence[str] = (), cache: Optional[Path] = None)
 
     root = project_root()
     source = _tree_hash(root) if root else f"skyvm=={skyvm.__version__}"
-    key = hashlib.sha256(json.dumps([source, sorted(requirements), list(RUNTIME_REQUIREMENTS)]).encode()).hexdigest()[:16]
+    # The launcher's Python is in the key: compiled wheels (aiohttp's, for one) serve one minor version only.
+    key = hashlib.sha256(json.dumps([source, sorted(requirements), list(RUNTIME_REQUIREMENTS), launcher_python()]).encode()).hexdigest()[:16]
     out = (cache or Home.current().wheels) / key
     if (out / ".complete").is_file():
         return out
@@ -174,7 +262,8 @@ def build_node_image(
     """``login`` is (username, password or token) for ``registry``; by default its password reference."""
     """Build (or reuse) the node image for these requirements and push it to ``registry``."""
     client = client or docker_client()
-    base = base or default_base_image()
+    chosen = base is None  # the launcher's own base: its Python must be the launcher's (an explicit one is the caller's)
+    base = base or default_base_image(client)
     try:
         base_id = client.images.get(base).id
     except Exception:  # noqa: BLE001
@@ -182,9 +271,10 @@ def build_node_image(
             base_id = pull_image(client, base)
         except Exception as exc:  # noqa: BLE001
             raise InfrastructureError(
-                f"base image {base!r} is neither present nor pullable ({exc}); set SKYVM_BASE_IMAGE to an image with python3 and venv "
-                f"(./dev makes one from Debian packages)"
+                f"base image {base!r} is neither present nor pullable ({exc}); {_fix(launcher_python())} (with venv)"
             ) from None
+    if chosen:
+        require_launcher_python(client, base, client.images.get(base_id))
     with _build_lock:
         wheels = build_wheels(requirements)
         dockerfile = DOCKERFILE.format(base=base, venv=NODE_VENV, packages=" ".join(shlex.quote(p) for p in _package_names(requirements)))

@@ -5,7 +5,7 @@ Holds: which backend runs a node (``backend_for``), what a backend refuses up fr
 store credentials, the node image (through the context's cache), attempt ids, and
 ``prepare()``, which stores the payload and plans the node into a ``TaskSpec``.
 
-May import: skyvm.context, skyvm.plan, skyvm.payloads, skyvm.settings, skyvm.errors,
+May import: skyvm.context, skyvm.images (when asked for), skyvm.plan, skyvm.payloads, skyvm.settings, skyvm.errors,
 skyvm.redact, skyvm.connectors, and (when asked for) the backends. Never the handle, Run or api.
 """
 
@@ -18,7 +18,7 @@ from typing import Optional
 
 from skyvm import redact
 from skyvm.connectors.base import DEFAULT_NODE_TTL_S
-from skyvm.context import Context, current
+from skyvm.context import Context, builds_image, current
 from skyvm.errors import InfrastructureError, SettingsError, SkyVMError
 from skyvm.payloads import open_store
 from skyvm.plan import TaskSpec, plan_node
@@ -51,15 +51,22 @@ def check_launchable(node: str, settings: NodeSettings) -> None:
     """Refuse, before any image build or upload, a node its backend could not run.
 
     Settings validate one file; what a backend needs (a VM reaches no local
-    directory and no local image) is checked here, where the backend is known.
+    directory and no local image) is checked here, where the backend is known,
+    and so is the node image's base: its Python must be the launcher's.
     """
-    if settings.backend != "skypilot":
-        return
-    from skyvm.backends.skypilot import missing_for_vms
+    if settings.backend == "skypilot":
+        from skyvm.backends.skypilot import missing_for_vms
 
-    problems = missing_for_vms(settings)
-    if problems:
-        raise SettingsError([(f"nodes.{node}.{field}", msg) for field, msg in problems], source=f"node '{node}'")
+        problems = missing_for_vms(settings)
+        if problems:
+            raise SettingsError([(f"nodes.{node}.{field}", msg) for field, msg in problems], source=f"node '{node}'")
+    if builds_image(settings) and getattr(backend_for(settings), "needs_image", True):
+        from skyvm.images import check_launcher_base
+
+        try:
+            check_launcher_base()
+        except InfrastructureError as exc:
+            raise InfrastructureError(f"node '{node}': {exc}") from None
 
 
 def resolve_secret(name: str, value: str) -> str:

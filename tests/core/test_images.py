@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from skyvm.images import build_node_image, default_base_image
+from skyvm.images import build_node_image
 
 pytestmark = pytest.mark.usefixtures("docker_engine")
 
@@ -62,10 +62,3 @@ def test_missing_base_image_is_a_clear_error(monkeypatch):
 
     with pytest.raises(InfrastructureError, match="base image 'skyvm-no-such-base:1' is neither present nor pullable"):
         build_node_image(base="skyvm-no-such-base:1")
-
-
-def test_default_base_follows_the_host_python(monkeypatch):
-    import sys
-
-    monkeypatch.delenv("SKYVM_BASE_IMAGE", raising=False)
-    assert default_base_image() == f"python:{sys.version_info.major}.{sys.version_info.minor}-slim"
