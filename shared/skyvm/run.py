@@ -42,8 +42,11 @@ class Run:
         run_id: Optional[str] = None,
         *,
         ctx: Optional[Context] = None,
+        log_summary: bool = True,
     ):
         self.config = as_config(settings)
+        # close() logs the run's summary; an engine that shows it itself (an Airflow task's log) says no.
+        self.log_summary = log_summary
         self.run_id = run_id or run_ids.run_id(run_ids.RUN)
         self.ctx = ctx or current()  # its threads, watcher and knobs
         # Only unfinished nodes are held: a finished one leaves its cost row and is dropped.
@@ -211,8 +214,8 @@ class Run:
         return late
 
     def _log_costs(self) -> None:
-        summary = self.summary()
-        if summary.rows:
+        summary = self.summary() if self.log_summary else None
+        if summary is not None and summary.rows:
             log.info("skyvm summary of run %s:\n%s", self.run_id, summary.table(width=None))
 
     def __enter__(self) -> "Run":

@@ -18,17 +18,17 @@ def run_dag(dag):
     return dr, states
 
 
-def xcom(dr, task_id):
+def xcom(dr, task_id, key="return_value"):
     from airflow.models.xcom import XComModel
     from airflow.utils.session import create_session
 
-    query = dict(run_id=dr.run_id, dag_ids=dr.dag_id, task_ids=task_id, key="return_value")
+    query = dict(run_id=dr.run_id, dag_ids=dr.dag_id, task_ids=task_id, key=key)
     with create_session() as session:
         try:  # Airflow 3.3: a Select to run
             rows = session.scalars(XComModel.get_many(**query)).all()
         except TypeError:  # Airflow 3.1: a Query bound to a session
             rows = XComModel.get_many(**query, session=session).all()
-        assert rows, f"no XCom from {task_id}"
+        assert rows, f"no XCom {key!r} from {task_id}"
         return XComModel.deserialize_value(rows[0])
 
 

@@ -12,13 +12,14 @@ task_id, with ``profile`` and ``sky_settings`` above it. The argument is not
 called ``resources``: that is BaseOperator's own.
 
 Holds ``SkyVMOperator``. May import: airflow's operator base, airflow_skyvm's exceptions, masking, hooks,
-nodes and (lazily, to defer) triggers, skyvm's public core (skyvm.api, run_ids, node's payloads, errors,
-redact, settings, backends.base's states).
+nodes, summary and (lazily, to defer) triggers, skyvm's public core (skyvm.api, run_ids, node's payloads,
+errors, redact, settings, costs, backends.base's states).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Mapping, Sequence
+import time
 from types import SimpleNamespace
 from typing import Any, Optional
 
@@ -26,9 +27,11 @@ from airflow_skyvm.exceptions import SkyVMInfrastructureException, SkyVMNodeFail
 from airflow_skyvm import masking
 from airflow_skyvm.hooks.skyvm import SkyVMHook
 from airflow_skyvm.nodes import node_name
+from airflow_skyvm.summary import report
 from skyvm import run_ids
 from skyvm.api import NodeHandle, Run, teardown
 from skyvm.backends.base import JobState
+from skyvm.costs import node_row
 from skyvm.errors import InfrastructureError, NodeFailed
 from skyvm.node import make_call_payload, make_command_payload
 from skyvm.redact import redact
@@ -152,14 +155,16 @@ class SkyVMOperator(BaseOperator):
 
     def execute(self, context) -> Any:
         config, settings = self.node_settings()
-        run = Run(config, run_id=self._run_id(context))
+        run = Run(config, run_id=self._run_id(context), log_summary=False)  # report() logs it, at the end
         self.log.info("skyvm: %s on a %s node: %s", self.task_id, settings.backend, settings.public_dump())
         if self.deferrable:
             from airflow_skyvm.triggers.skyvm import SkyVMTrigger
 
             # Launched as every node is; this process then lets go of it (no cancel): the trigger follows
-            # it from its reference, which holds no secret (Airflow stores it).
-            node = run.start_raw(self.task_id, settings, self._payload()).let_go()
+            # it from its reference, which holds no secret (Airflow stores it), and when it started
+            # (the summary's duration: the handle execute_complete finds again did not see it start).
+            launched = run.start_raw(self.task_id, settings, self._payload())
+            node = {**launched.let_go(), "started_at": launched.started_at}
             self.log.info("skyvm: launched on %s; deferring", node["cluster"])
             self.defer(
                 trigger=SkyVMTrigger(node=node, poll_interval=self.poll_interval),
@@ -174,9 +179,12 @@ class SkyVMOperator(BaseOperator):
             self.log.info("skyvm: %s finished on %s in %.1fs", self.task_id, handle.cluster, handle.duration_s or 0)
             return value
         finally:
-            teardown(run)  # the run holds the node: stops it if still running, releases its cluster
-            self._node = None
-            masking.flush()  # secrets read on skyvm's threads: masked in the task log before Airflow logs the outcome
+            try:
+                teardown(run)  # the run holds the node: stops it if still running, releases its cluster
+            finally:
+                self._node = None
+                report(self, context, run.cost_summary())
+                masking.flush()  # secrets read on skyvm's threads: masked in the task log before Airflow logs the outcome
 
     def execute_complete(self, context, event: dict) -> Any:
         """Back from the trigger: log what it did not, fetch the result, release the cluster.
@@ -202,6 +210,8 @@ class SkyVMOperator(BaseOperator):
                 teardown(node)
             except Exception:  # noqa: BLE001 - the task's own error (or result) matters more
                 self.log.exception("skyvm: releasing cluster %s of node %r failed", node.cluster, node.node)
+            # The node ran from its launch in execute until the trigger saw it end (or until now).
+            report(self, context, [node_row(node, started_at=event["node"].get("started_at"), finished_at=event.get("finished_at") or time.time())])
             masking.flush()
 
     def _settle(self, value: Callable[[], Any], logs: Callable[[], list[str]]) -> Any:

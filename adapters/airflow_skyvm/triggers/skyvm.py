@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import time
 from typing import Any, AsyncIterator, Optional
 
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -116,7 +117,8 @@ class SkyVMTrigger(BaseTrigger):
                     self.log.info("skyvm: %s answers again", self._where)
                 failures = 0
                 if status.state.finished:
-                    yield self._event(status.state.value, exit_code=status.exit_code, detail=status.detail)
+                    # When it ended, as near as this poll knows: the task's summary ends the node's duration there.
+                    yield self._event(status.state.value, exit_code=status.exit_code, detail=status.detail, finished_at=time.time())
                     return
                 await asyncio.sleep(self.poll_interval)
         except asyncio.CancelledError:

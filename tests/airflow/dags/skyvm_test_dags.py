@@ -164,3 +164,16 @@ with DAG("skyvm_on_skypilot", schedule=None, start_date=START, render_template_a
     # Deferrable: the worker slot is free while the VM works; the trigger polls SkyPilot's job status.
     SkyVMOperator(task_id="deferred", python_callable=double, op_args=[50], sky_settings=_vm, deferrable=True, poll_interval=0.5)
     _first >> _second
+
+
+def clusters_of(summary):
+    return [row["cluster"] for row in summary["rows"]]
+
+
+# Each task's summary, at the end of its log and in its XCom "skyvm": the plain path, the deferrable
+# one, a failed task's, and a task downstream reading one (as a DAG's other tasks do).
+with DAG("skyvm_summary", schedule=None, start_date=START, render_template_as_native_obj=True) as summary_dag:
+    _sync = SkyVMOperator(task_id="sync", python_callable=limits, sky_settings={"cpus": 1.25, "memory": 0.5})
+    SkyVMOperator(task_id="deferred", python_callable=limits, deferrable=True, poll_interval=0.5)
+    SkyVMOperator(task_id="fails", bash_command="echo failing; exit 3")
+    _sync >> SkyVMOperator(task_id="reads", python_callable=clusters_of, op_args=["{{ ti.xcom_pull(task_ids='sync', key='skyvm') }}"])
