@@ -84,6 +84,18 @@ def use_engine(node: str, settings: NodeSettings, logger=None) -> bool:
     return False
 
 
+def _per_settings(cache: dict) -> tuple[list[tuple[tuple[str, ...], str]], dict[str, str]]:
+    """(where the secret settings sit, Prefect's settings as environment variables) of the current
+    settings, made once per settings object (as ProcessPoolTaskRunner keeps its environment)."""
+    from prefect.settings.context import get_current_settings
+
+    current = get_current_settings()
+    key = ("settings", id(current))
+    if key not in cache:  # the object is kept with its answers: its id is not reused while they are
+        cache[key] = (current, _secret_paths(), current.to_environment_variables(exclude_unset=True))
+    return cache[key][1], cache[key][2]
+
+
 def _secret_paths() -> list[tuple[tuple[str, ...], str]]:
     """Where Prefect's secret settings (SecretStr) and the API URL sit in the serialized settings."""
     from pydantic import SecretBytes, SecretStr
@@ -109,7 +121,7 @@ def _pop(settings: dict[str, Any], path: tuple[str, ...]) -> Any:
     return settings.pop(path[-1], None) if isinstance(settings, dict) else None
 
 
-def _node_context(node_flows: dict, secrets: Optional[dict[str, str]] = None) -> tuple[dict[str, Any], list]:
+def _node_context(cache: dict, secrets: Optional[dict[str, str]] = None) -> tuple[dict[str, Any], list]:
     """(the flow's serialized context for a node, where its secret settings were): the flow's task
     runner a thread pool, the secret settings taken out (into ``secrets`` when given)."""
     from prefect.context import serialize_context
@@ -119,14 +131,15 @@ def _node_context(node_flows: dict, secrets: Optional[dict[str, str]] = None) ->
     flow_ctx = context.get("flow_run_context") or {}
     flow = flow_ctx.get("flow")
     if flow is not None:
-        if id(flow) not in node_flows:
-            node_flows[id(flow)] = (flow, flow.with_options(task_runner=ThreadPoolTaskRunner()))
-        flow_ctx["flow"] = node_flows[id(flow)][1]
+        key = ("flow", id(flow))
+        if key not in cache:
+            cache[key] = (flow, flow.with_options(task_runner=ThreadPoolTaskRunner()))
+        flow_ctx["flow"] = cache[key][1]
         from skyvm.calls import ship_by_value
 
         ship_by_value(flow.fn)
     settings = (context.get("settings_context") or {}).get("settings")
-    paths = _secret_paths() if settings is not None else []
+    paths = _per_settings(cache)[0] if settings is not None else []
     for path, name in paths:
         value = _pop(settings, path)
         if secrets is not None and value:
@@ -142,10 +155,9 @@ def engine_settings(settings: NodeSettings, secrets: dict[str, str]) -> NodeSett
     return settings.model_copy(update={"requirements": [*settings.requirements, *extra], "secrets": {**settings.secrets, **secrets}})
 
 
-def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_for: Optional[Iterable], dependencies, node_flows: dict):
+def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_for: Optional[Iterable], dependencies, cache: dict):
     """(kwargs of ``on_node.run_task``, secrets for the node) of one task; waits for its upstream futures."""
     from prefect.futures import PrefectFuture, wait
-    from prefect.settings.context import get_current_settings
     from prefect.utilities.collections import visit_collection
 
     from skyvm.calls import ship_by_value
@@ -164,8 +176,8 @@ def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_f
 
     states = {k: visit_collection(v, visit_fn=to_state, return_data=True) for k, v in parameters.items()}
     secrets: dict[str, str] = {}
-    context, secret_paths = _node_context(node_flows, secrets)
-    env = get_current_settings().to_environment_variables(exclude_unset=True) | {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")}
+    context, secret_paths = _node_context(cache, secrets)
+    env = _per_settings(cache)[1] | {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")}
     plain_env, secret_env = split_env(env)
     secrets.update(secret_env)
     ship_by_value(task.fn)
@@ -176,13 +188,13 @@ def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_f
     return kwargs, secrets
 
 
-def body_context(node_flows: dict, task) -> bytes:
+def body_context(cache: dict, task) -> bytes:
     """The task run's context for a body-mode node with Prefect (``on_node.run_body``), pickled apart so a
     node without Prefect never unpickles it: no API (logs to the node's output), no secrets. The task in
     it is the user's ``task``, not the copy that launches the node (that one holds the live run)."""
     import cloudpickle
 
-    context, _ = _node_context(node_flows)
+    context, _ = _node_context(cache)
     if context.get("task_run_context"):
         context["task_run_context"]["task"] = task
     settings = (context.get("settings_context") or {}).get("settings")

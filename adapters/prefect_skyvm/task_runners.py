@@ -125,7 +125,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         self._config.resolve("<any task>", profile=profile, code=overrides)
         self._run: Optional[Run] = None
         self._handles_lock = threading.Lock()
-        self._node_flows: dict = {}  # id(flow) -> (flow, its copy with a thread pool): what nodes get
+        self._node_cache: dict = {}  # what every node of a flow run gets alike (engine_mode's: its flow, its settings)
 
     # -- Prefect's TaskRunner protocol ----------------------------------------
 
@@ -141,7 +141,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
     def __getstate__(self) -> dict[str, Any]:
         # A pickled runner carries its arguments only: no run, no threads, no locks.
         state = super().__getstate__()
-        for key in ("_run", "_executor", "_handles_lock", "_config", "_cancel_events", "_node_flows"):
+        for key in ("_run", "_executor", "_handles_lock", "_config", "_cancel_events", "_node_cache"):
             state.pop(key, None)
         return state
 
@@ -151,7 +151,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         self._executor = None
         self._cancel_events = {}
         self._handles_lock = threading.Lock()
-        self._node_flows = {}
+        self._node_cache = {}
         self._config = as_config(self.settings)
 
     def __enter__(self) -> "SkyVMTaskRunner":
@@ -230,7 +230,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
     def _submit_engine(self, task, settings: NodeSettings, task_run_id, parameters, wait_for, dependencies) -> PrefectConcurrentFuture:
         """Engine mode: a node runs Prefect's task engine; its final State resolves the future."""
         run = self._run
-        node_flows = self._node_flows
+        node_cache = self._node_cache
 
         def run_on_node():
             from prefect.states import Failed
@@ -238,7 +238,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
             logger = _run_logger()
             try:
                 # Upstream futures are waited for here, off the submitting thread, as ProcessPoolTaskRunner does.
-                kwargs, secrets = engine_mode.engine_call(task, task_run_id, _plain(parameters), wait_for, dependencies, node_flows)
+                kwargs, secrets = engine_mode.engine_call(task, task_run_id, _plain(parameters), wait_for, dependencies, node_cache)
                 node_settings = engine_mode.engine_settings(settings, secrets)
                 logger.info("skyvm: running %s with Prefect's engine on a %s node (%s)", task.name, settings.backend, describe(settings))
                 handle = run.start_call(task.name, node_settings, on_node.run_task, (), kwargs, on_log=_echo)
@@ -278,7 +278,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         fn = task.fn
         node = task.name
         run = self._run
-        node_flows = self._node_flows
+        node_cache = self._node_cache
 
         def launch(args, kwargs) -> NodeHandle:
             from prefect.logging import get_run_logger
@@ -288,7 +288,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
             args, kwargs = _plain(tuple(args)), _plain(dict(kwargs))
             ship_by_value(fn)
             # The task run's context travels too: where the image has Prefect, get_run_logger() works in the body.
-            body = (fn, args, kwargs, engine_mode.body_context(node_flows, task))
+            body = (fn, args, kwargs, engine_mode.body_context(node_cache, task))
             handle = run.start_call(node, settings, on_node.run_body, body, on_log=lambda line: logger.info(redact(line)))
             return handle
 
