@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+import urllib.parse
 
 import pytest
 
@@ -90,6 +91,25 @@ def _kill_sshd(cluster: str, *, sessions_only: bool) -> list[int]:
     return json.loads(out.stdout)
 
 
+def _terminal_sessions(cluster: str) -> int:
+    """SSH sessions with a terminal in the cluster's container: what SkyPilot's autostop counts as activity."""
+    script = (
+        "import os\n"
+        "n = 0\n"
+        "for pid in filter(str.isdigit, os.listdir('/proc')):\n"
+        "    try:\n"
+        "        stat = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()\n"
+        "        parent = open(f'/proc/{stat[1]}/cmdline', 'rb').read()\n"
+        "    except OSError:\n"
+        "        continue\n"
+        "    n += int(stat[4]) != 0 and parent.startswith(b'sshd')\n"
+        "print(n)\n"
+    )
+    out = subprocess.run(["docker", "exec", _container(cluster), "python3", "-c", script], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout)
+
+
 def _alive_in(cluster: str, pid: int) -> bool:
     return subprocess.run(["docker", "exec", _container(cluster), "kill", "-0", str(pid)], capture_output=True).returncode == 0
 
@@ -128,15 +148,25 @@ def test_without_ssh_a_warm_node_is_a_sky_exec_and_its_log_says_so(standin_vm, v
 
 
 def test_cancel_over_the_channel_kills_the_nodes_process_group(standin_vm, vm_settings):
-    with Run(vm_settings) as run:
+    from skyvm.backends.skypilot import skypilot_backend
+
+    # down: false, so the cluster outlives the cancelled node and what is left running in it can be seen.
+    with Run({"defaults": {**vm_settings["defaults"], "down": False}}) as run:
         run.submit(parent_command, node="first").result(600)
         node = run.submit(spawn_and_wait, 300, node="waits")
         child = int(_wait_for_line(node, "child pid").split()[-1])
         assert _alive_in(node.cluster, child)
+        # While it runs (no SkyPilot job), a session with a terminal keeps SkyPilot's autostop from taking it for idle.
+        assert _terminal_sessions(node.cluster) == 1
         node.cancel()
         with pytest.raises(NodeCancelled):
             node.result(120)
-        assert not _alive_in(node.cluster, child)
+        assert _alive_in(node.cluster, 1) and not _alive_in(node.cluster, child)  # the cluster is up; the node's group is gone
+        deadline = time.monotonic() + 60
+        while _terminal_sessions(node.cluster) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _terminal_sessions(node.cluster) == 0  # the last node ended: the cluster may idle
+    skypilot_backend().remove_cluster(node.cluster)
     kinds = [c["call"] for c in standin_vm.calls()]
     assert kinds.count("exec") == 0 and kinds.count("cancel") == 0  # no SkyPilot job to cancel: the agent did it
 
@@ -166,6 +196,78 @@ def test_a_connection_down_past_the_bound_ends_the_node_gone_naming_the_cluster(
         with pytest.raises(InfrastructureError) as err:
             node.result(300)
     assert f"cluster {cluster} stayed out of reach over SSH for 3s" in str(err.value)
+
+
+def test_another_process_follows_a_warm_node_from_its_reference_over_its_own_connection(standin_vm, vm_settings):
+    import os
+    import sys
+
+    from skyvm.backends.skypilot import skypilot_backend
+
+    with Run(vm_settings) as run:
+        run.submit(parent_command, node="first").result(600)
+        node = run.submit(chatty, 3, node="deferred")
+        _wait_for_line(node, "before the drop")
+        reference = node.let_go()  # as Airflow defers a task: this process follows it no more
+        cluster = node.cluster
+        script = (
+            "import json, sys\n"
+            "from skyvm.handle import NodeHandle\n"
+            "h = NodeHandle.attach(json.loads(sys.argv[1]))\n"
+            "print(json.dumps({'result': h.result(300), 'log': h.logs()}))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", script, json.dumps(reference)], capture_output=True, text=True, env=os.environ, timeout=600)
+        skypilot_backend().remove_cluster(cluster)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["result"] == "done" and "after the drop" in seen["log"]
+    calls = standin_vm.calls()
+    followers = {c["pid"] for c in calls if c["call"] == "ssh_info"}
+    assert len(followers) == 2  # the other process asked the bridge for the cluster's SSH access itself
+    assert [c["call"] for c in calls].count("exec") == 0
+
+
+def fetch_api() -> tuple[str, str]:
+    """What an engine-mode Prefect node does first: ask the API at PREFECT_API_URL."""
+    import os
+    import urllib.request
+
+    url = os.environ["PREFECT_API_URL"]
+    with urllib.request.urlopen(url + "/health", timeout=30) as resp:
+        return url, resp.read().decode()
+
+
+def test_a_node_reaches_an_api_on_the_launchers_loopback_through_a_reverse_forward(standin_vm, vm_settings):
+    import http.server
+    import threading
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = f"healthy at {self.path}".encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    api = f"http://127.0.0.1:{server.server_port}/api"
+    try:
+        with Run(vm_settings) as run:
+            run.submit(parent_command, node="first").result(600)
+            node = run.submit(fetch_api, node="engine", options={"secrets": {"PREFECT_API_URL": api}})
+            url, body = node.result(300)
+            again = run.submit(fetch_api, node="engine-2", options={"secrets": {"PREFECT_API_URL": api}}).result(300)
+    finally:
+        server.shutdown()
+    forwarded = urllib.parse.urlsplit(url)
+    assert forwarded.hostname == "127.0.0.1" and forwarded.port != server.server_port and forwarded.path == "/api"
+    assert body == "healthy at /api/health"
+    assert again[0] == url  # one forward per cluster, shared by its nodes
+    assert f"PREFECT_API_URL on the node is the VM's 127.0.0.1:{forwarded.port}, forwarded over SSH" in node.logs()
 
 
 def test_a_wrong_key_or_host_key_is_refused_naming_the_cluster(standin_vm, vm_settings):

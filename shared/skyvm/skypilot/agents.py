@@ -24,6 +24,7 @@ import os
 import shlex
 import threading
 import time
+import urllib.parse
 from typing import Callable, Optional
 
 from skyvm.backends.agent_channel import KEY, AgentChannel, AgentGone, agent_dir, new_key
@@ -56,6 +57,12 @@ AGENT_START = (
     f"&& env -u {KEY_SECRET} setsid nohup python3 -m skyvm.agent --socket {REMOTE_SOCKET} --key-file {REMOTE_DIR}/key "
     f"> {REMOTE_DIR}/agent.log 2>&1 < /dev/null &"
 )
+# Variables whose URL, when it names this machine's loopback, a node on the VM reaches through a reverse
+# forward over the cluster's SSH connection (engine-mode Prefect nodes reach a launcher's local API).
+# More names: SKYVM_FORWARD_URL_ENVS (comma-separated).
+FORWARDED_URL_ENVS = ("PREFECT_API_URL",)
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 # The node runtime's commands over SSH: with the Python the agent runs (an SSH session's PATH is not the image's).
 NODE_CMD = f'"$(cat {REMOTE_DIR}/python 2>/dev/null || echo python3)" -m skyvm.node'
 
@@ -102,6 +109,7 @@ class ClusterAgents:
         self._channels: dict[str, AgentChannel] = {}
         self._cluster_locks: dict[str, threading.Lock] = {}
         self._runs: dict[str, AgentChannel] = {}  # attempt -> its channel, until it ends
+        self._busy: dict[str, set[str]] = {}  # cluster -> the attempts this process runs there
         self._exits: dict[str, JobStatus] = {}
 
     # -- connections ------------------------------------------------------------------
@@ -171,8 +179,9 @@ class ClusterAgents:
                 raise InfrastructureError(f"node {spec.node!r}: {exc}") from None
         if channel is not None:
             try:
-                channel.run(spec.attempt_id, spec.payload, spec.payload_url, spec.result_url, {**spec.envs, **spec.secrets})
-            except AgentGone as exc:
+                env = self._forwarded(cluster, {**spec.envs, **spec.secrets}, say)
+                channel.run(spec.attempt_id, spec.payload, spec.payload_url, spec.result_url, env)
+            except (AgentGone, SSHUnreachable) as exc:
                 channel, why = None, str(exc)
         if channel is None:
             say(f"skyvm: {spec.node} runs on cluster {cluster} as a SkyPilot job (sky exec): {why}")
@@ -180,9 +189,34 @@ class ClusterAgents:
             return None
         with self._lock:
             self._runs[spec.attempt_id] = channel
-            where = self._links[cluster].where
-        say(f"skyvm: {spec.node} runs on cluster {cluster} through its agent over SSH ({where})")
+            link = self._links[cluster]
+        self._mark(cluster, spec.attempt_id, True)
+        say(f"skyvm: {spec.node} runs on cluster {cluster} through its agent over SSH ({link.where})")
         return NodeRef(backend="skypilot", cluster=cluster, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id, extra={"via": VIA_AGENT})
+
+    def _forwarded(self, cluster: str, env: dict, say: LogSink) -> dict:
+        """The node's environment with each loopback URL of FORWARDED_URL_ENVS turned into the VM's end
+        of a reverse forward to it (the value's other parts kept: path, scheme, credentials)."""
+        names = FORWARDED_URL_ENVS + tuple(n.strip() for n in os.environ.get("SKYVM_FORWARD_URL_ENVS", "").split(",") if n.strip())
+        out = dict(env)
+        for name in names:
+            parts = urllib.parse.urlsplit(str(env.get(name) or ""))
+            if parts.hostname not in LOOPBACK:
+                continue
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            with self._lock:
+                link = self._links[cluster]
+            try:
+                remote = link.reverse_forward(parts.hostname, port)
+            except SSHUnreachable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the VM's sshd allows no forwarding: the node gets the URL as it is
+                say(f"skyvm: {name} cannot be forwarded to the VM over SSH ({type(exc).__name__}: {exc}); the node gets it unchanged")
+                continue
+            auth = parts.netloc.rpartition("@")[0]
+            out[name] = urllib.parse.urlunsplit(parts._replace(netloc=f"{auth + '@' if auth else ''}127.0.0.1:{remote}"))
+            say(f"skyvm: {name} on the node is the VM's 127.0.0.1:{remote}, forwarded over SSH to this machine's {parts.hostname}:{port}")
+        return out
 
     @staticmethod
     def _why_not(spec: TaskSpec, cluster: str) -> str:
@@ -217,7 +251,24 @@ class ClusterAgents:
 
         return channel.follow(ref.attempt_id, line, ended)
 
+    def _mark(self, cluster: str, attempt: str, running: bool) -> None:
+        """Count the cluster's running nodes; its link holds a session open while any runs (SSHLink.hold)."""
+        with self._lock:
+            attempts = self._busy.setdefault(cluster, set())
+            before = bool(attempts)
+            (attempts.add if running else attempts.discard)(attempt)
+            now, link = bool(attempts), self._links.get(cluster)
+        if link is not None and before != now:
+            try:
+                link.hold(now)
+            except Exception as exc:  # noqa: BLE001 - the node runs on; only autostop's view of it is at stake
+                log.warning("cluster %s: could not %s its busy session: %s", cluster, "open" if now else "close", exc)
+
     def _ended(self, attempt: str, status: JobStatus) -> None:
+        with self._lock:
+            clusters = [c for c, attempts in self._busy.items() if attempt in attempts]
+        for cluster in clusters:
+            self._mark(cluster, attempt, False)
         with self._lock:
             self._runs.pop(attempt, None)
             self._exits[attempt] = status
@@ -251,6 +302,7 @@ class ClusterAgents:
         on_exit(status)
 
     def let_go(self, ref: NodeRef) -> None:
+        self._mark(ref.cluster, ref.attempt_id, False)  # whoever follows it now keeps no session for it
         with self._lock:
             channel = self._runs.pop(ref.attempt_id, None)
         if channel is not None:

@@ -75,6 +75,9 @@ class SSHLink:
         self._conn = None
         self._hops: list = []  # connections this one tunnels through (the VM, when the node runs in its container)
         self._listener = None
+        self._reverse: dict[tuple[str, int], int] = {}  # (local host, port) -> the VM's port that reaches it
+        self._hold_wanted = False
+        self._held = None  # the session with a terminal kept open while nodes run (see hold)
         self._closed = False
         self._lock = threading.Lock()
 
@@ -130,12 +133,17 @@ class SSHLink:
                 listener = await conn.forward_local_path(self.forward_path, self.remote_socket)
             finally:
                 os.umask(old)
+            for (host, port), remote in self._reverse.items():
+                # The same port on the VM as before the drop: nodes already running keep their URLs.
+                await conn.forward_remote_port("127.0.0.1", remote, host, port)
         except (OSError, asyncssh.Error):
             conn.close()
             raise
         self._conn, self._listener = conn, listener
         self.down_since = None
         asyncio.ensure_future(self._watch(conn))
+        if self._hold_wanted:
+            await self._hold(True)
 
     async def _connect(self):
         import asyncssh
@@ -193,9 +201,18 @@ class SSHLink:
             self.last_error = "the SSH connection closed"
             log.warning("the SSH connection to cluster %s (%s) dropped", self.cluster, self.where)
 
+    async def _hold(self, wanted: bool) -> None:
+        self._hold_wanted = wanted
+        if wanted and self._held is None and self._conn is not None:
+            # `cat` on a terminal: it waits for input that never comes, and ends when the session closes.
+            self._held = await self._conn.create_process("cat", term_type="dumb")
+        elif not wanted and self._held is not None:
+            held, self._held = self._held, None
+            held.close()
+
     async def _drop_connection(self) -> None:
         conn, listener, hops = self._conn, self._listener, self._hops
-        self._conn, self._listener, self._hops = None, None, []
+        self._conn, self._listener, self._hops, self._held = None, None, [], None
         if listener is not None:
             listener.close()
         for c in ([conn] if conn is not None else []) + list(reversed(hops)):
@@ -208,17 +225,40 @@ class SSHLink:
         self.open()
         conn = self._conn
         try:
-            result = _call(conn.run(command, check=False, encoding=None, timeout=timeout), timeout + 5)
+            result = _call(self._run(conn, command, timeout), timeout + 5)
         except Exception as exc:  # noqa: BLE001 - the connection dropped under the command
             raise SSHUnreachable(f"cluster {self.cluster}: `{command.split()[0]}` over SSH failed: {type(exc).__name__}: {exc}") from None
         code = result.exit_status if result.exit_status is not None else 255
         return code, result.stdout or b"", result.stderr or b""
 
+    @staticmethod
+    async def _run(conn, command: str, timeout: float):
+        return await conn.run(command, check=False, encoding=None, timeout=timeout)
+
     def reverse_forward(self, local_host: str, local_port: int) -> int:
-        """The VM's loopback port (chosen by its sshd) that reaches ``local_host:local_port`` here."""
+        """The VM's loopback port (chosen by its sshd once, kept across reconnects) that reaches
+        ``local_host:local_port`` here."""
         self.open()
-        listener = _call(self._conn.forward_remote_port("127.0.0.1", 0, local_host, local_port), self.connect_timeout)
+        with self._lock:
+            if (local_host, local_port) not in self._reverse:
+                self._reverse[(local_host, local_port)] = _call(self._forward_remote(local_host, local_port), self.connect_timeout)
+            return self._reverse[(local_host, local_port)]
+
+    async def _forward_remote(self, local_host: str, local_port: int) -> int:
+        listener = await self._conn.forward_remote_port("127.0.0.1", 0, local_host, local_port)
         return listener.get_port()
+
+    def hold(self, busy: bool) -> None:
+        """Keep a session with a terminal open on the cluster while nodes run there (``busy``): SkyPilot's
+        autostop counts no node the agent runs as a job, but its default (``wait_for: jobs_and_ssh``)
+        counts an SSH session with a terminal as activity; closed again when the last node ends."""
+        with self._lock:
+            if self._hold_wanted == busy:
+                return
+            if not self.up:
+                self._hold_wanted = busy  # taken up when the connection is opened again
+                return
+            _call(self._hold(busy), self.connect_timeout)
 
     def close(self) -> None:
         self._closed = True
