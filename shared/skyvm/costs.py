@@ -9,7 +9,8 @@ it cost) and the total, as JSON-able rows and as a table. Every place a user loo
 
 A row's placement is what the backend reported where it did (``NodeRef.extra["placement"]``: cloud,
 region, zone, instance type, spot, price), else what the node's settings asked for. A local node's
-placement is ``local``: its container's limits are all it has, and it costs nothing by the hour. A
+placement is ``local`` and its container: its limits are all it has, and it costs nothing by the
+hour (a ``local process``, where no Docker engine is, has no limits at all). A
 node on a SkyPilot pool is a job on one of the pool's workers: its price is a worker's, when known.
 A price the backend did not report leaves the node's cost unknown (``None``), never 0, and the
 summary names those nodes beside the total.
@@ -30,6 +31,9 @@ COLUMNS = ("node", "placement", "limits", "duration", "price", "cost")
 _PLACED = ("cloud", "region", "zone", "instance_type", "use_spot")
 # Settings fields that bound what a node may use, in the order a table shows them.
 _LIMITS = ("cpus", "memory", "accelerators", "disk_size", "num_nodes")
+# The local backends, and what their placement reads: a container, or (no Docker engine) a plain host
+# process, which enforces no limits at all.
+_LOCAL = {"local": "local", "local-process": "local process"}
 
 
 def limits_of(settings: Any) -> dict[str, Any]:
@@ -58,7 +62,7 @@ def _limits_text(limits: Mapping[str, Any]) -> str:
 def _placement(settings: Any, ref: Any) -> dict[str, Any]:
     """Where the node ran: the backend's report (``reported: True``), else what its settings asked."""
     extra = getattr(ref, "extra", None) or {}
-    if getattr(ref, "backend", None) == "local":
+    if getattr(ref, "backend", None) in _LOCAL:
         return {"reported": True}
     reported = extra.get("placement") or {}
     where = {k: reported.get(k) for k in _PLACED} if reported else {k: getattr(settings, k, None) for k in _PLACED}
@@ -70,8 +74,8 @@ def _placement(settings: Any, ref: Any) -> dict[str, Any]:
 
 
 def _placement_text(row: Mapping[str, Any]) -> str:
-    if row["backend"] == "local":
-        return f"local ({row['cluster']})" if row["cluster"] else "local"
+    if row["backend"] in _LOCAL:
+        return f"{_LOCAL[row['backend']]} ({row['cluster']})"
     parts = [str(row[k]) for k in ("cloud", "region", "zone", "instance_type") if row.get(k)]
     text = " ".join(parts) or "any cloud"
     if row.get("use_spot"):
@@ -97,10 +101,10 @@ def node_row(handle: Any, *, started_at: Optional[float] = None, finished_at: Op
     finished = handle.finished_at if handle.finished_at is not None else finished_at
     duration = handle.duration_s if handle.started_at is not None else (None if started is None else (finished or started) - started)
     where = _placement(settings, ref)
-    # A local container has no price by the hour; a cloud node's is the backend's, when it said one.
-    price = 0.0 if ref.backend == "local" else (ref.hourly_price if ref.hourly_price is not None else where.get("hourly_price"))
+    # A local node has no price by the hour; a cloud node's is the backend's, when it said one.
+    price = 0.0 if ref.backend in _LOCAL else (ref.hourly_price if ref.hourly_price is not None else where.get("hourly_price"))
     cost = None if price is None or duration is None else round(duration * price / 3600, 6)
-    limits = limits_of(settings)
+    limits = {} if ref.backend == "local-process" else limits_of(settings)
     row = {
         "node": handle.node,
         "cluster": ref.cluster,

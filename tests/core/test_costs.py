@@ -71,3 +71,27 @@ def test_a_long_lived_run_lists_its_last_rows_and_totals_every_node():
     assert [r["node"] for r in summary.rows] == ["n1", "n2"] and summary.nodes == 3
     assert table_lines(summary.table(width=None))["total"].split()[:7] == ["total", "3", "node(s),", "the", "last", "2", "listed"]
 
+
+
+def pid():
+    import os
+
+    return os.getpid()
+
+
+def test_a_node_run_as_a_host_process_has_no_limits_and_its_placement_names_its_process():
+    # Where no Docker engine is reachable, the local backend runs nodes as plain host processes.
+    from skyvm.backends.processes import ProcessBackend
+    from skyvm.backends.registry import use_backend
+
+    use_backend(ProcessBackend(), "local")
+    try:
+        with Run(CONFIG) as run:
+            ran_as = run.submit(pid, node="big").result(300)
+            (row,) = run.cost_summary()
+    finally:
+        use_backend(None, "local")
+    assert (row["backend"], row["cluster"], row["placement"]) == ("local-process", f"process-{ran_as}", f"local process (process-{ran_as})")
+    # Its settings ask for 1 CPU, but a host process is held to none: the row does not claim one.
+    assert (row["limits"], row["hourly_price"], row["cost"]) == ({}, 0.0, 0.0)
+    assert "  none  " in run.summary().table(width=None).splitlines()[1]
