@@ -40,9 +40,10 @@ def test_flow_tasks_run_on_skypilot_nodes_through_skypilots_own_environment(stan
     made = standin_vm.calls()
     launches = [c["cluster"] for c in made if c["call"] == "launch"]
     execs = [c["cluster"] for c in made if c["call"] == "exec"]
-    # Three nodes of one signature, at most two clusters: the third ran on a warm one with exec.
-    assert len(launches) + len(execs) == 3 and 1 <= len(launches) <= 2 and set(execs) <= set(launches)
-    assert sum(1 for c in made if c["call"] == "docker_login" and c["ok"]) == 3  # fresh credentials for every launch and exec
+    # Three nodes of one signature, at most two clusters: the third ran on a warm one, through its agent
+    # over SSH (issue 20): no SkyPilot job, so no exec.
+    assert 1 <= len(launches) <= 2 and execs == [] and [c["call"] for c in made].count("ssh_info") >= 1
+    assert sum(1 for c in made if c["call"] == "docker_login" and c["ok"]) == len(launches)  # fresh credentials for every launch
     downs = [c["cluster"] for c in made if c["call"] == "down"]
     assert sorted(downs) == sorted(launches)  # down: true -> every cluster went when the flow ended
     assert len({c["pid"] for c in made}) == 1  # one SkyPilot-side process served the whole flow
@@ -61,6 +62,7 @@ def test_a_failing_task_fails_with_its_exception_after_its_retries(standin_vm, s
     with pytest.raises(KeyError, match="missing on the VM"):
         failing()
     made = standin_vm.calls()
-    runs = [c for c in made if c["call"] in ("launch", "exec")]
-    assert len(runs) == 3  # the first try and two retries, each a SkyPilot job
-    assert sum(1 for c in made if c["call"] == "job_status") >= 3  # each failure confirmed by the job's status
+    launches = [c for c in made if c["call"] == "launch"]
+    # The first try a launch's job; the retries on a warm cluster go to its agent (issue 20), not as SkyPilot jobs.
+    assert 1 <= len(launches) <= 3 and not [c for c in made if c["call"] == "exec"]
+    assert sum(1 for c in made if c["call"] == "job_status") >= len(launches)  # each launch's failure confirmed by its job's status
