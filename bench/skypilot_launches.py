@@ -9,13 +9,18 @@ scenario counts them per arm. A registry (Debian's docker-registry) and moto's S
 (the payload store) run on loopback.
 
 - warm: N nodes one after another in one ``Run`` with ``down: false``, K signatures (node i
-  has signature i % K): must make exactly K launches (and N - K execs);
+  has signature i % K): must make exactly K launches; the N - K warm nodes go to each cluster's
+  agent over its SSH connection (issue 20: the stand-in VM runs Debian's sshd), no SkyPilot job;
+- warm-exec: the same with agents off (``SKYVM_AGENT=0``): each warm node a ``sky exec``, as
+  before issue 20 and as on a cluster without SSH; beside the channel in the same run;
 - cold: N nodes, each in its own ``Run`` with ``down: true`` and a signature of its own:
   N launches and N downs (what the warm policy saves).
 
 Each repetition's warm arm uses signatures of its own, so it launches afresh.
 
-Target (issue): exactly K launches for the warm arm. Run from the core environment:
+Targets: exactly K launches for the warm arm (issue 18); ``sky_jobs_per_warm_node`` = 0 and
+``warm_dispatch_ms`` (a warm node's submit to result, median) <= 100 on the stand-in's loopback SSH
+(issue 20). Each is a series in the results JSON, for both arms. Run from the core environment:
 ``./dev run core -- python -m bench skypilot`` (SkyPilot's environment must exist:
 ``./dev run skypilot -- true``).
 """
@@ -112,19 +117,30 @@ def skypilot_launches(b) -> None:
         b.add(f"{arm}: bridge calls per node", len(bridge) / b.n, "count")
         return kinds
 
-    def warm(rep: int) -> None:
-        before = len(_calls(state))
-        sig = f"r{rep}-{uuid.uuid4().hex[:6]}"
-        t0 = time.perf_counter()
-        with skyvm.Run(settings(False, arm="warm", rep=sig)) as run:
-            for i in range(b.n):
-                t1 = time.perf_counter()
-                value = run.submit(nodefns.square, i, node=f"warm-{i}", options={"labels": {"sig": str(i % k)}}).result(900)
-                b.add("warm: per node", time.perf_counter() - t1)
-                b.check(value == i * i, f"warm node {i} returned {value!r}")
-        b.add(f"warm: {b.n} nodes", time.perf_counter() - t0)
-        kinds = count("warm", before)
-        b.check(kinds.count("launch") + kinds.count("exec") == b.n, f"warm: {kinds.count('launch')} launches + {kinds.count('exec')} execs for {b.n} nodes")
+    def warm_arm(arm: str, agents: bool):
+        def warm(rep: int) -> None:
+            os.environ["SKYVM_AGENT"] = "1" if agents else "0"
+            before = len(_calls(state))
+            sig = f"r{rep}-{uuid.uuid4().hex[:6]}"
+            t0 = time.perf_counter()
+            with skyvm.Run(settings(False, arm=arm, rep=sig)) as run:
+                for i in range(b.n):
+                    t1 = time.perf_counter()
+                    value = run.submit(nodefns.square, i, node=f"{arm}-{i}", options={"labels": {"sig": str(i % k)}}).result(900)
+                    took = time.perf_counter() - t1
+                    b.add(f"{arm}: per node", took)
+                    if i >= k:  # the first node of each signature launched its cluster; the rest are warm
+                        b.add(f"{arm}: warm_dispatch_ms", took * 1000, "ms", note="a warm node's submit to result, median")
+                    b.check(value == i * i, f"{arm} node {i} returned {value!r}")
+            b.add(f"{arm}: {b.n} nodes", time.perf_counter() - t0)
+            kinds = count(arm, before)
+            if b.n > k:
+                b.add(f"{arm}: sky_jobs_per_warm_node", kinds.count("exec") / (b.n - k), "count", note="SkyPilot jobs a warm node cost")
+            b.check(kinds.count("launch") == k, f"{arm}: {kinds.count('launch')} launches for {k} signatures")
+            b.check(kinds.count("exec") == (0 if agents else b.n - k), f"{arm}: {kinds.count('exec')} execs for {b.n - k} warm nodes")
+            os.environ.pop("SKYVM_AGENT", None)
+
+        return warm
 
     def cold(rep: int) -> None:
         before = len(_calls(state))
@@ -139,8 +155,9 @@ def skypilot_launches(b) -> None:
         kinds = count("cold", before)
         b.check(kinds.count("launch") == b.n and kinds.count("down") == b.n, f"cold: {kinds.count('launch')} launches, {kinds.count('down')} downs for {b.n} nodes")
 
-    b.alternate({"warm": warm, "cold": cold})
+    b.alternate({"warm": warm_arm("warm", True), "warm-exec": warm_arm("warm-exec", False), "cold": cold})
     b.ratio(f"warm / cold, {b.n} nodes", f"warm: {b.n} nodes", f"cold: {b.n} nodes")
+    b.ratio("warm dispatch: agent over SSH / sky exec", "warm: warm_dispatch_ms", "warm-exec: warm_dispatch_ms")
     launches = b.series["warm: launches"].values
     worst = max(launches, key=lambda v: abs(v - k))
     b.target(
@@ -151,3 +168,6 @@ def skypilot_launches(b) -> None:
         "count",
         "a node launched where a warm cluster of its signature was free",
     )
+    if b.n > k:
+        b.target("warm: sky_jobs_per_warm_node", b.med("warm: sky_jobs_per_warm_node"), "==", 0, "count", "a warm node was a SkyPilot job, not a message to its cluster's agent")
+        b.target("warm: warm_dispatch_ms (median)", b.med("warm: warm_dispatch_ms"), "<=", 100, "ms", "a warm node over the SSH channel took longer than one loopback round trip and a fork should")
