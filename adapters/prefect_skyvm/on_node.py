@@ -31,22 +31,60 @@ except ImportError:  # pragma: no cover - exercised by images without Prefect
 SecretPaths = list[tuple[tuple[str, ...], str]]
 
 
+def agent_preload() -> None:
+    """In a cluster agent's pristine parent (``skyvm.agent``): the work ``hydrated_context`` would do in every
+    node before its task runs, once: Prefect's logging configured, its run contexts' models rebuilt."""
+    if hydrated_context is None:
+        return
+    from prefect._internal.result_records import ResultRecordMetadata
+    from prefect.context import FlowRunContext, TaskRunContext
+    from prefect.flows import Flow
+    from prefect.logging.configuration import ensure_logging_setup
+    from prefect.tasks import Task
+
+    ensure_logging_setup()
+    types = dict(Flow=Flow, Task=Task, ResultRecordMetadata=ResultRecordMetadata)
+    FlowRunContext.model_rebuild(_types_namespace=types)
+    TaskRunContext.model_rebuild(_types_namespace=types)
+
+
+class _Events:
+    """Where the node's events go instead of a connection of their own: back to the flow's process with the
+    final State, which sends them through its one events worker (Prefect's ProcessPoolTaskRunner does the
+    same through a queue; an events connection per node costs more than a trivial task). Hashable: Prefect
+    keys its services by their arguments."""
+
+    def __init__(self):
+        self.items: list = []
+
+    def put(self, item) -> None:
+        self.items.append(item[1])  # (kind, event), as ProcessPoolForwardingEventsClient puts them
+
+
 def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[str, Any], **engine_kwargs: Any):
-    """Run one task with Prefect's engine (``engine_kwargs`` are ``run_task_sync``'s); returns its final State."""
+    """Run one task with Prefect's engine (``engine_kwargs`` are ``run_task_sync``'s); returns (its final
+    State, the events it emitted) for the flow's process to send."""
+    from prefect.events.worker import ProcessPoolForwardingEventsClient
+
     os.environ.update(env)
     _restore_settings(context, secret_paths)
+    _settings_model(context)
+    events = _Events()
+    EventsWorker.set_client_override(ProcessPoolForwardingEventsClient, event_queue=events, item_type="event")
     task = engine_kwargs["task"]
     with hydrated_context(context):
         try:
             if task.isasync:
                 import asyncio
 
-                return asyncio.run(run_task_async(**engine_kwargs))
-            return run_task_sync(**engine_kwargs)
+                state = asyncio.run(run_task_async(**engine_kwargs))
+            else:
+                state = run_task_sync(**engine_kwargs)
         finally:
-            # The node's process ends with the call: what the task logged and emitted must reach the API first
-            # (a crash included: the engine has just proposed the Crashed state).
+            # The node's process ends with the call: what the task logged must reach the API first, and its
+            # events the list (a crash included: the engine has just proposed the Crashed state).
             _flush()
+    return state, list(events.items)
 
 
 def run_body(fn, args: tuple, kwargs: dict, context_blob: Optional[bytes]):
@@ -62,6 +100,17 @@ def run_body(fn, args: tuple, kwargs: dict, context_blob: Optional[bytes]):
     # A client is part of a run context; this one is never used (no API from a body-mode node).
     with hydrated_context(context, client=SyncPrefectClient("http://skyvm-body-mode.invalid/api")):
         return fn(*args, **kwargs)
+
+
+def _settings_model(context: dict[str, Any]) -> None:
+    """The flow's settings as a model, validated from their dict alone: ``hydrated_context`` would build them
+    as ``Settings(**dict)``, which also reads every settings source (environment, profiles, .env, toml)
+    again, a third of a second per node; the dict already holds every field."""
+    settings_context = context.get("settings_context") or {}
+    if isinstance(settings_context.get("settings"), dict):
+        from prefect.settings import Settings
+
+        settings_context["settings"] = Settings.model_validate(settings_context["settings"])
 
 
 def _restore_settings(context: dict[str, Any], secret_paths: SecretPaths) -> None:

@@ -45,8 +45,9 @@ from skyvm import node as runtime
 
 # Modules a warm node should not pay for, imported by the pristine parent when the image has them.
 PRELOAD_WHEN = {"prefect": ("prefect_skyvm.on_node",)}
-# A launcher that stops reading for this long loses its channel, not the agent's other launchers.
-SEND_TIMEOUT_S = 10
+# A launcher that stops reading for this long loses its channel, not the agent's other launchers. Long: a
+# launcher on a loaded machine may not read for seconds, and a dropped channel ends its running nodes.
+SEND_TIMEOUT_S = 120
 EXIT_SIGNALLED = 128  # + the signal's number, as a shell reports a child killed by a signal
 
 
@@ -78,7 +79,12 @@ def preload() -> None:
             continue
         for name in modules:
             try:
-                importlib.import_module(name)
+                module = importlib.import_module(name)
+                # What every node would otherwise redo once it runs (Prefect's logging setup, its models'
+                # rebuild), done once here: a module says so with an ``agent_preload()``.
+                warm = getattr(module, "agent_preload", None)
+                if warm is not None:
+                    warm()
             except Exception as exc:  # noqa: BLE001 - a node imports it again and reports its own error
                 print(f"skyvm.agent: preloading {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
@@ -195,7 +201,8 @@ class Agent:
     def _send(self, conn, msg: tuple) -> None:
         try:
             conn.send(msg)
-        except (OSError, EOFError, ValueError):
+        except (OSError, EOFError, ValueError) as exc:
+            print(f"skyvm.agent: dropped a launcher's channel ({type(exc).__name__}: {exc})", file=sys.stderr, flush=True)
             self._drop(conn)
 
     def _message(self, conn) -> Optional[Job]:
