@@ -238,7 +238,7 @@ class SkyPilotBackend(Backend):
         idle, down = (None, False) if s.autostop is not None else (s.idle_minutes_to_autostop, s.down)
         options = {"options": dict(s.skypilot["launch"])} if s.skypilot.get("launch") else {}
         try:
-            answer = self.bridge.launch(with_agent(task, cluster_name), cluster_name, idle_minutes_to_autostop=idle, down=down, retry_until_up=s.retry_until_up, on_log=on_log, **options)
+            answer = self.bridge.launch(with_agent(task, cluster_name, s.payload_store), cluster_name, idle_minutes_to_autostop=idle, down=down, retry_until_up=s.retry_until_up, on_log=on_log, **options)
         except BaseException:
             self._down(cluster_name)
             raise

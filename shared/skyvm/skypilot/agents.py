@@ -49,14 +49,28 @@ AGENT_ANSWER_S = 5.0
 CANCEL_GRACE_S = 10
 RESUME_POLL_S = 0.5
 
-# The end of a launch's setup: the agent in the background (its own session: it outlives setup), the
-# key from the task's secret into a file of its own, the secret itself kept from the nodes it forks.
-AGENT_START = (
-    f"mkdir -p {REMOTE_DIR} && chmod 700 {REMOTE_DIR} && (umask 077 && printf %s \"${KEY_SECRET}\" > {REMOTE_DIR}/key) "
-    f"&& command -v python3 > {REMOTE_DIR}/python "
-    f"&& env -u {KEY_SECRET} setsid nohup python3 -m skyvm.agent --socket {REMOTE_SOCKET} --key-file {REMOTE_DIR}/key "
-    f"> {REMOTE_DIR}/agent.log 2>&1 < /dev/null &"
+# The payload store's file system, imported by the agent before it forks: not by every node.
+STORE_MODULES = {"s3": "s3fs", "gs": "gcsfs", "az": "adlfs"}
+# The agent started with modules imported first (argv[1], comma-separated; one that fails is left to the node).
+_WITH_PRELOAD = (
+    "import importlib, runpy, sys\n"
+    "for name in filter(None, sys.argv[1].split(',')):\n"
+    "    try:\n        importlib.import_module(name)\n    except Exception as exc:\n"
+    "        print(f'skyvm.agent: preloading {name} failed: {exc}', file=sys.stderr)\n"
+    "sys.argv = ['skyvm.agent', *sys.argv[2:]]\n"
+    "runpy.run_module('skyvm.agent', run_name='__main__', alter_sys=True)\n"
 )
+
+
+def agent_start(preload: str) -> str:
+    """The end of a launch's setup: the agent in the background (its own session: it outlives setup), the
+    key from the task's secret into a file of its own, the secret itself kept from the nodes it forks."""
+    return (
+        f"mkdir -p {REMOTE_DIR} && chmod 700 {REMOTE_DIR} && (umask 077 && printf %s \"${KEY_SECRET}\" > {REMOTE_DIR}/key) "
+        f"&& command -v python3 > {REMOTE_DIR}/python "
+        f"&& env -u {KEY_SECRET} setsid nohup python3 -c {shlex.quote(_WITH_PRELOAD)} {shlex.quote(preload)} --socket {REMOTE_SOCKET} "
+        f"--key-file {REMOTE_DIR}/key > {REMOTE_DIR}/agent.log 2>&1 < /dev/null &"
+    )
 # Variables whose URL, when it names this machine's loopback, a node on the VM reaches through a reverse
 # forward over the cluster's SSH connection (engine-mode Prefect nodes reach a launcher's local API).
 # More names: SKYVM_FORWARD_URL_ENVS (comma-separated).
@@ -71,13 +85,15 @@ def agents_enabled() -> bool:
     return os.environ.get("SKYVM_AGENT", "1") != "0"
 
 
-def with_agent(task: dict, cluster: str) -> dict:
-    """The launch's task with the agent started at the end of its setup (a container of skyvm's runtime only)."""
+def with_agent(task: dict, cluster: str, store: Optional[str] = None) -> dict:
+    """The launch's task with the agent started at the end of its setup (a container of skyvm's runtime only),
+    the file system of the payload store ``store`` imported by it ahead of the nodes."""
     image = str((task.get("resources") or {}).get("image_id") or "")
     if not agents_enabled() or not image.startswith("docker:") or not task.get("setup"):
         return task
     key = new_key(agent_dir(cluster)).decode()
-    return {**task, "setup": f"{task['setup']}\n{AGENT_START}", "secrets": {**task.get("secrets", {}), KEY_SECRET: key}}
+    preload = ",".join(["skyvm.payloads", STORE_MODULES.get(str(store or "").partition("://")[0], "")]).rstrip(",")
+    return {**task, "setup": f"{task['setup']}\n{agent_start(preload)}", "secrets": {**task.get("secrets", {}), KEY_SECRET: key}}
 
 
 def reconnect_bound() -> float:
