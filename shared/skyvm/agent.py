@@ -37,6 +37,7 @@ import struct
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, answer_challenge, deliver_challenge
 from typing import Optional
@@ -263,6 +264,8 @@ class Agent:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
     def _pipe(self, child: Child) -> None:
+        if child.pipe < 0:
+            return  # closed already by its reap, earlier in the same select() batch
         try:
             data = os.read(child.pipe, 65536)
         except BlockingIOError:
@@ -279,6 +282,8 @@ class Agent:
         self._finish_if_done(child)
 
     def _reap(self, child: Child) -> None:
+        if child.code is not None:
+            return  # reaped already, earlier in the same select() batch
         try:
             pid, status = os.waitpid(child.pid, os.WNOHANG)
         except ChildProcessError:
@@ -389,7 +394,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(f"skyvm.agent: serving {args.socket} (python {sys.version.split()[0]})", flush=True)
     # What the parent imported stays put: the collector never touches (and so never copies) those pages in a child.
     gc.freeze()
-    job = agent.loop()
+    try:
+        job = agent.loop()
+    except BaseException:
+        # The agent's own failure: kept beside its socket (the container and its log go with the agent).
+        with open(os.path.join(os.path.dirname(args.socket), "agent-failure.log"), "a") as fh:
+            traceback.print_exc(file=fh)
+        raise
     if job is not None:
         return _exit_child(run_child(job))  # the forked child: its exit code is the node's
     agent.close()
