@@ -18,7 +18,7 @@ task runner replaced by a ``ThreadPoolTaskRunner`` (nested submissions run on th
 Prefect's settings as environment variables. The API's URL and Prefect's secret settings (the API
 key) never travel in the payload: they go to the node as skyvm secrets (``on_node`` puts them back).
 
-Holds ``use_engine``, ``engine_settings``, ``engine_call``, ``body_context``, ``send_events`` and ``record_state``.
+Holds ``use_engine``, ``engine_settings``, ``engine_call``, ``body_context`` and ``record_state``.
 May import: prefect, skyvm.settings and skyvm.errors, prefect_skyvm.flow_node (the node's Prefect
 pins, the environment split).
 """
@@ -202,18 +202,6 @@ def body_context(cache: dict, task) -> bytes:
         settings.setdefault("logging", {}).setdefault("to_api", {})["enabled"] = False
         settings.setdefault("server", {}).setdefault("ephemeral", {})["enabled"] = False
     return cloudpickle.dumps(context)
-
-
-def send_events(events: list) -> None:
-    """The events a node's engine emitted, sent through this process's events worker (``on_node.run_task``)."""
-    if not events:
-        return
-    from prefect.events.worker import EventsWorker, should_emit_events
-
-    if should_emit_events():
-        worker = EventsWorker.instance()
-        for event in events:
-            worker.send(event)
 
 
 def record_state(task, task_run_id: uuid.UUID, state, logger=None) -> None:

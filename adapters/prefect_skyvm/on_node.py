@@ -48,43 +48,26 @@ def agent_preload() -> None:
     TaskRunContext.model_rebuild(_types_namespace=types)
 
 
-class _Events:
-    """Where the node's events go instead of a connection of their own: back to the flow's process with the
-    final State, which sends them through its one events worker (Prefect's ProcessPoolTaskRunner does the
-    same through a queue; an events connection per node costs more than a trivial task). Hashable: Prefect
-    keys its services by their arguments."""
-
-    def __init__(self):
-        self.items: list = []
-
-    def put(self, item) -> None:
-        self.items.append(item[1])  # (kind, event), as ProcessPoolForwardingEventsClient puts them
-
-
 def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[str, Any], **engine_kwargs: Any):
-    """Run one task with Prefect's engine (``engine_kwargs`` are ``run_task_sync``'s); returns (its final
-    State, the events it emitted) for the flow's process to send."""
-    from prefect.events.worker import ProcessPoolForwardingEventsClient
+    """Run one task with Prefect's engine (``engine_kwargs`` are ``run_task_sync``'s); returns its final State.
 
+    Its events (the task run's own states among them: the API records task runs from them) go from the
+    node as they happen, through its events worker, so the UI shows the run while it runs."""
     os.environ.update(env)
     _restore_settings(context, secret_paths)
     _settings_model(context)
-    events = _Events()
-    EventsWorker.set_client_override(ProcessPoolForwardingEventsClient, event_queue=events, item_type="event")
     task = engine_kwargs["task"]
     with hydrated_context(context):
         try:
             if task.isasync:
                 import asyncio
 
-                state = asyncio.run(run_task_async(**engine_kwargs))
-            else:
-                state = run_task_sync(**engine_kwargs)
+                return asyncio.run(run_task_async(**engine_kwargs))
+            return run_task_sync(**engine_kwargs)
         finally:
-            # The node's process ends with the call: what the task logged must reach the API first, and its
-            # events the list (a crash included: the engine has just proposed the Crashed state).
+            # The node's process ends with the call: what the task logged and emitted must reach the API first
+            # (a crash included: the engine has just proposed the Crashed state).
             _flush()
-    return state, list(events.items)
 
 
 def run_body(fn, args: tuple, kwargs: dict, context_blob: Optional[bytes]):

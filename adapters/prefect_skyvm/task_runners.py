@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from prefect_skyvm import engine_mode, on_node
+from prefect_skyvm import engine_mode, on_node, run_summary
 from prefect_skyvm.context import current_options, describe, profile_from_tags
 from skyvm import run_ids, waiting
 from skyvm.calls import ship_by_value
@@ -124,6 +124,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         self._config = as_config(settings)
         self._config.resolve("<any task>", profile=profile, code=overrides)
         self._run: Optional[Run] = None
+        self._flow_run_id = None  # the flow run whose nodes these are (its summary artifact's)
         self._handles_lock = threading.Lock()
         self._node_cache: dict = {}  # what every node of a flow run gets alike (engine_mode's: its flow, its settings)
 
@@ -148,6 +149,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._run = None
+        self._flow_run_id = None
         self._executor = None
         self._cancel_events = {}
         self._handles_lock = threading.Lock()
@@ -158,6 +160,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         super().__enter__()
         # Entering provisions nothing: the run starts with the first task, clusters with the first node that needs one.
         self._run = None
+        self._flow_run_id = None
         return self
 
     def _current_run(self) -> Run:
@@ -170,6 +173,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
 
                 ctx = FlowRunContext.get()
                 flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else uuid.uuid4()
+                self._flow_run_id = ctx.flow_run.id if ctx and ctx.flow_run else None
                 self._run = Run(self._config, run_id=task_nodes_run_id(flow_run_id))
             return self._run
 
@@ -179,6 +183,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         try:
             if run is not None:
                 run.close(cancel=True)
+                run_summary.publish(run.summary(), self._flow_run_id)  # the flow run's nodes, where a Prefect user looks
         finally:
             super().__exit__(exc_type, exc_value, traceback)
 

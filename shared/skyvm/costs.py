@@ -47,7 +47,8 @@ def limits_of(settings: Any) -> dict[str, Any]:
     return limits
 
 
-def _limits_text(limits: Mapping[str, Any]) -> str:
+def limits_text(limits: Mapping[str, Any]) -> str:
+    """A node's limits as one short text (``cpus=2 memory=4GiB``)."""
     if not limits:
         return "none"
     unit = {"memory": "GiB", "disk_size": "GiB"}
@@ -152,7 +153,7 @@ class Summary:
             {
                 "node": r["node"],
                 "placement": r["placement"],
-                "limits": _limits_text(r["limits"]),
+                "limits": limits_text(r["limits"]),
                 "duration": "-" if r["duration_s"] is None else f"{r['duration_s']:.1f}s",
                 "price": _money(r["hourly_price"], 4) + ("/h" if r["hourly_price"] is not None else ""),
                 "cost": _money(r["cost"], 6),

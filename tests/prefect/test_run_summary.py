@@ -1,0 +1,44 @@
+"""What happened, where a Prefect user looks: each flow run on SkyVMTaskRunner gets a table artifact of its
+nodes (placement, limits, duration, price, cost) and the run's total, read back through a real API."""
+
+from __future__ import annotations
+
+import asyncio
+
+from prefect import flow, task
+
+from prefect_skyvm import SkyVMTaskRunner
+
+
+@task
+def double(x):
+    return 2 * x
+
+
+def flow_run_artifacts(flow_run_id):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+
+    return asyncio.run(read())
+
+
+def test_a_flow_run_gets_a_table_artifact_of_its_nodes():
+    @flow(task_runner=SkyVMTaskRunner({"defaults": {"cpus": 0.5, "memory": 0.75}}))
+    def pipeline():
+        return [f.result() for f in double.map([1, 2])]
+
+    state = pipeline(return_state=True)
+    assert state.result() == [2, 4]
+    (artifact,) = [a for a in flow_run_artifacts(state.state_details.flow_run_id) if a.key == "skyvm-nodes"]
+    assert artifact.type == "table"
+    rows = artifact.data if isinstance(artifact.data, list) else __import__("json").loads(artifact.data)
+    assert sorted(r["node"] for r in rows) == ["double", "double"]
+    for row in rows:
+        assert row["placement"].startswith("local (") and row["backend"] == "local"
+        assert "cpus=0.5" in row["limits"] and "memory=0.75" in row["limits"]
+        assert row["duration_s"] >= 0 and row["cost"] == 0.0
+    assert "2 node(s)" in artifact.description and "total $0.000000" in artifact.description
