@@ -121,13 +121,15 @@ def _pop(settings: dict[str, Any], path: tuple[str, ...]) -> Any:
     return settings.pop(path[-1], None) if isinstance(settings, dict) else None
 
 
-def _node_context(cache: dict, secrets: Optional[dict[str, str]] = None) -> tuple[dict[str, Any], list]:
+def _node_context(cache: dict, secrets: Optional[dict[str, str]] = None, asset_ctx_kwargs: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], list]:
     """(the flow's serialized context for a node, where its secret settings were): the flow's task
     runner a thread pool, the secret settings taken out (into ``secrets`` when given)."""
     from prefect.context import serialize_context
     from prefect.task_runners import ThreadPoolTaskRunner
 
-    context = serialize_context()
+    # The asset context (as prefect-dask makes it): the task's upstream assets from the flow's record, and,
+    # made here in the flow's process, its own assets recorded there for the tasks downstream of it.
+    context = serialize_context(asset_ctx_kwargs=asset_ctx_kwargs)
     flow_ctx = context.get("flow_run_context") or {}
     flow = flow_ctx.get("flow")
     if flow is not None:
@@ -151,7 +153,10 @@ def _node_context(cache: dict, secrets: Optional[dict[str, str]] = None) -> tupl
 
 def engine_settings(settings: NodeSettings, secrets: dict[str, str]) -> NodeSettings:
     """The node's settings in engine mode: Prefect at the flow's version in its image, the API's secrets."""
-    extra = [r for r in node_requirements() if r not in settings.requirements]
+    # A flow run on a node (the worker's) runs in an image that has Prefect at its version already, and its
+    # task nodes run in that very image (SKYVM_NODE_IMAGE): nothing to add, nothing to build there.
+    inherited = bool(os.environ.get("SKYVM_NODE_IMAGE"))
+    extra = [] if inherited else [r for r in node_requirements() if r not in settings.requirements]
     return settings.model_copy(update={"requirements": [*settings.requirements, *extra], "secrets": {**settings.secrets, **secrets}})
 
 
@@ -176,7 +181,14 @@ def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_f
 
     states = {k: visit_collection(v, visit_fn=to_state, return_data=True) for k, v in parameters.items()}
     secrets: dict[str, str] = {}
-    context, secret_paths = _node_context(cache, secrets)
+    from prefect.utilities.engine import collect_task_run_inputs_sync
+
+    # The task's inputs as its engine sees them (the futures among its parameters), for its upstream assets.
+    task_inputs = {name: collect_task_run_inputs_sync(value) for name, value in parameters.items()}
+    for name, inputs in (dependencies or {}).items():
+        task_inputs.setdefault(name, set()).update(inputs)
+    assets = {"task": task, "task_run_id": task_run_id, "task_inputs": task_inputs, "copy_to_child_ctx": True}
+    context, secret_paths = _node_context(cache, secrets, asset_ctx_kwargs=assets)
     env = _per_settings(cache)[1] | {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")}
     plain_env, secret_env = split_env(env)
     secrets.update(secret_env)
