@@ -188,6 +188,8 @@ def test_a_log_sink_that_raises_system_exit_neither_stops_the_node_nor_the_watch
 
 
 def test_a_failed_watcher_round_is_survived_and_the_node_finishes(monkeypatch, caplog):
+    # The exec path, whose stream the watcher follows (an agent's channel has a reader of its own).
+    monkeypatch.setenv("SKYVM_AGENT", "0")
     ctx = Context()  # its own watcher: the failure is injected there, nowhere else
     watcher = ctx.watcher()
     original = watcher._run_due
