@@ -42,7 +42,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from prefect_skyvm import engine_mode, on_node, run_summary
 from prefect_skyvm.context import current_options, describe, profile_from_tags
-from skyvm import run_ids, waiting
+from skyvm import progress, run_ids, waiting
 from skyvm.calls import ship_by_value
 from skyvm.api import NodeHandle, Run, check_launchable
 from skyvm.errors import InfrastructureError, NodeAborted, NodeFailed, PayloadError, SkyVMError
@@ -246,7 +246,8 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
                 kwargs, secrets = engine_mode.engine_call(task, task_run_id, _plain(parameters), wait_for, dependencies, node_cache)
                 node_settings = engine_mode.engine_settings(settings, secrets)
                 logger.info("skyvm: running %s with Prefect's engine on a %s node (%s)", task.name, settings.backend, describe(settings))
-                handle = run.start_call(task.name, node_settings, on_node.run_task, (), kwargs, on_log=_echo)
+                with progress.reporting_to(logger.info):  # a first build's progress, in the task run's log
+                    handle = run.start_call(task.name, node_settings, on_node.run_task, (), kwargs, on_log=_echo)
                 waiting.wait(handle, logger=logger)
                 return handle.result()  # the engine's final State: the task's own errors are in it
             except NodeAborted as exc:
@@ -294,7 +295,8 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
             ship_by_value(fn)
             # The task run's context travels too: where the image has Prefect, get_run_logger() works in the body.
             body = (fn, args, kwargs, engine_mode.body_context(node_cache, task))
-            handle = run.start_call(node, settings, on_node.run_body, body, on_log=lambda line: logger.info(redact(line)))
+            with progress.reporting_to(logger.info):  # a first build's progress, in the task run's log
+                handle = run.start_call(node, settings, on_node.run_body, body, on_log=lambda line: logger.info(redact(line)))
             return handle
 
         if task.isasync:

@@ -14,6 +14,7 @@ skyvm.settings, skyvm.errors, skyvm.redact. Never skyvm.run or skyvm.api (Run is
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 
 import logging
@@ -82,7 +83,8 @@ class NodeHandle:
         """Prepare and launch the node on the context's launch threads; returns at once."""
         handle = cls(node, settings, run=run, ctx=run.ctx, on_log=on_log)
         handle._payload = payload
-        handle._ctx.launcher().submit(handle._launch)
+        # In a copy of the submitting context: what an engine set there (a task run's progress sink) goes along.
+        handle._ctx.launcher().submit(contextvars.copy_context().run, handle._launch)
         return handle
 
     @classmethod

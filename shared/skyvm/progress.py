@@ -19,7 +19,8 @@ import os
 import sys
 import threading
 import time
-from typing import Iterator, Optional, Union
+from contextvars import ContextVar
+from typing import Callable, Iterator, Optional, Union
 
 log = logging.getLogger("skyvm.progress")
 
@@ -123,6 +124,21 @@ class _Display:
                 cls._progress = None
 
 
+# Where an engine wants a step's lines too (the log of the task run whose node is being prepared). A
+# ContextVar: the node's launch runs in a copy of the submitting context (skyvm.handle).
+_sink: ContextVar[Optional[Callable[[str], None]]] = ContextVar("skyvm_progress_sink", default=None)
+
+
+@contextlib.contextmanager
+def reporting_to(sink: Callable[[str], None]) -> Iterator[None]:
+    """Every step started in this context (and in launches submitted from it) also says its lines to ``sink``."""
+    token = _sink.set(sink)
+    try:
+        yield
+    finally:
+        _sink.reset(token)
+
+
 @contextlib.contextmanager
 def step(
     what: str,
@@ -139,7 +155,18 @@ def step(
     heartbeat_s = HEARTBEAT_S if heartbeat_s is None else heartbeat_s
     out = logging.getLogger(logger) if isinstance(logger, str) else (logger or log)
     current = Step(what, total, unit)
-    if interactive() if rich is None else rich:
+    sink = _sink.get()
+
+    def say(fmt: str, *args) -> None:
+        out.info(fmt, *args)
+        if sink is not None:
+            try:
+                sink(fmt % args)
+            except Exception:  # noqa: BLE001 - an engine's log never stops the step
+                pass
+
+    # An engine that wants the lines (a task run's log) gets them, whatever the terminal would show.
+    if sink is None and (interactive() if rich is None else rich):
         _Display.add(current)
         outcome = "failed"
         try:
@@ -148,22 +175,22 @@ def step(
         finally:
             _Display.finish(current, outcome)
         return
-    out.info("%s: started", what)
+    say("%s: started", what)
     stop = threading.Event()
 
     def heartbeat() -> None:
         while not stop.wait(heartbeat_s):
             where = current.where()
-            out.info("%s: still running after %s%s", what, _duration(current.elapsed), f" ({where})" if where else "")
+            say("%s: still running after %s%s", what, _duration(current.elapsed), f" ({where})" if where else "")
 
     beat = threading.Thread(target=heartbeat, name=f"skyvm-progress-{what}", daemon=True)
     beat.start()
     try:
         yield current
     except BaseException:
-        out.info("%s: failed after %s", what, _duration(current.elapsed))
+        say("%s: failed after %s", what, _duration(current.elapsed))
         raise
     finally:
         stop.set()
         beat.join()
-    out.info("%s: done in %s", what, _duration(current.elapsed))
+    say("%s: done in %s", what, _duration(current.elapsed))

@@ -42,3 +42,40 @@ def test_a_flow_run_gets_a_table_artifact_of_its_nodes():
         assert "cpus=0.5" in row["limits"] and "memory=0.75" in row["limits"]
         assert row["duration_s"] >= 0 and row["cost"] == 0.0
     assert "2 node(s)" in artifact.description and "total $0.000000" in artifact.description
+
+
+@task
+def tiny(x):
+    return x + 1
+
+
+def test_a_first_builds_progress_is_in_the_task_runs_log():
+    """A node whose image is new (requirements no other test uses): the build's progress lines reach the
+    task run's own log through the API, start and end with its time (their timing is not asserted)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    settings = {"defaults": {"cpus": 0.5, "memory": 0.5, "prefect_engine": False, "requirements": ["six"]}}
+
+    @flow(task_runner=SkyVMTaskRunner(settings))
+    def builds():
+        future = tiny.submit(1)
+        return future.result(), future.task_run_id
+
+    value, task_run_id = builds()
+    assert value == 2
+
+    async def read():
+        async with get_client() as client:
+            for _ in range(50):
+                logs = await client.read_logs(LogFilter(task_run_id=LogFilterTaskRunId(any_=[task_run_id])))
+                messages = [log.message for log in logs]
+                if any("done in" in m for m in messages):
+                    return messages
+                await asyncio.sleep(0.3)
+            return messages
+
+    messages = asyncio.run(read())
+    building = [m for m in messages if m.startswith("building ")]
+    assert any(m.endswith(": started") for m in building), messages
+    assert any(": done in " in m for m in building), messages
