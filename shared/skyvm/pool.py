@@ -19,11 +19,12 @@ is asked whether it runs only then. An attempt whose launcher died with its run 
 forgotten and the node takes another. A backend only starts, execs in, inspects and removes.
 
 Holds: ``BackendPool``, ``pool_of``, ``reset_pools``; re-exports ``ClusterPool`` and ``wake_all``.
-May import: skyvm.slots, skyvm.home, skyvm.backends.base, skyvm.errors, skyvm.plan (never a backend module, the API).
+May import: skyvm.slots, skyvm.home, skyvm.backends.base, skyvm.errors, skyvm.plan, skyvm.progress (never a backend module, the API).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -32,6 +33,7 @@ from typing import Callable, Optional
 
 from filelock import Timeout
 
+from skyvm import progress
 from skyvm.backends.base import NONE, SHARED, Backend, ClusterGone, LogSink, NodeRef
 from skyvm.home import Home
 from skyvm.plan import TaskSpec
@@ -103,7 +105,9 @@ class BackendPool:
             # Another process took this warm cluster meanwhile: it is theirs now.
             self.slots.forget(name)
         try:
-            ref = backend.run_attempt(spec, name, fresh=fresh, on_log=on_log, cancelled=cancelled)
+            # A fresh cluster may take minutes on a cloud: its start says so while it runs (skyvm.progress).
+            with progress.step(f"starting cluster {name} for node {spec.node}", logger=log) if fresh else contextlib.nullcontext():
+                ref = backend.run_attempt(spec, name, fresh=fresh, on_log=on_log, cancelled=cancelled)
         except ClusterGone:
             # A warm cluster hit its autostop just now: forget it and take another.
             self._unclaim(name, gone=True)
@@ -126,7 +130,8 @@ class BackendPool:
             raise RuntimeError(f"cluster {name} is held by another process")
         log.info("starting cluster %s ahead (pool of node %s)", name, spec.node)
         try:
-            self.backend.start_cluster(spec, name)
+            with progress.step(f"starting cluster {name} ahead (pool of node {spec.node})", logger=log):
+                self.backend.start_cluster(spec, name)
         except BaseException:
             self._unclaim(name, gone=True)
             raise
@@ -140,7 +145,8 @@ class BackendPool:
         with lock:  # nodes of one signature start in parallel: one start among them
             known = self._shared.get(name)
             if known is None:
-                self.backend.start_cluster(spec, name, on_log=on_log)
+                with progress.step(f"starting pool {name} for node {spec.node}", logger=log):
+                    self.backend.start_cluster(spec, name, on_log=on_log)
                 known = self._shared[name] = {"runs": set(), "down": spec.settings.down and not (pool and pool.shared)}
             known["runs"].add(spec.run_id)
         return not (pool and pool.shared)
