@@ -54,6 +54,7 @@ def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[st
     Its events (the task run's own states among them: the API records task runs from them) go from the
     node as they happen, through its events worker, so the UI shows the run while it runs."""
     os.environ.update(env)
+    _quiet_console()
     _restore_settings(context, secret_paths)
     _settings_model(context)
     task = engine_kwargs["task"]
@@ -83,6 +84,18 @@ def run_body(fn, args: tuple, kwargs: dict, context_blob: Optional[bytes]):
     # A client is part of a run context; this one is never used (no API from a body-mode node).
     with hydrated_context(context, client=SyncPrefectClient("http://skyvm-body-mode.invalid/api")):
         return fn(*args, **kwargs)
+
+
+def _quiet_console() -> None:
+    """Prefect's console lines off on the node: its engine sends them to the API itself, and the node's
+    output (what the task prints) goes to the task run's logs through the launcher: once each."""
+    import logging
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    for logger in [logging.getLogger(), *(l for l in logging.Logger.manager.loggerDict.values() if isinstance(l, logging.Logger))]:
+        for handler in [h for h in logger.handlers if isinstance(h, PrefectConsoleHandler)]:
+            logger.removeHandler(handler)
 
 
 def _settings_model(context: dict[str, Any]) -> None:

@@ -81,6 +81,23 @@ def _echo(line: str) -> None:
         print(redact(line), flush=True)
 
 
+def _task_run_output(task_run_id) -> Any:
+    """An engine-mode node's output (what its code printed; Prefect's own console lines are off on the
+    node, its engine sends those to the API itself) into the task run's logs, as in body mode, and on
+    this process's stdout."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    extra = {"task_run_id": task_run_id, "flow_run_id": ctx.flow_run.id if ctx and ctx.flow_run else None, "send_to_api": True}
+    logger = logging.LoggerAdapter(logging.getLogger("prefect.task_runs"), extra)
+
+    def on_line(line: str) -> None:
+        _echo(line)
+        logger.info(redact(line))
+
+    return on_line
+
+
 def _outcome(handle: NodeHandle) -> Any:
     """The node's return value, or the exception Prefect should see."""
     try:
@@ -247,7 +264,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
                 node_settings = engine_mode.engine_settings(settings, secrets)
                 logger.info("skyvm: running %s with Prefect's engine on a %s node (%s)", task.name, settings.backend, describe(settings))
                 with progress.reporting_to(logger.info):  # a first build's progress, in the task run's log
-                    handle = run.start_call(task.name, node_settings, on_node.run_task, (), kwargs, on_log=_echo)
+                    handle = run.start_call(task.name, node_settings, on_node.run_task, (), kwargs, on_log=_task_run_output(task_run_id))
                 waiting.wait(handle, logger=logger)
                 return handle.result()  # the engine's final State: the task's own errors are in it
             except NodeAborted as exc:
