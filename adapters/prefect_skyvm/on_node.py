@@ -48,6 +48,16 @@ def agent_preload() -> None:
     TaskRunContext.model_rebuild(_types_namespace=types)
 
 
+def agent_child_env() -> None:
+    """In a node the agent forked, once its environment is the node's: Prefect's global settings read again
+    (the parent read them from its own environment at import: a flow node's PREFECT_API_URL was not there)."""
+    if hydrated_context is None:
+        return
+    from prefect.context import refresh_global_settings_context
+
+    refresh_global_settings_context()
+
+
 def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[str, Any], **engine_kwargs: Any):
     """Run one task with Prefect's engine (``engine_kwargs`` are ``run_task_sync``'s); returns its final State.
 

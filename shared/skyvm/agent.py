@@ -74,6 +74,11 @@ class Job:
     env: dict
 
 
+# The modules preload() imported: each child tells them its environment (``agent_child_env()``), since
+# what they read from the parent's environment at import (Prefect's settings) is not the node's.
+PRELOADED: list = []
+
+
 def preload() -> None:
     for probe, modules in PRELOAD_WHEN.items():
         if importlib.util.find_spec(probe) is None:
@@ -86,6 +91,7 @@ def preload() -> None:
                 warm = getattr(module, "agent_preload", None)
                 if warm is not None:
                     warm()
+                PRELOADED.append(module)
             except Exception as exc:  # noqa: BLE001 - a node imports it again and reports its own error
                 print(f"skyvm.agent: preloading {name} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
 
@@ -375,6 +381,10 @@ class Agent:
 def run_child(job: Job) -> int:
     """The forked child: the node's attempt, with its environment, as ``skyvm.node run --detached``."""
     os.environ.update(job.env)
+    for module in PRELOADED:
+        settle = getattr(module, "agent_child_env", None)
+        if settle is not None:
+            settle()
     args = argparse.Namespace(payload=job.payload_url, result=job.result_url, attempt=job.attempt, detached=True, payload_bytes=job.payload)
     return runtime.cmd_run(args)
 
