@@ -4,6 +4,8 @@ The rule (``prefect_engine``, a node setting; Airflow ignores it):
 
 - ``false``: body mode. Prefect's task engine runs in the flow's process and only the function body
   runs on the node (no route to the API needed, no Prefect needed in the image).
+- unset with a user's ``image:``: body mode (skyvm cannot add Prefect to an image it did not build);
+  ``true`` says the image has Prefect at the flow's version.
 - ``true`` or unset: engine mode when the node can reach the flow's Prefect API, which is when
   the node runs on the local backend (containers on the host's network: a loopback URL, the ephemeral
   server included, is reached as it is), or the API's URL is not a loopback one (``localhost``,
@@ -62,6 +64,10 @@ def _is_loopback(url: Optional[str]) -> bool:
 def use_engine(node: str, settings: NodeSettings, logger=None) -> bool:
     """Engine mode or body mode for one task (the rule in the module's docstring)."""
     if settings.prefect_engine is False:
+        return False
+    if settings.image and settings.prefect_engine is None:
+        # A user's image is run as it is: skyvm cannot add Prefect to it, so the engine stays here unless
+        # prefect_engine: true says the image has Prefect at the flow's version.
         return False
     url = api_url()
     if settings.backend == "local" or not _is_loopback(url):
