@@ -19,7 +19,7 @@ from prefect import task
 from prefect_skyvm import SkyVMTaskRunner
 from skyvm.backends.local import gc
 
-SETTINGS = {"defaults": {"cpus": 0.5, "memory": 0.5, "down": False, "labels": {"suite": "prefect-peer-suites"}}}
+SETTINGS = {"defaults": {"cpus": 0.5, "memory": 0.5, "down": False, "prefect_engine": True, "labels": {"suite": "prefect-peer-suites"}}}
 
 
 def runner(**overrides: Any) -> SkyVMTaskRunner:

@@ -19,7 +19,7 @@ from prefect_skyvm import SkyVMTaskRunner
 from prefect_skyvm.flow_node import node_requirements
 from skyvm.errors import SettingsError
 
-SETTINGS = {"defaults": {"cpus": 0.5, "memory": 0.75}}
+SETTINGS = {"defaults": {"cpus": 0.5, "memory": 0.75, "prefect_engine": True}}
 
 
 def read_from_api(read, ready, attempts=100):
