@@ -12,8 +12,8 @@ suite uses), the same flow (``square.map(range(N))``, results checked) runs with
 - SkyVMTaskRunner warm, body mode: ``prefect_engine: false`` (Prefect's engine in the flow's
   process, the function body on the node).
 
-Wall time of the flow call, alternately. Target (issue 19): SkyVMTaskRunner warm (engine mode, the
-default) at most 1.3x ThreadPoolTaskRunner, with 20 and with 200 tasks (``--n 200``; the cluster per
+Wall time of the flow call, alternately. Target (issue 19): SkyVMTaskRunner warm (engine mode,
+``prefect_engine: true``) at most 1.3x ThreadPoolTaskRunner, with 20 and with 200 tasks (``--n 200``; the cluster per
 task arm is left out above 50 tasks). Run it in the Prefect environment:
 ``./dev run prefect -- python -m bench prefect``.
 """
@@ -58,11 +58,11 @@ def prefect_bench(b) -> None:
         return [f.result() for f in square.map(range(n))]
 
     runners = {
-        "SkyVMTaskRunner cold": lambda: SkyVMTaskRunner({"defaults": {"labels": b.labels(kind="cold"), "down": True}}),
-        "SkyVMTaskRunner warm": lambda: SkyVMTaskRunner({"defaults": {"labels": b.labels(keep=True, kind="warm"), "down": False, "idle_minutes_to_autostop": 10}}),
+        "SkyVMTaskRunner cold": lambda: SkyVMTaskRunner({"defaults": {"labels": b.labels(kind="cold"), "down": True, "prefect_engine": True}}),
+        "SkyVMTaskRunner warm": lambda: SkyVMTaskRunner({"defaults": {"labels": b.labels(keep=True, kind="warm"), "down": False, "idle_minutes_to_autostop": 10, "prefect_engine": True}}),
         # The same with a warm cluster per task (max_clusters: N): no task queues for a cluster.
         "SkyVMTaskRunner warm, N clusters": lambda: SkyVMTaskRunner(
-            {"defaults": {"labels": b.labels(keep=True, kind="warm-n"), "down": False, "idle_minutes_to_autostop": 10, "max_clusters": b.n}}
+            {"defaults": {"labels": b.labels(keep=True, kind="warm-n"), "down": False, "idle_minutes_to_autostop": 10, "max_clusters": b.n, "prefect_engine": True}}
         ),
         # Prefect's engine in the flow's process, only the function body on the node (prefect_engine: false).
         "SkyVMTaskRunner warm, body mode": lambda: SkyVMTaskRunner(
