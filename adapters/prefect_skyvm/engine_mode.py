@@ -211,7 +211,7 @@ def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_f
     return kwargs, secrets
 
 
-def body_context(cache: dict, task) -> bytes:
+def body_context(cache: dict, task) -> Optional[bytes]:
     """The task run's context for a body-mode node with Prefect (``on_node.run_body``), pickled apart so a
     node without Prefect never unpickles it: no API (logs to the node's output), no secrets. The task in
     it is the user's ``task``, not the copy that launches the node (that one holds the live run)."""
@@ -224,7 +224,12 @@ def body_context(cache: dict, task) -> bytes:
     if settings is not None:
         settings.setdefault("logging", {}).setdefault("to_api", {})["enabled"] = False
         settings.setdefault("server", {}).setdefault("ephemeral", {})["enabled"] = False
-    return cloudpickle.dumps(context)
+    try:
+        return cloudpickle.dumps(context)
+    except Exception as exc:  # noqa: BLE001 - a flow holding what cannot travel (a lock in its closure)
+        # The body still runs, without the run's context (get_run_logger() then fails on the node, as before).
+        log.debug("the task run's context cannot travel to the node (%s): the body runs without it", exc)
+        return None
 
 
 def record_state(task, task_run_id: uuid.UUID, state, logger=None) -> None:
