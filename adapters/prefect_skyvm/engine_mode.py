@@ -22,7 +22,7 @@ task runner replaced by a ``ThreadPoolTaskRunner`` (nested submissions run on th
 Prefect's settings as environment variables. The API's URL and Prefect's secret settings (the API
 key) never travel in the payload: they go to the node as skyvm secrets (``on_node`` puts them back).
 
-Holds ``use_engine``, ``engine_settings``, ``engine_call``, ``body_context`` and ``record_state``.
+Holds ``use_engine``, ``flow_travels``, ``engine_settings``, ``engine_call``, ``body_context`` and ``record_state``.
 May import: prefect, skyvm.settings and skyvm.errors, prefect_skyvm.flow_node (the node's Prefect
 pins, the environment split).
 """
@@ -132,25 +132,57 @@ def _pop(settings: dict[str, Any], path: tuple[str, ...]) -> Any:
     return settings.pop(path[-1], None) if isinstance(settings, dict) else None
 
 
+def _node_flow(cache: dict, flow):
+    """The flow as a node's context holds it: a copy whose task runner is a thread pool (made once per flow)."""
+    from prefect.task_runners import ThreadPoolTaskRunner
+
+    from skyvm.calls import ship_by_value
+
+    key = ("flow", id(flow))
+    if key not in cache:
+        cache[key] = (flow, flow.with_options(task_runner=ThreadPoolTaskRunner()))
+    ship_by_value(flow.fn)
+    return cache[key][1]
+
+
+def flow_travels(cache: dict, logger=None) -> bool:
+    """Whether the flow can travel in a node's context (engine mode needs it there); checked once per flow.
+
+    A flow that cannot be pickled (a lock, a client or an open file in its closure: a flow defined inside a
+    function that made one) runs its tasks in body mode instead, which needs only the task, and says so."""
+    from prefect.context import FlowRunContext
+
+    flow = getattr(FlowRunContext.get(), "flow", None)
+    if flow is None:
+        return True
+    key = ("travels", id(flow))
+    if key not in cache:
+        import cloudpickle
+
+        try:
+            cloudpickle.dumps(_node_flow(cache, flow))
+            cache[key] = (flow, True)
+        except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the answer is the same
+            cache[key] = (flow, False)
+            (logger or log).info(
+                "skyvm: the tasks of flow %r run in body mode (Prefect's engine in this process, the function on the node): "
+                "the flow cannot travel to a node in its run's context (%s: %s); create what its closure holds inside it",
+                flow.name, type(exc).__name__, exc,
+            )
+    return cache[key][1]
+
+
 def _node_context(cache: dict, secrets: Optional[dict[str, str]] = None, asset_ctx_kwargs: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], list]:
     """(the flow's serialized context for a node, where its secret settings were): the flow's task
     runner a thread pool, the secret settings taken out (into ``secrets`` when given)."""
     from prefect.context import serialize_context
-    from prefect.task_runners import ThreadPoolTaskRunner
 
     # The asset context (as prefect-dask makes it): the task's upstream assets from the flow's record, and,
     # made here in the flow's process, its own assets recorded there for the tasks downstream of it.
     context = serialize_context(asset_ctx_kwargs=asset_ctx_kwargs)
     flow_ctx = context.get("flow_run_context") or {}
-    flow = flow_ctx.get("flow")
-    if flow is not None:
-        key = ("flow", id(flow))
-        if key not in cache:
-            cache[key] = (flow, flow.with_options(task_runner=ThreadPoolTaskRunner()))
-        flow_ctx["flow"] = cache[key][1]
-        from skyvm.calls import ship_by_value
-
-        ship_by_value(flow.fn)
+    if flow_ctx.get("flow") is not None:
+        flow_ctx["flow"] = _node_flow(cache, flow_ctx["flow"])
     settings = (context.get("settings_context") or {}).get("settings")
     paths = _per_settings(cache)[0] if settings is not None else []
     for path, name in paths:

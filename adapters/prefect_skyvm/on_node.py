@@ -12,11 +12,13 @@ taken out of the serialized settings by the launcher and reaches the node's envi
 
 Imported on every node whose image has Prefect (the resident agent imports it ahead of the nodes, so a
 warm node pays no import): Prefect's task engine at module level, nothing of the launcher's side (no
-docker, no skyvm.api/run/pool). May import: the standard library, cloudpickle and Prefect (when installed).
+docker, no skyvm.api/run/pool). May import: the standard library, cloudpickle, Prefect (when installed) and skyvm.redact.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 from typing import Any, Optional
 
@@ -67,7 +69,7 @@ def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[st
     _quiet_console()
     _restore_settings(context, secret_paths)
     _settings_model(context)
-    task = engine_kwargs["task"]
+    task = engine_kwargs["task"] = _scrubbing(engine_kwargs["task"])
     with hydrated_context(context):
         try:
             if task.isasync:
@@ -79,6 +81,50 @@ def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[st
             # The node's process ends with the call: what the task logged and emitted must reach the API first
             # (a crash included: the engine has just proposed the Crashed state).
             _flush()
+
+
+def _scrubbing(task):
+    """The task with its function's exceptions redacted in place as they leave it: Prefect's engine, on this
+    node, makes the failed (or crashed) state's message, the traceback it logs and the result it persists from
+    the exception's text, and sends them to the API itself, where the launcher's redaction never sees them.
+    Log records are scrubbed at creation already (the node registered its secrets with ``skyvm.redact``)."""
+    from skyvm import redact
+
+    fn = task.fn
+    if not redact.known() or inspect.isgeneratorfunction(fn) or inspect.isasyncgenfunction(fn):
+        return task  # a generator task's values leave it one by one: its exceptions are left as they are
+    if inspect.iscoroutinefunction(fn):
+
+        @functools.wraps(fn)
+        async def scrubbed(*args, **kwargs):
+            try:
+                return await fn(*args, **kwargs)
+            except BaseException as exc:
+                _scrub_chain(exc)
+                raise
+
+    else:
+
+        @functools.wraps(fn)
+        def scrubbed(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except BaseException as exc:
+                _scrub_chain(exc)
+                raise
+
+    task.fn = scrubbed
+    return task
+
+
+def _scrub_chain(exc: BaseException) -> None:
+    from skyvm import redact
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:  # the cause and context Prefect's traceback shows too
+        seen.add(id(exc))
+        redact.scrub_exception(exc)
+        exc = exc.__cause__ or exc.__context__
 
 
 def run_body(fn, args: tuple, kwargs: dict, context_blob: Optional[bytes]):

@@ -219,7 +219,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
 
         # Settings are resolved here, in the submitting thread: a mistake raises from .submit() and nothing starts.
         settings = self._resolve(task)
-        engine = engine_mode.use_engine(task.name, settings, _run_logger())
+        engine = engine_mode.use_engine(task.name, settings, _run_logger()) and engine_mode.flow_travels(self._node_cache, _run_logger())
         check_launchable(task.name, settings)
         task_run_id = uuid7()
         if engine:

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import uuid
 
+import pytest
 import yaml
 from prefect import flow, task
 
@@ -65,7 +66,13 @@ def prefect_records(flow_run_id) -> dict[str, str]:
     }
 
 
-def test_no_secret_of_a_failing_node_surfaces_anywhere(s3_server, registry, tmp_path, monkeypatch, caplog, capfd):
+@pytest.fixture(params=[False, True], ids=["body", "engine"])
+def engine(request):
+    """Both modes: in engine mode Prefect's engine on the node makes and sends the states, logs and events."""
+    return request.param
+
+
+def test_no_secret_of_a_failing_node_surfaces_anywhere(s3_server, registry, tmp_path, monkeypatch, caplog, capfd, engine):
     from prefect.blocks.system import Secret
 
     from skyvm.api import backend_for, prepare
@@ -85,6 +92,7 @@ def test_no_secret_of_a_failing_node_surfaces_anywhere(s3_server, registry, tmp_
             "connector": "team",
             "cpus": 0.5,
             "memory": 0.5,
+            "prefect_engine": engine,
             "payload_store": f"s3://skyvm-test/prefect-canary-{tag}",
             "payload_store_endpoint": s3_server,
             "registry": {"server": registry.server, "username": registry.username, "password": f"prefect:secret/canary-reg-{tag}"},
@@ -150,7 +158,7 @@ def prints_and_raises():
     raise RuntimeError(f"failing with {os.environ['CANARY_TOKEN']}")
 
 
-def test_late_handlers_on_every_logger_send_no_secret_to_the_prefect_api(tmp_path):
+def test_late_handlers_on_every_logger_send_no_secret_to_the_prefect_api(tmp_path, engine):
     """Prefect's API handler put on ``skyvm`` after the secret was read (as PREFECT_LOGGING_EXTRA_LOGGERS
     does for a user who wants skyvm's logs in the UI), records with the secret on skyvm's loggers and
     on the run logger, exceptions quoting it, a node printing it: the API's logs hold each, masked."""
@@ -161,11 +169,10 @@ def test_late_handlers_on_every_logger_send_no_secret_to_the_prefect_api(tmp_pat
 
     secret = marker("late")
     path = tmp_path / "skyvm.yaml"
-    path.write_text(yaml.safe_dump({"defaults": {"cpus": 0.5, "memory": 0.5, "secrets": {"CANARY_TOKEN": secret}}}))
-    api = APILogHandler()
-
+    path.write_text(yaml.safe_dump({"defaults": {"cpus": 0.5, "memory": 0.5, "prefect_engine": engine, "secrets": {"CANARY_TOKEN": secret}}}))
     @flow(task_runner=SkyVMTaskRunner(str(path)))
     def late_handlers():
+        api = APILogHandler()  # made here: a flow holding a lock in its closure runs its tasks in body mode
         node = prints_and_raises.submit()  # the runner reads the secret here
         node.wait()
         skyvm_log = logging.getLogger("skyvm")

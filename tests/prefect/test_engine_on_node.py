@@ -203,3 +203,29 @@ def test_a_node_that_never_runs_is_crashed_in_the_api():
     assert state_type == StateType.CRASHED and "skyvm-no-such-image:1" in message
     run = read_from_api(lambda client: client.read_task_run(task_run_id), lambda run: run.state is not None)
     assert run.state.type == StateType.CRASHED and run.name.startswith("square")
+
+
+def test_a_flow_that_cannot_travel_runs_its_tasks_in_body_mode_and_says_so():
+    import threading
+
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    lock = threading.Lock()  # in the flow's closure: the flow cannot be pickled into a node's context
+    flow_run_ids = []
+
+    @flow(task_runner=SkyVMTaskRunner(SETTINGS))
+    def f():
+        from prefect.context import FlowRunContext
+
+        flow_run_ids.append(FlowRunContext.get().flow_run.id)
+        with lock:
+            return square.submit(6).result()
+
+    assert f() == 36  # the task ran all the same
+    logs = read_from_api(
+        lambda client: client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=flow_run_ids))),
+        lambda logs: any("body mode" in log.message for log in logs),
+    )
+    lines = [log.message for log in logs if "body mode" in log.message]
+    assert len(lines) == 1 and "the tasks of flow 'f' run in body mode" in lines[0] and "cannot travel" in lines[0], lines
+    assert not any("with Prefect's engine" in log.message for log in logs)
