@@ -10,7 +10,9 @@ scenario counts them per arm. A registry (Debian's docker-registry) and moto's S
 
 - warm: N nodes one after another in one ``Run`` with ``down: false``, K signatures (node i
   has signature i % K): must make exactly K launches; the N - K warm nodes go to each cluster's
-  agent over its SSH connection (issue 20: the stand-in VM runs Debian's sshd), no SkyPilot job;
+  agent over its SSH connection (issue 20: the stand-in VM runs Debian's sshd), no SkyPilot job and,
+  once the connection is open, no bridge call: the payload inline, the result read back over SSH
+  (no payload store round trip);
 - warm-exec: the same with agents off (``SKYVM_AGENT=0``): each warm node a ``sky exec``, as
   before issue 20 and as on a cluster without SSH; beside the channel in the same run;
 - cold: N nodes, each in its own ``Run`` with ``down: true`` and a signature of its own:

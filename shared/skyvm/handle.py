@@ -289,7 +289,7 @@ class NodeHandle:
             if self._cancel.is_set():
                 raise NodeCancelled(f"node {self.node!r} was cancelled before it started")
             self._backend = backend = backend_for(s)
-            payload, self._payload = self._payload, None  # the store has it from here on
+            payload, self._payload = self._payload, None  # the spec (and the store, unless it goes inline) has it from here on
             self._store, spec = prepare(self.run.run_id, self.node, self.attempt_id, s, payload, backend, self._ctx)
             del payload
             self.spec, self._result_url = spec, spec.result_url
@@ -423,4 +423,5 @@ class NodeHandle:
     def _read_outcome(self, status, log_tail: list[str]) -> Outcome:
         if self._store is None:
             self._store, _conn = node_store(self.settings, self.node)
-        return read_outcome(self._store, self._result_url, status, self.node, self.cluster, log_tail)
+        backend, ref = self._backend_of(), self.ref
+        return read_outcome(self._store, self._result_url, status, self.node, self.cluster, log_tail, fetch=lambda: backend.result_bytes(ref))

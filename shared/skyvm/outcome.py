@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import cloudpickle
 
@@ -69,13 +69,15 @@ class Outcome:
         raise err
 
 
-def read_outcome(store, result_url: str, status, node: str, cluster: str, log_tail: list[str]) -> Outcome:
+def read_outcome(store, result_url: str, status, node: str, cluster: str, log_tail: list[str], fetch: Optional[Callable[[], Optional[bytes]]] = None) -> Outcome:
+    """``fetch``: the result as its backend brought it back (Backend.result_bytes), None when it is in the store."""
     if status.state is JobState.CANCELLED:
         raise NodeCancelled(f"node {node!r} was cancelled")
     if status.state is JobState.GONE:
         raise InfrastructureError(f"node {node!r}: its cluster {cluster} is gone ({status.detail}); the node did not finish")
     try:
-        result = cloudpickle.loads(store.get(store.key_of(result_url)))
+        blob = fetch() if fetch is not None else None
+        result = cloudpickle.loads(store.get(store.key_of(result_url)) if blob is None else blob)
     except PayloadError as exc:
         tail = "\n".join(log_tail)
         raise InfrastructureError(

@@ -11,6 +11,7 @@ skyvm.redact, skyvm.connectors, and (when asked for) the backends. Never the han
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import uuid
@@ -20,7 +21,7 @@ from skyvm import redact
 from skyvm.connectors.base import DEFAULT_NODE_TTL_S
 from skyvm.context import Context, builds_image, current
 from skyvm.errors import InfrastructureError, SettingsError, SkyVMError
-from skyvm.payloads import open_store
+from skyvm.payloads import content_key, open_store
 from skyvm.plan import TaskSpec, plan_node
 from skyvm.settings import NodeSettings
 
@@ -112,7 +113,9 @@ def prepare(run_id: str, node: str, attempt_id: str, s: NodeSettings, payload: b
     from skyvm import connectors
 
     store, conn = node_store(s, node)
-    payload_url = store.put_payload(payload)
+    pending = store if len(payload) <= getattr(backend, "inline_payload_max", 0) else None
+    # A small payload goes inline where it can (a warm cluster's agent): no store round trip; stored only if the backend must.
+    payload_url = store.url_for(content_key(payload)) if pending is not None else store.put_payload(payload)
     result_url = store.url_for(f"results/{attempt_id}")
     envs: dict[str, str] = {}
     secrets: dict[str, str] = {}
@@ -140,4 +143,4 @@ def prepare(run_id: str, node: str, attempt_id: str, s: NodeSettings, payload: b
         registry_auth=connectors.registry_login(s, s.registry) if image.startswith(_registry_prefix(s)) else None,
         payload=payload,
     )
-    return store, spec
+    return store, dataclasses.replace(spec, pending_store=pending)

@@ -140,6 +140,45 @@ def test_warm_nodes_go_over_ssh_to_the_agent_with_one_launch_and_no_exec(standin
     assert not agent_dir(first.cluster).exists()  # gone with the cluster
 
 
+def size(text: str) -> int:
+    return len(text)
+
+
+def test_a_warm_node_with_a_small_payload_makes_no_bridge_call_and_no_store_round_trip(standin_vm, s3_server, registry, monkeypatch):
+    import uuid
+
+    import boto3
+
+    from skyvm.backends import agent_channel
+    from skyvm.backends.skypilot import SkyPilotBackend
+
+    monkeypatch.setenv("SKYVM_S3_ENDPOINT_URL", s3_server)
+    prefix = f"inline-{uuid.uuid4().hex[:8]}"
+    s3 = boto3.client("s3", endpoint_url=s3_server)
+
+    def stored() -> set[str]:
+        return {o["Key"] for o in s3.list_objects_v2(Bucket="skyvm-test", Prefix=f"{prefix}/").get("Contents", [])}
+
+    with Run(_settings(s3_server, registry, payload_store=f"s3://skyvm-test/{prefix}")) as run:
+        first = run.submit(size, "launch", node="first")
+        assert first.result(600) == 6
+        # The launch is a SkyPilot job: its node read its payload from the store and left its result there.
+        assert {k.split("/")[1] for k in stored()} == {"payloads", "results"}
+        assert run.submit(size, "opens the connection", node="warm-0").result(300) == 20
+        calls, objects = len(standin_vm.calls()), stored()
+        warm = [run.submit(size, "x" * (i + 1), node=f"warm-{i + 1}") for i in range(3)]
+        assert [h.result(300) for h in warm] == [1, 2, 3]
+        assert all("through its agent over SSH" in h.logs() for h in warm)
+        assert standin_vm.calls()[calls:] == []  # not one bridge call: the connection was open
+        assert stored() == objects  # payloads went inline, results came back over SSH
+        # A payload over the inline bound goes through the store (the node reads it there); its result still over SSH.
+        monkeypatch.setattr(agent_channel, "INLINE_PAYLOAD_MAX", 4096)
+        monkeypatch.setattr(SkyPilotBackend, "inline_payload_max", 4096)
+        assert run.submit(size, "y" * 20000, node="large").result(300) == 20000
+        assert [k.split("/")[1] for k in stored() - objects] == ["payloads"]
+    assert [c["call"] for c in standin_vm.calls()].count("exec") == 0
+
+
 def test_without_ssh_a_warm_node_is_a_sky_exec_and_its_log_says_so(standin_vm, vm_settings, monkeypatch):
     monkeypatch.setenv("SKYVM_STANDIN_SSH", "0")  # a cluster SkyPilot gives no SSH access to
     with Run(vm_settings) as run:

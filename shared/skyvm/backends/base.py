@@ -13,6 +13,7 @@ an Airflow trigger or another process (by polling ``status`` and ``read_log``).
     backend.cluster_name(spec, slot)                backend.cancel(ref)
     backend.start_cluster(spec, name)               backend.watch(ref, on_log, on_exit)
     backend.run_attempt(spec, cluster, fresh=...)   backend.let_go(ref)
+                                                    backend.result_bytes(ref)
     backend.clusters(signature=None, running=False)
     backend.remove_cluster(name, shared=...)
 
@@ -108,6 +109,9 @@ class Backend(abc.ABC):
     lists_warm: bool = False
     # How often a follower that cannot watch (another process's attempt, SkyPilot) polls status and log.
     poll_s: float = 1.0
+    # Payloads up to this size may reach the node inline (a cluster's agent): ``prepare`` then leaves them
+    # out of the store (``TaskSpec.pending_store``) and the backend puts one there only when its node must read it.
+    inline_payload_max: int = 0
 
     # -- clusters ----------------------------------------------------------------
 
@@ -170,6 +174,11 @@ class Backend(abc.ABC):
         """Follow the attempt by push (a stream), calling ``on_exit`` once; False when only polling works
         (another process's attempt, or a backend without streams)."""
         return False
+
+    def result_bytes(self, ref: NodeRef) -> Optional[bytes]:
+        """The attempt's result when the backend brings it back itself (PayloadError when there is none);
+        None: the node left it in the payload store, at the attempt's result URL."""
+        return None
 
     def let_go(self, ref: NodeRef) -> None:
         """The launching process stops following the attempt, which runs on (Airflow's deferral):

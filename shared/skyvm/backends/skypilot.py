@@ -30,14 +30,15 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, NoReturn, Optional
 
-from skyvm.backends.agent_channel import agent_dir
+from skyvm.backends.agent_channel import INLINE_PAYLOAD_MAX, agent_dir
 from skyvm.backends.base import NONE, OWN, SHARED, Backend, JobState, JobStatus, LogSink, NodeRef
 from skyvm.clouds import BUCKET_PREFIXES
 from skyvm.errors import InfrastructureError, NodeCancelled
 from skyvm.plan import TaskSpec, pool_name
 from skyvm.settings import NodeSettings
 from skyvm.skypilot.bridge import FAILED_JOB_EXIT, SkyBridge, get_bridge
-from skyvm.skypilot.agents import VIA_AGENT, ClusterAgents, with_agent
+from skyvm.skypilot.agent_setup import with_agent
+from skyvm.skypilot.agents import VIA_AGENT, ClusterAgents
 from skyvm.skypilot.credentials import CredentialSet
 from skyvm.skypilot.placing import cap_refusal, place
 from skyvm.skypilot.task_config import pool_job_config, pool_task_config, task_config
@@ -61,6 +62,8 @@ class SkyPilotBackend(Backend):
     needs_image = True
     # A SkyPilot job is polled (status and log) by the process's watcher: no thread per node.
     poll_s = 2.0
+    # A warm node's payload goes inline to its cluster's agent: stored only for a launch, an exec or a managed job.
+    inline_payload_max = INLINE_PAYLOAD_MAX
 
     def __init__(self, bridge: Optional[SkyBridge] = None, credentials: Optional[CredentialSet] = None):
         self._bridge = bridge
@@ -135,6 +138,8 @@ class SkyPilotBackend(Backend):
 
     def run_attempt(self, spec: TaskSpec, cluster: Optional[str], *, fresh: bool = False, on_log: Optional[LogSink] = None, cancelled=None) -> NodeRef:
         base = dict(backend=self.name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id)
+        if spec.settings.pool is not None or cluster is None or fresh:
+            _store_payload(spec)  # a SkyPilot job's node reads it from the store
         if spec.settings.pool is not None:
             return self._run_on_pool(spec, cluster, base, on_log)
         task = self._task(spec)
@@ -149,6 +154,8 @@ class SkyPilotBackend(Backend):
                     self._placements[cluster] = placement
             else:
                 ref = self._agents.dispatch(spec, cluster, on_log)
+                if ref is None:
+                    _store_payload(spec)
                 answer = None if ref is not None else self.bridge.exec(task, cluster, on_log=on_log)
         except BaseException as exc:
             _raise_infra(spec, cluster, exc)
@@ -269,6 +276,10 @@ class SkyPilotBackend(Backend):
     def watch(self, ref: NodeRef, on_log: LogSink, on_exit) -> bool:
         return _via_agent(ref) and self._agents.watch(ref, on_log, on_exit)
 
+    def result_bytes(self, ref: NodeRef) -> Optional[bytes]:
+        """A node its cluster's agent ran left its result on the cluster: read over the SSH connection."""
+        return self._agents.result(ref) if _via_agent(ref) else None
+
     def let_go(self, ref: NodeRef) -> None:
         if _via_agent(ref):
             self._agents.let_go(ref)
@@ -350,6 +361,12 @@ def missing_for_vms(settings: NodeSettings) -> list[tuple[str, str]]:
 
 def _via_agent(ref: NodeRef) -> bool:
     return ref.extra.get("via") == VIA_AGENT
+
+
+def _store_payload(spec: TaskSpec) -> None:
+    """The payload where the node reads it (payload_url) when prepare left it for an inline hand-over."""
+    if spec.pending_store is not None and spec.payload is not None:
+        spec.pending_store.put_payload(spec.payload)
 
 
 def _raise_infra(spec: TaskSpec, cluster: str, exc: BaseException) -> NoReturn:

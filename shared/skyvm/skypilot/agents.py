@@ -1,19 +1,19 @@
-"""The agents of SkyPilot clusters: started by a cluster's setup, reached over its SSH connection.
+"""The agents of SkyPilot clusters: started by a cluster's setup (``agent_setup``), reached over its SSH connection.
 
-A cluster skyvm launches with its own node image starts ``skyvm.agent`` in its container at the
-end of ``setup`` (``with_agent``), with a key this launcher made (a task secret, never on argv,
-kept on this host under ``agent_dir``) and its socket at ``REMOTE_SOCKET``. Once the cluster is
-UP, a warm node goes over the cluster's one SSH connection (``ssh_channel.SSHLink``) to that
-agent (``AgentChannel``: payload, log, exit, cancel), never as a SkyPilot job. A node's log says
+Once the cluster is UP, a warm node goes over the cluster's one SSH connection (``ssh_channel.SSHLink``)
+to its agent (``AgentChannel``: payload inline, log, exit, cancel), never as a SkyPilot job, and with
+no bridge call once the connection is open. The node leaves its result on the cluster
+(``agent_setup.REMOTE_RESULTS``), read back over the same connection: no payload store round trip
+either way for a node whose payload goes inline. A node's log says
 which path it takes; without SSH access, a key or an answering agent, it is ``sky exec`` as
 before. A dropped connection is opened again and the node followed through its log and exit
 files on the cluster; one that stays down past ``RECONNECT_ENV``'s bound ends the node GONE,
 naming the cluster. Another process (an Airflow trigger) follows a node from its ``NodeRef``
 the same way: the bridge's ``ssh_info`` and a connection of its own.
 
-Holds: ``ClusterAgents``, ``with_agent``, ``VIA_AGENT``. May import: the standard library,
-skyvm.backends.base, skyvm.backends.agent_channel, skyvm.errors, skyvm.plan,
-skyvm.skypilot.interface and .ssh_channel.
+Holds: ``ClusterAgents``, ``VIA_AGENT``. May import: the standard library,
+skyvm.backends.base, skyvm.backends.agent_channel, skyvm.errors, skyvm.payloads (unframe), skyvm.plan,
+skyvm.skypilot.interface, .agent_setup and .ssh_channel.
 """
 
 from __future__ import annotations
@@ -27,10 +27,12 @@ import time
 import urllib.parse
 from typing import Callable, Optional
 
-from skyvm.backends.agent_channel import KEY, AgentChannel, AgentGone, agent_dir, new_key
+from skyvm.backends.agent_channel import KEY, AgentChannel, AgentGone, agent_dir
 from skyvm.backends.base import JobState, JobStatus, LogSink, NodeRef, state_of_exit
-from skyvm.errors import InfrastructureError
+from skyvm.errors import InfrastructureError, PayloadError
+from skyvm.payloads import unframe
 from skyvm.plan import TaskSpec
+from skyvm.skypilot.agent_setup import NODE_CMD, REMOTE_SOCKET, agents_enabled, result_path
 from skyvm.skypilot.interface import SkyBridge
 from skyvm.skypilot.ssh_channel import SSHLink, SSHRefused, SSHUnreachable
 
@@ -38,9 +40,6 @@ log = logging.getLogger("skyvm.skypilot.agents")
 
 # A NodeRef's extra["via"] for a node dispatched through its cluster's agent (it has no SkyPilot job).
 VIA_AGENT = "agent"
-REMOTE_DIR = "/tmp/skyvm-agent"
-REMOTE_SOCKET = f"{REMOTE_DIR}/agent.sock"
-KEY_SECRET = "SKYVM_AGENT_KEY"
 # How long a dropped connection may stay down before its nodes are GONE (seconds).
 RECONNECT_ENV = "SKYVM_SSH_RECONNECT_S"
 RECONNECT_S = 120.0
@@ -49,51 +48,13 @@ AGENT_ANSWER_S = 5.0
 CANCEL_GRACE_S = 10
 RESUME_POLL_S = 0.5
 
-# The payload store's file system, imported by the agent before it forks: not by every node.
-STORE_MODULES = {"s3": "s3fs", "gs": "gcsfs", "az": "adlfs"}
-# The agent started with modules imported first (argv[1], comma-separated; one that fails is left to the node).
-_WITH_PRELOAD = (
-    "import importlib, runpy, sys\n"
-    "for name in filter(None, sys.argv[1].split(',')):\n"
-    "    try:\n        importlib.import_module(name)\n    except Exception as exc:\n"
-    "        print(f'skyvm.agent: preloading {name} failed: {exc}', file=sys.stderr)\n"
-    "sys.argv = ['skyvm.agent', *sys.argv[2:]]\n"
-    "runpy.run_module('skyvm.agent', run_name='__main__', alter_sys=True)\n"
-)
-
-
-def agent_start(preload: str) -> str:
-    """The end of a launch's setup: the agent in the background (its own session: it outlives setup), the
-    key from the task's secret into a file of its own, the secret itself kept from the nodes it forks."""
-    return (
-        f"mkdir -p {REMOTE_DIR} && chmod 700 {REMOTE_DIR} && (umask 077 && printf %s \"${KEY_SECRET}\" > {REMOTE_DIR}/key) "
-        f"&& command -v python3 > {REMOTE_DIR}/python "
-        f"&& env -u {KEY_SECRET} setsid nohup python3 -c {shlex.quote(_WITH_PRELOAD)} {shlex.quote(preload)} --socket {REMOTE_SOCKET} "
-        f"--key-file {REMOTE_DIR}/key > {REMOTE_DIR}/agent.log 2>&1 < /dev/null &"
-    )
 # Variables whose URL, when it names this machine's loopback, a node on the VM reaches through a reverse
 # forward over the cluster's SSH connection (engine-mode Prefect nodes reach a launcher's local API).
 # More names: SKYVM_FORWARD_URL_ENVS (comma-separated).
 FORWARDED_URL_ENVS = ("PREFECT_API_URL",)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-# The node runtime's commands over SSH: with the Python the agent runs (an SSH session's PATH is not the image's).
-NODE_CMD = f'"$(cat {REMOTE_DIR}/python 2>/dev/null || echo python3)" -m skyvm.node'
-
-
-def agents_enabled() -> bool:
-    return os.environ.get("SKYVM_AGENT", "1") != "0"
-
-
-def with_agent(task: dict, cluster: str, store: Optional[str] = None) -> dict:
-    """The launch's task with the agent started at the end of its setup (a container of skyvm's runtime only),
-    the file system of the payload store ``store`` imported by it ahead of the nodes."""
-    image = str((task.get("resources") or {}).get("image_id") or "")
-    if not agents_enabled() or not image.startswith("docker:") or not task.get("setup"):
-        return task
-    key = new_key(agent_dir(cluster)).decode()
-    preload = ",".join(["skyvm.payloads", STORE_MODULES.get(str(store or "").partition("://")[0], "")]).rstrip(",")
-    return {**task, "setup": f"{task['setup']}\n{agent_start(preload)}", "secrets": {**task.get("secrets", {}), KEY_SECRET: key}}
+# Results read from clusters and not yet asked for (a poll found the node over): kept at most this many.
+KEEP_RESULTS = 256
 
 
 def reconnect_bound() -> float:
@@ -127,6 +88,7 @@ class ClusterAgents:
         self._runs: dict[str, AgentChannel] = {}  # attempt -> its channel, until it ends
         self._busy: dict[str, set[str]] = {}  # cluster -> the attempts this process runs there
         self._exits: dict[str, JobStatus] = {}
+        self._results: dict[str, bytes] = {}  # attempt -> its result, read from the cluster ahead of being asked
 
     # -- connections ------------------------------------------------------------------
 
@@ -196,7 +158,8 @@ class ClusterAgents:
         if channel is not None:
             try:
                 env = self._forwarded(cluster, {**spec.envs, **spec.secrets}, say)
-                channel.run(spec.attempt_id, spec.payload, spec.payload_url, spec.result_url, env)
+                # The result stays on the cluster, read back over this connection (result()): not the store.
+                channel.run(spec.attempt_id, spec.payload, spec.payload_url, f"file://{result_path(spec.attempt_id)}", env)
             except (AgentGone, SSHUnreachable) as exc:
                 channel, why = None, str(exc)
         if channel is None:
@@ -335,12 +298,45 @@ class ClusterAgents:
             if mine is not None:
                 return mine
         try:
-            return self.remote_status(ref)
+            status = self.remote_status(ref)
         except SSHUnreachable as exc:
             link = self._links.get(ref.cluster)
             if link is not None and link.down_since is not None and time.monotonic() - link.down_since > reconnect_bound():
                 return JobStatus(JobState.GONE, None, f"cluster {ref.cluster} out of reach over SSH for over {reconnect_bound():g}s: {exc}")
             raise InfrastructureError(f"node {ref.node!r}: {exc}") from None
+        if status.exit_code is not None:
+            # Read now: whoever asked may release the cluster next (a found-again node with down: true), and its result with it.
+            try:
+                blob = self._read_result(ref)
+            except (PayloadError, SSHUnreachable, InfrastructureError) as exc:
+                log.debug("node %s: no result on %s yet: %s", ref.node, ref.cluster, exc)
+            else:
+                with self._lock:
+                    self._results[ref.attempt_id] = blob
+                    while len(self._results) > KEEP_RESULTS:
+                        self._results.pop(next(iter(self._results)))
+        return status
+
+    def result(self, ref: NodeRef) -> bytes:
+        """The attempt's result, as its node left it on the cluster (PayloadError when it left none)."""
+        with self._lock:
+            blob = self._results.pop(ref.attempt_id, None)
+        if blob is None:
+            try:
+                blob = self._read_result(ref)
+            except SSHUnreachable as exc:
+                raise InfrastructureError(f"node {ref.node!r}: its result cannot be read from cluster {ref.cluster}: {exc}") from None
+        return unframe(blob, f"the result of node {ref.node!r} on cluster {ref.cluster}")
+
+    def _read_result(self, ref: NodeRef) -> bytes:
+        link = self.link(ref.cluster)
+        if link is None:
+            raise SSHUnreachable(f"cluster {ref.cluster}: SkyPilot no longer gives SSH access to it")
+        path = result_path(ref.attempt_id)
+        code, out, err = link.run(f"cat {shlex.quote(path)}")
+        if code != 0:
+            raise PayloadError(f"node {ref.node!r} left no result at {path} on cluster {ref.cluster}: {err.decode(errors='replace').strip()[-300:]}")
+        return out
 
     def _remote(self, ref: NodeRef, args: str) -> bytes:
         link = self.link(ref.cluster)
