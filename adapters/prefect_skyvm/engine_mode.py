@@ -6,9 +6,7 @@ The rule (``prefect_engine``, a node setting; Airflow ignores it):
   runs on the node (no route to the API needed, no Prefect needed in the image).
 - unset with a user's ``image:``: body mode (skyvm cannot add Prefect to an image it did not build);
   ``true`` says the image has Prefect at the flow's version.
-- unset: body mode for now (engine mode is opt-in until a failed task's state message, made on the
-  node, is redacted as everything else is).
-- ``true``: engine mode when the node can reach the flow's Prefect API, which is when
+- unset or ``true``: engine mode when the node can reach the flow's Prefect API, which is when
   the node runs on the local backend (containers on the host's network: a loopback URL, the ephemeral
   server included, is reached as it is), or the API's URL is not a loopback one (``localhost``,
   ``127.0.0.0/8``, ``::1``; no URL means Prefect's ephemeral server, on loopback).
@@ -73,10 +71,7 @@ def use_engine(node: str, settings: NodeSettings, logger=None) -> bool:
         return False
     url = api_url()
     if settings.backend == "local" or not _is_loopback(url):
-        # Opt-in for now: on the node, Prefect builds a failed task's state message from the exception's
-        # text and sends it to the API itself, past skyvm's redaction (the canary tests catch a secret in
-        # it); body mode keeps every state and message in this process, redacted.
-        return bool(settings.prefect_engine)
+        return True
     if settings.prefect_engine:
         raise SettingsError(
             [(
