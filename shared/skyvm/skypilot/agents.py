@@ -54,7 +54,7 @@ RESUME_POLL_S = 0.5
 FORWARDED_URL_ENVS = ("PREFECT_API_URL",)
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # Results read from clusters and not yet asked for (a poll found the node over): kept at most this many.
-KEEP_RESULTS = 256
+KEEP_RESULTS = 64
 
 
 def reconnect_bound() -> float:
@@ -305,17 +305,24 @@ class ClusterAgents:
                 return JobStatus(JobState.GONE, None, f"cluster {ref.cluster} out of reach over SSH for over {reconnect_bound():g}s: {exc}")
             raise InfrastructureError(f"node {ref.node!r}: {exc}") from None
         if status.exit_code is not None:
-            # Read now: whoever asked may release the cluster next (a found-again node with down: true), and its result with it.
-            try:
-                blob = self._read_result(ref)
-            except (PayloadError, SSHUnreachable, InfrastructureError) as exc:
-                log.debug("node %s: no result on %s yet: %s", ref.node, ref.cluster, exc)
-            else:
-                with self._lock:
-                    self._results[ref.attempt_id] = blob
-                    while len(self._results) > KEEP_RESULTS:
-                        self._results.pop(next(iter(self._results)))
+            self._keep_result(ref)
         return status
+
+    def _keep_result(self, ref: NodeRef) -> None:
+        """Read an ended attempt's result now: whoever asked may release the cluster next (a node found
+        again, with down: true), and the result would go with it."""
+        with self._lock:
+            if ref.attempt_id in self._results:
+                return
+        try:
+            blob = self._read_result(ref)
+        except (PayloadError, SSHUnreachable) as exc:
+            log.debug("node %s: no result on %s: %s", ref.node, ref.cluster, exc)
+            return
+        with self._lock:
+            self._results[ref.attempt_id] = blob
+            while len(self._results) > KEEP_RESULTS:
+                self._results.pop(next(iter(self._results)))
 
     def result(self, ref: NodeRef) -> bytes:
         """The attempt's result, as its node left it on the cluster (PayloadError when it left none)."""
