@@ -10,8 +10,10 @@ The rule (``prefect_engine``, a node setting; Airflow ignores it):
   the node runs on the local backend (containers on the host's network: a loopback URL, the ephemeral
   server included, is reached as it is), or the API's URL is not a loopback one (``localhost``,
   ``127.0.0.0/8``, ``::1``; no URL means Prefect's ephemeral server, on loopback).
-- A node that cannot reach it (the skypilot backend with a loopback API): unset falls back to body
-  mode with an info line on the flow run's log; ``true`` raises ``SettingsError`` at ``.submit()``.
+- The skypilot backend with a loopback API: unset falls back to body mode with an info line on the flow
+  run's log; ``true`` is engine mode, the node reaching the API through a reverse forward over its
+  cluster's SSH connection (the agent's; the cluster's first node goes through it too), or, with agents
+  off (``SKYVM_AGENT=0``), a ``SettingsError`` at ``.submit()``.
 
 Engine mode ships what Prefect's ``ProcessPoolTaskRunner`` hands its subprocesses: the task, its
 parameters with futures replaced by their final States (the node's engine resolves them, NotReady
@@ -21,7 +23,7 @@ Prefect's settings as environment variables. The API's URL and Prefect's secret 
 key) never travel in the payload: they go to the node as skyvm secrets (``on_node`` puts them back).
 
 Holds ``use_engine``, ``flow_travels``, ``engine_settings``, ``engine_call``, ``body_context`` and ``record_state``.
-May import: prefect, skyvm.settings and skyvm.errors, prefect_skyvm.flow_node (the node's Prefect
+May import: prefect, skyvm.settings, skyvm.errors and skyvm.skypilot.agent_setup (whether agents are on), prefect_skyvm.flow_node (the node's Prefect
 pins, the environment split).
 """
 
@@ -36,6 +38,7 @@ from urllib.parse import urlsplit
 
 from prefect_skyvm.flow_node import node_requirements, split_env
 from skyvm.errors import SettingsError
+from skyvm.skypilot.agent_setup import agents_enabled
 from skyvm.settings import NodeSettings
 
 log = logging.getLogger("prefect_skyvm")
@@ -72,11 +75,16 @@ def use_engine(node: str, settings: NodeSettings, logger=None) -> bool:
     url = api_url()
     if settings.backend == "local" or not _is_loopback(url):
         return True
+    if settings.prefect_engine and agents_enabled():
+        # The cluster's agent is reached over SSH, and the API's loopback URL is forwarded over that
+        # connection (the cluster's first node included): the node reaches it with no public address.
+        return True
     if settings.prefect_engine:
         raise SettingsError(
             [(
                 f"nodes.{node}.prefect_engine",
-                f"true, but a {settings.backend} node cannot reach the flow's Prefect API at {url or 'the ephemeral server (loopback)'}: "
+                f"true, but a {settings.backend} node cannot reach the flow's Prefect API at {url or 'the ephemeral server (loopback)'} "
+                "with agents off (SKYVM_AGENT=0: no SSH forward to it): turn agents on, "
                 "set PREFECT_API_URL to an API the VM can reach (Prefect Cloud, a server on a public or VPN address), "
                 "or set prefect_engine: false to run Prefect's engine in the flow's process and only the function body on the node",
             )],
@@ -84,7 +92,8 @@ def use_engine(node: str, settings: NodeSettings, logger=None) -> bool:
         )
     (logger or log).info(
         "skyvm: %s runs in body mode (Prefect's engine in this process, the function on the node): a %s node cannot reach "
-        "the Prefect API at %s; set PREFECT_API_URL to an address the VM reaches for engine mode, or prefect_engine: false to silence this",
+        "the Prefect API at %s by itself; set prefect_engine: true to reach it through the cluster's SSH connection, "
+        "PREFECT_API_URL to an address the VM reaches, or prefect_engine: false to silence this",
         node, settings.backend, url or "the ephemeral server (loopback)",
     )
     return False

@@ -152,3 +152,18 @@ def test_bad_input_is_exit_2_naming_the_option_and_what_is_accepted():
     assert bad.returncode == 2 and "'xml' is not one of 'table', 'json'" in bad.stderr and "--output" in bad.stderr
     missing = skyvm("validate", "no-such-file.yaml")
     assert missing.returncode == 2 and "no-such-file.yaml: settings file not found" in missing.stderr
+
+
+def test_plan_says_how_each_nodes_warm_runs_reach_their_cluster(sky_env, tmp_path):
+    config = tmp_path / "skyvm.yaml"
+    config.write_text(yaml.safe_dump({"defaults": {"backend": "skypilot", "cloud": "aws", "cpus": "2+"}, "nodes": {
+        "plain": {},
+        "recovered": {"use_spot": True, "job_recovery": "FAILOVER"},
+        "pooled": {"pool": {"workers": 2}},
+    }}))
+    table = skyvm("plan", str(config), "--catalog-dir", CATALOG, env=sky_env)
+    assert table.returncode == 0, table.stdout + table.stderr
+    line = next(l for l in table.stdout.splitlines() if l.startswith("warm nodes"))
+    assert "agent over SSH: plain" in line and "managed job (spot recovery): recovered" in line and "managed job on a pool worker: pooled" in line
+    rows = {r["node"]: r for r in json.loads(skyvm("plan", str(config), "--catalog-dir", CATALOG, "-o", "json", env={**sky_env, "SKYVM_AGENT": "0"}).stdout)}
+    assert rows["plain"]["warm_path"] == "sky exec (SKYVM_AGENT=0)" and rows["recovered"]["warm_path"] == "managed job (spot recovery)"

@@ -281,7 +281,9 @@ def fetch_api() -> tuple[str, str]:
         return url, resp.read().decode()
 
 
-def test_a_node_reaches_an_api_on_the_launchers_loopback_through_a_reverse_forward(standin_vm, vm_settings):
+@pytest.fixture
+def loopback_api():
+    """An HTTP API on this machine's loopback only (as a local `prefect server` is): (its URL, its port)."""
     import http.server
     import threading
 
@@ -298,20 +300,38 @@ def test_a_node_reaches_an_api_on_the_launchers_loopback_through_a_reverse_forwa
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    api = f"http://127.0.0.1:{server.server_port}/api"
-    try:
-        with Run(vm_settings) as run:
-            run.submit(parent_command, node="first").result(600)
-            node = run.submit(fetch_api, node="engine", options={"secrets": {"PREFECT_API_URL": api}})
-            url, body = node.result(300)
-            again = run.submit(fetch_api, node="engine-2", options={"secrets": {"PREFECT_API_URL": api}}).result(300)
-    finally:
-        server.shutdown()
+    yield f"http://127.0.0.1:{server.server_port}/api", server.server_port
+    server.shutdown()
+
+
+def test_a_node_reaches_an_api_on_the_launchers_loopback_through_a_reverse_forward(standin_vm, vm_settings, loopback_api):
+    api, port = loopback_api
+    with Run(vm_settings) as run:
+        run.submit(parent_command, node="first").result(600)
+        node = run.submit(fetch_api, node="engine", options={"secrets": {"PREFECT_API_URL": api}})
+        url, body = node.result(300)
+        again = run.submit(fetch_api, node="engine-2", options={"secrets": {"PREFECT_API_URL": api}}).result(300)
     forwarded = urllib.parse.urlsplit(url)
-    assert forwarded.hostname == "127.0.0.1" and forwarded.port != server.server_port and forwarded.path == "/api"
+    assert forwarded.hostname == "127.0.0.1" and forwarded.port != port and forwarded.path == "/api"
     assert body == "healthy at /api/health"
     assert again[0] == url  # one forward per cluster, shared by its nodes
     assert f"PREFECT_API_URL on the node is the VM's 127.0.0.1:{forwarded.port}, forwarded over SSH" in node.logs()
+
+
+def test_the_first_node_of_a_fresh_cluster_that_needs_the_launchers_api_goes_through_the_agent(standin_vm, vm_settings, loopback_api):
+    # No warm cluster yet: a launch's own job could not reach this machine's loopback from a VM, so the launch
+    # runs setup only (the agent starts) and the node goes over the cluster's SSH connection, forward and all.
+    api, port = loopback_api
+    with Run(vm_settings) as run:
+        node = run.submit(fetch_api, node="engine", options={"secrets": {"PREFECT_API_URL": api}})
+        url, body = node.result(600)
+    forwarded = urllib.parse.urlsplit(url)
+    assert body == "healthy at /api/health" and forwarded.port != port, node.logs()
+    assert f"PREFECT_API_URL on the node is the VM's 127.0.0.1:{forwarded.port}, forwarded over SSH" in node.logs()
+    made = standin_vm.calls()
+    launches = [c for c in made if c["call"] == "launch"]
+    assert len(launches) == 1 and launches[0]["task"].get("run") is None  # setup only: no SkyPilot job
+    assert not [c for c in made if c["call"] in ("exec", "tail_logs", "job_status")]
 
 
 def test_a_wrong_key_or_host_key_is_refused_naming_the_cluster(standin_vm, vm_settings):

@@ -149,8 +149,10 @@ def test_body_mode_runs_the_function_and_its_run_logger_reaches_the_task_run_log
     assert not any("running logs_in_body_mode with Prefect's engine" in m for m in messages)
 
 
-def test_prefect_engine_true_on_skypilot_with_a_loopback_api_fails_at_submit():
+def test_prefect_engine_true_on_skypilot_with_a_loopback_api_and_agents_off_fails_at_submit(monkeypatch):
     from prefect.settings import PREFECT_API_URL
+
+    monkeypatch.setenv("SKYVM_AGENT", "0")  # no agent, no SSH connection to forward the API over
 
     runner = SkyVMTaskRunner({"defaults": {"backend": "skypilot", "cloud": "aws", "prefect_engine": True}})
 
@@ -163,7 +165,7 @@ def test_prefect_engine_true_on_skypilot_with_a_loopback_api_fails_at_submit():
     text = str(info.value)
     assert "task 'square': nodes.square.prefect_engine" in text
     assert PREFECT_API_URL.value() in text
-    assert "PREFECT_API_URL" in text and "prefect_engine: false" in text
+    assert "PREFECT_API_URL" in text and "prefect_engine: false" in text and "SKYVM_AGENT=0" in text
 
 
 def test_prefect_engine_unset_on_skypilot_with_a_loopback_api_falls_back_to_body_mode_and_says_so():

@@ -187,7 +187,7 @@ class VMStandIn:
         parsed = self._check(task)
         self._record("launch", cluster=cluster_name, task=self._public(task), idle_minutes_to_autostop=idle_minutes_to_autostop, down=down, retry_until_up=retry_until_up)
         self._provision(parsed, task, cluster_name, {"autostop": idle_minutes_to_autostop, "to_down": down}, on_log)
-        job_id = self._submit(cluster_name, task)
+        job_id = self._submit(cluster_name, task) if task.get("run") else None  # setup only: no job, as sky.launch
         return {"job_id": job_id, "cluster": cluster_name, "dryrun": False, "cloud": "aws", "region": "us-east-1", "zone": None,
                 "instance_type": "m7i.large", "use_spot": False, "hourly_price": 0.1008}
 

@@ -37,8 +37,8 @@ from skyvm.errors import InfrastructureError, NodeCancelled
 from skyvm.plan import TaskSpec, pool_name
 from skyvm.settings import NodeSettings
 from skyvm.skypilot.bridge import FAILED_JOB_EXIT, SkyBridge, get_bridge
-from skyvm.skypilot.agent_setup import with_agent
-from skyvm.skypilot.agents import VIA_AGENT, ClusterAgents
+from skyvm.skypilot.agent_setup import agent_applies, managed, with_agent
+from skyvm.skypilot.agents import VIA_AGENT, ClusterAgents, needs_forward
 from skyvm.skypilot.credentials import CredentialSet
 from skyvm.skypilot.placing import cap_refusal, place
 from skyvm.skypilot.task_config import pool_job_config, pool_task_config, task_config
@@ -52,9 +52,7 @@ _DONE_BAD = {"FAILED", "FAILED_SETUP", "FAILED_DRIVER", "FAILED_PRECHECKS", "FAI
 
 
 def is_managed(spec: TaskSpec) -> bool:
-    """Spot with a recovery strategy: a SkyPilot managed job, so preemptions are SkyPilot's to recover."""
-    s = spec.settings
-    return bool(s.use_spot) and s.job_recovery is not None and str(s.job_recovery).upper() != "NONE"
+    return managed(spec.settings)
 
 
 class SkyPilotBackend(Backend):
@@ -148,11 +146,15 @@ class SkyPilotBackend(Backend):
             log.info("node %s: managed job %s", spec.node, job_id)
             return NodeRef(cluster=f"managed-job-{job_id}", job_id=job_id, managed=True, **base)
         try:
+            # A node that reaches the launcher's loopback (a local Prefect API) does so only through the cluster's
+            # SSH connection: on a fresh cluster too, it goes to the agent once the launch (setup only) is done.
+            through_agent = not fresh or (needs_forward(spec) and agent_applies(task))
             if fresh:
-                answer, placement = self._provision(spec, cluster, cancelled, lambda: self._launch_fresh(spec, task, cluster, on_log))
+                launched = {**task, "run": None} if through_agent else task
+                answer, placement = self._provision(spec, cluster, cancelled, lambda: self._launch_fresh(spec, launched, cluster, on_log))
                 with self._lock:
                     self._placements[cluster] = placement
-            else:
+            if through_agent:
                 ref = self._agents.dispatch(spec, cluster, on_log)
                 if ref is None:
                     _store_payload(spec)
@@ -162,7 +164,7 @@ class SkyPilotBackend(Backend):
         with self._lock:
             price = self._placements.get(cluster, {}).get("hourly_price")
         if answer is None:
-            return dataclasses.replace(ref, hourly_price=price)
+            return dataclasses.replace(ref, hourly_price=price, fresh=fresh)
         return NodeRef(cluster=cluster, job_id=answer["job_id"], fresh=fresh, hourly_price=price, **base)
 
     def _run_on_pool(self, spec: TaskSpec, name: str, base: dict, on_log: Optional[LogSink]) -> NodeRef:

@@ -39,12 +39,16 @@ _WITH_PRELOAD = (
 
 def agent_start(preload: str) -> str:
     """The end of a launch's setup: the agent in the background (its own session: it outlives setup), the
-    key from the task's secret into a file of its own, the secret itself kept from the nodes it forks."""
+    key from the task's secret into a file of its own, the secret itself kept from the nodes it forks; then
+    a wait until it listens."""
     return (
         f"mkdir -p {REMOTE_DIR} && chmod 700 {REMOTE_DIR} && (umask 077 && printf %s \"${KEY_SECRET}\" > {REMOTE_DIR}/key) "
         f"&& command -v python3 > {REMOTE_DIR}/python "
         f"&& env -u {KEY_SECRET} setsid nohup python3 -c {shlex.quote(_WITH_PRELOAD)} {shlex.quote(preload)} --socket {REMOTE_SOCKET} "
-        f"--key-file {REMOTE_DIR}/key > {REMOTE_DIR}/agent.log 2>&1 < /dev/null &"
+        f"--key-file {REMOTE_DIR}/key > {REMOTE_DIR}/agent.log 2>&1 < /dev/null &\n"
+        # Setup ends once the agent listens (60 s at most; one that never does leaves nodes to sky exec): the
+        # cluster's first node may go to it at once (a node that reaches the launcher's API over SSH does).
+        f"i=0; while [ ! -S {REMOTE_SOCKET} ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; true"
     )
 
 
@@ -56,11 +60,34 @@ def agents_enabled() -> bool:
     return os.environ.get("SKYVM_AGENT", "1") != "0"
 
 
+def managed(settings) -> bool:
+    """Spot with a recovery strategy: a SkyPilot managed job, so preemptions are SkyPilot's to recover."""
+    return bool(settings.use_spot) and settings.job_recovery is not None and str(settings.job_recovery).upper() != "NONE"
+
+
+def warm_path(settings) -> str:
+    """How a node of these settings reaches a warm cluster of its signature (``skyvm plan`` shows it)."""
+    if settings.pool is not None:
+        return "managed job on a pool worker"
+    if managed(settings):
+        return "managed job (spot recovery)"
+    if settings.image_id is not None:
+        return "sky exec (a VM image_id: no agent)"
+    if not agents_enabled():
+        return "sky exec (SKYVM_AGENT=0)"
+    return "agent over SSH"
+
+
+def agent_applies(task: dict) -> bool:
+    """Whether a launch of ``task`` starts an agent: skyvm's own container image, with a setup to start it from."""
+    image = str((task.get("resources") or {}).get("image_id") or "")
+    return agents_enabled() and image.startswith("docker:") and bool(task.get("setup"))
+
+
 def with_agent(task: dict, cluster: str, store: Optional[str] = None) -> dict:
     """The launch's task with the agent started at the end of its setup (a container of skyvm's runtime only),
     the file system of the payload store ``store`` imported by it ahead of the nodes."""
-    image = str((task.get("resources") or {}).get("image_id") or "")
-    if not agents_enabled() or not image.startswith("docker:") or not task.get("setup"):
+    if not agent_applies(task):
         return task
     key = new_key(agent_dir(cluster)).decode()
     preload = ",".join(["skyvm.payloads", STORE_MODULES.get(str(store or "").partition("://")[0], "")]).rstrip(",")

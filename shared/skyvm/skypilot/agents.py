@@ -61,6 +61,19 @@ def reconnect_bound() -> float:
     return float(os.environ.get(RECONNECT_ENV) or RECONNECT_S)
 
 
+def _loopback_urls(env: dict) -> list[tuple[str, urllib.parse.SplitResult]]:
+    """(name, URL) of each variable of FORWARDED_URL_ENVS (and SKYVM_FORWARD_URL_ENVS) naming this machine's loopback."""
+    names = FORWARDED_URL_ENVS + tuple(n.strip() for n in os.environ.get("SKYVM_FORWARD_URL_ENVS", "").split(",") if n.strip())
+    found = [(name, urllib.parse.urlsplit(str(env.get(name) or ""))) for name in names]
+    return [(name, parts) for name, parts in found if parts.hostname in LOOPBACK]
+
+
+def needs_forward(spec: TaskSpec) -> bool:
+    """Whether the node reaches something on the launcher's loopback (a local Prefect API): only through the
+    cluster's SSH connection, so even its cluster's first node goes through the agent, not as a launch's job."""
+    return bool(_loopback_urls({**spec.envs, **spec.secrets}))
+
+
 class _Lines:
     """A log read back by offset, handed on line by line (the partial last line kept for the next read)."""
 
@@ -176,12 +189,8 @@ class ClusterAgents:
     def _forwarded(self, cluster: str, env: dict, say: LogSink) -> dict:
         """The node's environment with each loopback URL of FORWARDED_URL_ENVS turned into the VM's end
         of a reverse forward to it (the value's other parts kept: path, scheme, credentials)."""
-        names = FORWARDED_URL_ENVS + tuple(n.strip() for n in os.environ.get("SKYVM_FORWARD_URL_ENVS", "").split(",") if n.strip())
         out = dict(env)
-        for name in names:
-            parts = urllib.parse.urlsplit(str(env.get(name) or ""))
-            if parts.hostname not in LOOPBACK:
-                continue
+        for name, parts in _loopback_urls(env):
             port = parts.port or (443 if parts.scheme == "https" else 80)
             with self._lock:
                 link = self._links[cluster]

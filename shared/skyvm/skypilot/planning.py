@@ -5,7 +5,7 @@ process (this Python when ``sky`` imports here, else skyvm's SkyPilot
 environment) whose SkyPilot runtime directory holds the catalogs given.
 
 Its table goes through ``skyvm.tables`` (one renderer for the CLI).
-May import: skyvm.tables, skyvm.errors, skyvm.plan, skyvm.settings and skyvm.skypilot (bridge, placing, task_config).
+May import: skyvm.tables, skyvm.errors, skyvm.plan, skyvm.settings and skyvm.skypilot (agent_setup, bridge, placing, task_config).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from skyvm.errors import InfrastructureError
 from skyvm.plan import resources as node_resources
 from skyvm.settings import NodeSettings, SkyVMConfig
 from skyvm.skypilot.bridge import SubprocessBridge, sky_importable, skypilot_python
+from skyvm.skypilot.agent_setup import warm_path
 from skyvm.skypilot.placing import place
 from skyvm.skypilot.task_config import resources_config
 
@@ -64,7 +65,7 @@ def plan(entries: list[tuple[str, NodeSettings]], *, catalog_dir: Optional[str] 
     rows = []
     for (name, settings), task, answer in zip(entries, tasks, answers):
         requested = {k: v for k, v in task["resources"].items() if k not in ("labels",)}
-        row = {"node": name, "requested": requested, **answer}
+        row = {"node": name, "requested": requested, **answer, "warm_path": warm_path(settings)}
         if settings.pool is not None and "hourly_price" in answer:
             # A pool keeps its workers up whether nodes run or not: its cost is workers x price.
             row["pool"] = {"name": settings.pool.name, "workers": settings.pool.workers, "hourly_price": round(answer["hourly_price"] * settings.pool.workers, 4)}
@@ -93,6 +94,10 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             table.append((r["node"], req(r), r["cloud"], r["region"] or "-", r["zone"] or "-", r["instance_type"], "yes" if r["use_spot"] else "no", f"{r['hourly_price']:.4f}"))
     lines = [tables.render(table, header)]
     lines.append(f"\nTOTAL (every node above running at once): ${total:.4f}/hour")
+    paths: dict[str, list[str]] = {}
+    for r in rows:
+        paths.setdefault(r["warm_path"], []).append(r["node"])
+    lines.append("warm nodes (a cluster of their signature already up) go as: " + "; ".join(f"{path}: {', '.join(nodes)}" for path, nodes in paths.items()))
     for r in rows:
         if "error" in r:
             lines.append(f"{r['node']}: not placeable: {r['error']}")
