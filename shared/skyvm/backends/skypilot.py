@@ -14,7 +14,7 @@ A cluster of skyvm's image runs an agent (started by the launch's setup): warm n
 the cluster's one SSH connection, not as SkyPilot jobs (``skyvm.skypilot.agents``); a cluster
 without SSH access, a key or an answering agent gets ``sky exec``.
 
-Holds: ``SkyPilotBackend``, ``is_managed``, ``missing_for_vms``; ``skypilot_backend`` and
+Holds: ``SkyPilotBackend``, ``missing_for_vms``; ``skypilot_backend`` and
 ``all_backends`` (the registry's, re-exported).
 May import: skyvm.backends.base, skyvm.skypilot.*, skyvm.plan, skyvm.settings, skyvm.clouds,
 skyvm.errors (never the pool or the API).
@@ -49,10 +49,6 @@ log = logging.getLogger("skyvm.skypilot")
 CANCEL_POLL_S = 0.25
 _DONE_OK = {"SUCCEEDED"}
 _DONE_BAD = {"FAILED", "FAILED_SETUP", "FAILED_DRIVER", "FAILED_PRECHECKS", "FAILED_NO_RESOURCE", "FAILED_CONTROLLER", "CANCELLED", "CANCELLING"}
-
-
-def is_managed(spec: TaskSpec) -> bool:
-    return managed(spec.settings)
 
 
 class SkyPilotBackend(Backend):
@@ -114,7 +110,7 @@ class SkyPilotBackend(Backend):
     def cluster_kind(self, spec: TaskSpec) -> str:
         if spec.settings.pool is not None:
             return SHARED
-        return NONE if is_managed(spec) else OWN
+        return NONE if managed(spec.settings) else OWN
 
     def shared_name(self, spec: TaskSpec) -> str:
         return pool_name(spec.settings, spec.signature, spec.run_id)
@@ -136,8 +132,8 @@ class SkyPilotBackend(Backend):
 
     def run_attempt(self, spec: TaskSpec, cluster: Optional[str], *, fresh: bool = False, on_log: Optional[LogSink] = None, cancelled=None) -> NodeRef:
         base = dict(backend=self.name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id)
-        if spec.settings.pool is not None or cluster is None or fresh:
-            _store_payload(spec)  # a SkyPilot job's node reads it from the store
+        if spec.settings.pool is not None or cluster is None:
+            _store_payload(spec)  # a managed job's node reads it from the store
         if spec.settings.pool is not None:
             return self._run_on_pool(spec, cluster, base, on_log)
         task = self._task(spec)
@@ -150,6 +146,8 @@ class SkyPilotBackend(Backend):
             # SSH connection: on a fresh cluster too, it goes to the agent once the launch (setup only) is done.
             through_agent = not fresh or (needs_forward(spec) and agent_applies(task))
             if fresh:
+                if not through_agent:
+                    _store_payload(spec)  # the launch's own job reads it from the store
                 launched = {**task, "run": None} if through_agent else task
                 answer, placement = self._provision(spec, cluster, cancelled, lambda: self._launch_fresh(spec, launched, cluster, on_log))
                 with self._lock:
@@ -157,7 +155,7 @@ class SkyPilotBackend(Backend):
             if through_agent:
                 ref = self._agents.dispatch(spec, cluster, on_log)
                 if ref is None:
-                    _store_payload(spec)
+                    _store_payload(spec)  # sky exec's job reads it from the store
                 answer = None if ref is not None else self.bridge.exec(task, cluster, on_log=on_log)
         except BaseException as exc:
             _raise_infra(spec, cluster, exc)
