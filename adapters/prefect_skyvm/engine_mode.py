@@ -24,7 +24,7 @@ key) never travel in the payload: they go to the node as skyvm secrets (``on_nod
 
 Holds ``use_engine``, ``flow_travels``, ``engine_settings``, ``engine_call``, ``body_context`` and ``record_state``.
 May import: prefect, skyvm.settings, skyvm.errors and skyvm.skypilot.agent_setup (whether agents are on), prefect_skyvm.flow_node (the node's Prefect
-pins, the environment split).
+pins, the environment split), prefect_skyvm.on_node and prefect_skyvm.relay (what the node is told).
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ import uuid
 from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
 
+from prefect_skyvm import relay
+from prefect_skyvm.on_node import SETTINGS_FROM_CONTEXT
 from prefect_skyvm.flow_node import node_requirements, split_env
 from skyvm.errors import SettingsError
 from skyvm.skypilot.agent_setup import agents_enabled
@@ -176,14 +178,42 @@ def flow_travels(cache: dict, logger=None) -> bool:
     return cache[key][1]
 
 
+def _serialize_context(cache: dict, asset_ctx_kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """Prefect's ``serialize_context()``, with the settings' part made once per settings context:
+    serializing Prefect's settings (every secret rendered) is most of its cost, tens of milliseconds a task
+    on an idle machine, and they do not change within a flow run. Each call gets its own copy (callers
+    edit it). The rest is Prefect's function as it stands (3.x)."""
+    import copy
+
+    from prefect import context as pc
+
+    if not all(hasattr(pc, name) for name in ("_deployment_id", "_deployment_parameters", "EngineContext", "AssetContext")):
+        return pc.serialize_context(asset_ctx_kwargs=asset_ctx_kwargs)  # another Prefect: its own function, whole
+    settings_context = pc.SettingsContext.get()
+    key = ("settings_context", id(settings_context))
+    if key not in cache:  # the object is kept with its answer: its id is not reused while it is
+        cache[key] = (settings_context, settings_context.serialize() if settings_context else {})
+    flow_run_context = pc.EngineContext.get()
+    task_run_context = pc.TaskRunContext.get()
+    tags_context = pc.TagsContext.get()
+    deployment_id = pc._deployment_id.get()
+    return {
+        "flow_run_context": flow_run_context.serialize() if flow_run_context else {},
+        "task_run_context": task_run_context.serialize() if task_run_context else {},
+        "tags_context": tags_context.serialize() if tags_context else {},
+        "settings_context": copy.deepcopy(cache[key][1]),
+        "asset_context": pc.AssetContext.from_task_and_inputs(**asset_ctx_kwargs).serialize() if asset_ctx_kwargs else {},
+        "deployment_id": str(deployment_id) if deployment_id else None,
+        "deployment_parameters": pc._deployment_parameters.get(),
+    }
+
+
 def _node_context(cache: dict, secrets: Optional[dict[str, str]] = None, asset_ctx_kwargs: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], list]:
     """(the flow's serialized context for a node, where its secret settings were): the flow's task
     runner a thread pool, the secret settings taken out (into ``secrets`` when given)."""
-    from prefect.context import serialize_context
-
     # The asset context (as prefect-dask makes it): the task's upstream assets from the flow's record, and,
     # made here in the flow's process, its own assets recorded there for the tasks downstream of it.
-    context = serialize_context(asset_ctx_kwargs=asset_ctx_kwargs)
+    context = _serialize_context(cache, asset_ctx_kwargs)
     flow_ctx = context.get("flow_run_context") or {}
     if flow_ctx.get("flow") is not None:
         flow_ctx["flow"] = _node_flow(cache, flow_ctx["flow"])
@@ -204,7 +234,14 @@ def engine_settings(settings: NodeSettings, secrets: dict[str, str]) -> NodeSett
     # task nodes run in that very image (SKYVM_NODE_IMAGE): nothing to add, nothing to build there.
     inherited = bool(os.environ.get("SKYVM_NODE_IMAGE"))
     extra = [] if inherited else [r for r in node_requirements() if r not in settings.requirements]
-    return settings.model_copy(update={"requirements": [*settings.requirements, *extra], "secrets": {**settings.secrets, **secrets}})
+    return settings.model_copy(
+        update={
+            "requirements": [*settings.requirements, *extra],
+            "secrets": {**settings.secrets, **secrets},
+            # In the node's process from its start: the agent's child reads it before the task's call.
+            "envs": {**settings.envs, SETTINGS_FROM_CONTEXT: "1"},
+        }
+    )
 
 
 def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_for: Optional[Iterable], dependencies, cache: dict):
@@ -238,6 +275,8 @@ def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_f
     context, secret_paths = _node_context(cache, secrets, asset_ctx_kwargs=assets)
     env = _per_settings(cache)[1] | {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")}
     plain_env, secret_env = split_env(env)
+    if relay.available():
+        plain_env[relay.ENV] = "1"  # this process reads the node's output live for its relayed records
     secrets.update(secret_env)
     ship_by_value(task.fn)
     kwargs = dict(

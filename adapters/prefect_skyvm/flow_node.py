@@ -10,6 +10,7 @@ prefect_skyvm module but lazily the task runner's run id, and no Prefect at modu
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import re
@@ -45,14 +46,20 @@ _PINNED = ("prefect", "fastapi", "certifi", "docker")
 _EXTRA = ("async-timeout>=4.0.3",)
 
 
-def node_requirements() -> list[str]:
+@functools.lru_cache(maxsize=1)
+def _installed_pins() -> tuple[str, ...]:
+    # Asked for every engine-mode task: the installed versions do not change under a running process.
     pins = []
     for name in _PINNED:
         try:
             pins.append(f"{name}=={importlib.metadata.version(name)}")
         except importlib.metadata.PackageNotFoundError:
             continue
-    return pins + list(_EXTRA)
+    return tuple(pins)
+
+
+def node_requirements() -> list[str]:
+    return [*_installed_pins(), *_EXTRA]
 
 
 def flow_settings(flow_name: str, variables: Mapping[str, Any], where: str) -> NodeSettings:

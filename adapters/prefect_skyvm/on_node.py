@@ -8,7 +8,7 @@ flushed, and the final State is the node's return value.
 
 What may not travel in the payload (the API URL, the API key: any setting Prefect keeps as a secret) was
 taken out of the serialized settings by the launcher and reaches the node's environment as skyvm secrets;
-``_restore_settings`` puts them back from there.
+``_settings_model`` puts them back from there.
 
 Imported on every node whose image has Prefect (the resident agent imports it ahead of the nodes, so a
 warm node pays no import): Prefect's task engine at module level, nothing of the launcher's side (no
@@ -18,9 +18,16 @@ docker, no skyvm.api/run/pool). May import: the standard library, cloudpickle, P
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
 import os
+import pickle
+import ssl as _ssl
+import typing
 from typing import Any, Optional
+
+from prefect_skyvm import relay
 
 try:  # an image without Prefect still runs bodies (body mode)
     from prefect.context import hydrated_context
@@ -28,6 +35,9 @@ try:  # an image without Prefect still runs bodies (body mode)
     from prefect.task_engine import run_task_async, run_task_sync
 except ImportError:  # pragma: no cover - exercised by images without Prefect
     hydrated_context = None
+
+# Set by the launcher in an engine-mode task's environment: Prefect's settings come with the run's context.
+SETTINGS_FROM_CONTEXT = "SKYVM_PREFECT_SETTINGS_FROM_CONTEXT"
 
 # (path in the serialized settings, environment variable) pairs: the settings that travel as skyvm secrets.
 SecretPaths = list[tuple[tuple[str, ...], str]]
@@ -48,12 +58,93 @@ def agent_preload() -> None:
     types = dict(Flow=Flow, Task=Task, ResultRecordMetadata=ResultRecordMetadata)
     FlowRunContext.model_rebuild(_types_namespace=types)
     TaskRunContext.model_rebuild(_types_namespace=types)
+    # Prefect's models build their validators when first used (defer_build): in every node, its contexts,
+    # events, log records and states would be built anew (tens of ms). Built here once, about 0.1 s.
+    for model in _deferred_models():
+        try:
+            model.model_rebuild(force=True)
+        except Exception:  # noqa: BLE001 - one that cannot be built yet is built where it is used, as before
+            pass
+    # The installed collections' block types, which a node's result storage looks up: entry points scanned once.
+    from prefect._internal.plugins.collections import load_prefect_collections
+
+    load_prefect_collections()
+    _ready_tls_contexts()
+
+
+def _deferred_models() -> list:
+    from pydantic import BaseModel
+    from pydantic._internal._mock_val_ser import MockValSer
+
+    found, todo = {}, [BaseModel]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found[sub] = None
+                todo.append(sub)
+    return [m for m in found if m.__module__.startswith("prefect") and isinstance(m.__dict__.get("__pydantic_validator__"), MockValSer)]
+
+
+# TLS contexts made by the agent's parent, each handed to at most one caller in a node (never shared: httpcore
+# sets a context's ALPN protocols per connection). Loading the CA bundle into a context is what makes one
+# slow (~70 ms of CPU): a node's API client and its events and log workers each make one.
+READY_TLS = 3
+
+
+class _SslWithReadyContexts:
+    """``ssl`` as Prefect's client modules see it in an agent's nodes: ``create_default_context(cafile=F)``
+    hands out a context the parent made for F (unchanged since) while any is left, and makes one after that."""
+
+    def __init__(self, ready: list) -> None:
+        self._ready = ready  # (the CA file's identity, context)
+
+    def __getattr__(self, name: str):
+        return getattr(_ssl, name)
+
+    def create_default_context(self, purpose=None, *, cafile=None, capath=None, cadata=None):
+        purpose = _ssl.Purpose.SERVER_AUTH if purpose is None else purpose
+        if cafile is not None and capath is None and cadata is None and purpose == _ssl.Purpose.SERVER_AUTH:
+            wanted = _ca_identity(cafile)
+            for i, (made_for, context) in enumerate(self._ready):
+                if made_for == wanted:
+                    del self._ready[i]
+                    return context
+        return _ssl.create_default_context(purpose, cafile=cafile, capath=capath, cadata=cadata)
+
+
+def _ca_identity(cafile: str):
+    try:
+        real = os.path.realpath(cafile)
+        return real, os.stat(real).st_mtime_ns
+    except OSError:
+        return None
+
+
+def _ready_tls_contexts() -> None:
+    """The contexts a node's clients will ask for: for certifi's bundle (Prefect's default), the system's
+    (what ``SSL_CERT_FILE`` or Prefect's ``api.ssl_cert_file`` name on most machines) and the one this
+    environment's settings name."""
+    import certifi
+    import prefect._internal.websockets as websockets_module
+    import prefect.client.orchestration as client_module
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE
+
+    candidates = [certifi.where(), _ssl.get_default_verify_paths().openssl_cafile, PREFECT_API_SSL_CERT_FILE.value()]
+    ready = []
+    for identity in dict.fromkeys(_ca_identity(f) for f in candidates if f):
+        if identity is not None:
+            ready += [(identity, _ssl.create_default_context(cafile=identity[0])) for _ in range(READY_TLS)]
+    shim = _SslWithReadyContexts(ready)
+    for module in (client_module, websockets_module):
+        if getattr(module, "ssl", None) is _ssl:
+            module.ssl = shim
 
 
 def agent_child_env() -> None:
     """In a node the agent forked, once its environment is the node's: Prefect's global settings read again
-    (the parent read them from its own environment at import: a flow node's PREFECT_API_URL was not there)."""
-    if hydrated_context is None:
+    (the parent read them from its own environment at import: a flow node's PREFECT_API_URL was not there).
+    Not in an engine-mode task's node (about 20 ms of CPU): its settings are the flow's, in its run context."""
+    if hydrated_context is None or os.environ.get(SETTINGS_FROM_CONTEXT) == "1":
         return
     from prefect.context import refresh_global_settings_context
 
@@ -63,12 +154,14 @@ def agent_child_env() -> None:
 def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[str, Any], **engine_kwargs: Any):
     """Run one task with Prefect's engine (``engine_kwargs`` are ``run_task_sync``'s); returns its final State.
 
-    Its events (the task run's own states among them: the API records task runs from them) go from the
-    node as they happen, through its events worker, so the UI shows the run while it runs."""
+    Its events (the task run's own states among them: the API records task runs from them) go as they
+    happen, through the launcher's events worker where the launcher reads them live (``relay``), else
+    through the node's own, so the UI shows the run while it runs."""
     os.environ.update(env)
     _quiet_console()
-    _restore_settings(context, secret_paths)
-    _settings_model(context)
+    relay.install()  # events and API logs through the launcher, when it reads them live
+    _settings_model(context, secret_paths)
+    _version_checked()
     task = engine_kwargs["task"] = _scrubbing(engine_kwargs["task"])
     with hydrated_context(context):
         try:
@@ -81,6 +174,20 @@ def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[st
             # The node's process ends with the call: what the task logged and emitted must reach the API first
             # (a crash included: the engine has just proposed the Crashed state).
             _flush()
+
+
+def _version_checked() -> None:
+    """Prefect's clients check the API's version once per process: the flow's process did, against the same
+    API and this very Prefect (a node's is pinned to the flow's version), so a node need not ask again."""
+    url = os.environ.get("PREFECT_API_URL")
+    try:
+        import prefect
+        from prefect._internal.version_checking import _api_version_check_key, _cache_api_version_check
+    except ImportError:
+        return  # another Prefect: its clients ask, as before
+    if url:
+        for form in (url.rstrip("/"), url.rstrip("/") + "/"):  # as given, and as an HTTP client's base URL
+            _cache_api_version_check(_api_version_check_key(form, prefect.__version__))
 
 
 def _scrubbing(task):
@@ -154,27 +261,86 @@ def _quiet_console() -> None:
             logger.removeHandler(handler)
 
 
-def _settings_model(context: dict[str, Any]) -> None:
-    """The flow's settings as a model, validated from their dict alone: ``hydrated_context`` would build them
-    as ``Settings(**dict)``, which also reads every settings source (environment, profiles, .env, toml)
-    again, a third of a second per node; the dict already holds every field."""
+def _settings_model(context: dict[str, Any], secret_paths: SecretPaths) -> None:
+    """The flow's settings as a model, the secrets put back from the node's environment.
+
+    ``hydrated_context`` would build them as ``Settings(**dict)``, which reads every settings source
+    (environment, profiles, .env, toml) for each of Prefect's ~50 settings models: tens of milliseconds of
+    CPU a node, hundreds on a loaded machine, for the same answer each time. So a node validates them once
+    per cluster and pickles the model, without its secrets, beside the agent's other files; the nodes after
+    it load that (a fraction of a millisecond). The key holds everything the answer depends on: the flow's
+    settings, the node's Prefect variables, and Prefect's version."""
     settings_context = context.get("settings_context") or {}
-    if isinstance(settings_context.get("settings"), dict):
-        from prefect.settings import Settings
-
-        settings_context["settings"] = Settings.model_validate(settings_context["settings"])
-
-
-def _restore_settings(context: dict[str, Any], secret_paths: SecretPaths) -> None:
-    settings = (context.get("settings_context") or {}).get("settings")
-    if settings is None:
+    raw = settings_context.get("settings")
+    if not isinstance(raw, dict):
         return
+    from prefect.settings import Settings
+
+    # The secrets count too (settings derived from the API's URL, the UI's, are kept): only their digest is in the name.
+    key = hashlib.sha256(
+        json.dumps(
+            [_prefect_version(), raw, sorted((k, v) for k, v in os.environ.items() if k.startswith("PREFECT_"))],
+            sort_keys=True, default=repr,
+        ).encode()
+    ).hexdigest()[:32]
+    cached = _settings_cache_dir() / f"{key}.pkl"
+    model = None
+    try:
+        with open(cached, "rb") as fh:
+            model = pickle.load(fh)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError):
+        pass  # not made yet on this cluster (or unreadable): made below
+    if not isinstance(model, Settings):
+        model = Settings.model_validate(raw)
+        for path, _name in secret_paths:  # the file never holds a secret: each node puts its own back
+            model = _replace(model, path, None)
+        _write_private(cached, pickle.dumps(model))
     for path, name in secret_paths:
-        if name in os.environ:
-            place = settings
-            for key in path[:-1]:
-                place = place.setdefault(key, {})
-            place[path[-1]] = os.environ[name]
+        if os.environ.get(name):
+            model = _replace(model, path, os.environ[name])
+    settings_context["settings"] = model
+
+
+def _prefect_version() -> str:
+    import prefect
+
+    return prefect.__version__
+
+
+def _settings_cache_dir():
+    from pathlib import Path
+    import tempfile
+
+    place = Path(tempfile.gettempdir()) / f"skyvm-prefect-settings-{os.getuid()}"
+    place.mkdir(mode=0o700, exist_ok=True)
+    return place
+
+
+def _write_private(path, data: bytes) -> None:
+    """Written whole or not at all (a node killed mid-write leaves no half file for the next one)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only or full /tmp: the next node validates again
+
+
+def _replace(model, path: tuple[str, ...], value: Any):
+    """``model`` with the field at ``path`` (nested settings models) set to ``value``, as its type holds it."""
+    name = path[0]
+    if len(path) > 1:
+        return model.model_copy(update={name: _replace(getattr(model, name), path[1:], value)})
+    if value is not None:
+        from pydantic import SecretStr
+
+        field = type(model).model_fields.get(name)
+        annotation = getattr(field, "annotation", None)
+        if annotation is SecretStr or SecretStr in typing.get_args(annotation):
+            value = SecretStr(value)
+    return model.model_copy(update={name: value})
 
 
 def _flush() -> None:

@@ -40,7 +40,7 @@ from typing import Any, Iterable, Mapping, Optional, Union
 from prefect.futures import PrefectConcurrentFuture, PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from prefect_skyvm import engine_mode, on_node, run_summary
+from prefect_skyvm import engine_mode, on_node, relay, run_summary
 from prefect_skyvm.context import current_options, describe, profile_from_tags
 from skyvm import progress, run_ids, waiting
 from skyvm.calls import ship_by_value
@@ -81,17 +81,20 @@ def _echo(line: str) -> None:
         print(redact(line), flush=True)
 
 
-def _task_run_output(task_run_id) -> Any:
+def _task_run_output(task_run_id, node: str) -> Any:
     """An engine-mode node's output (what its code printed; Prefect's own console lines are off on the
-    node, its engine sends those to the API itself) into the task run's logs, as in body mode, and on
-    this process's stdout."""
+    node, its engine sends those to the API) into the task run's logs, as in body mode, and on this
+    process's stdout; the events and API log records it relays, to this process's workers (``relay``)."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
     extra = {"task_run_id": task_run_id, "flow_run_id": ctx.flow_run.id if ctx and ctx.flow_run else None, "send_to_api": True}
     logger = logging.LoggerAdapter(logging.getLogger("prefect.task_runs"), extra)
+    relayed = relay.Deliverer(node)
 
     def on_line(line: str) -> None:
+        if relayed(line):
+            return
         _echo(line)
         logger.info(redact(line))
 
@@ -264,7 +267,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
                 node_settings = engine_mode.engine_settings(settings, secrets)
                 logger.info("skyvm: running %s with Prefect's engine on a %s node (%s)", task.name, settings.backend, describe(settings))
                 with progress.reporting_to(logger.info):  # a first build's progress, in the task run's log
-                    handle = run.start_call(task.name, node_settings, on_node.run_task, (), kwargs, on_log=_task_run_output(task_run_id))
+                    handle = run.start_call(task.name, node_settings, on_node.run_task, (), kwargs, on_log=_task_run_output(task_run_id, task.name))
                 waiting.wait(handle, logger=logger)
                 return handle.result()  # the engine's final State: the task's own errors are in it
             except NodeAborted as exc:

@@ -381,6 +381,9 @@ class Agent:
 def run_child(job: Job) -> int:
     """The forked child: the node's attempt, with its environment, as ``skyvm.node run --detached``."""
     os.environ.update(job.env)
+    # Says that this node's output reaches its launcher live, over the channel (a relayed record,
+    # ``skyvm.node.RELAY_MARK``, is read while the node runs, not after).
+    os.environ["SKYVM_AGENT_CHILD"] = "1"
     for module in PRELOADED:
         settle = getattr(module, "agent_child_env", None)
         if settle is not None:

@@ -28,6 +28,7 @@ from skyvm import redact
 from skyvm.backends.base import JobState, JobStatus, NodeRef
 from skyvm.context import Context, current
 from skyvm.errors import InfrastructureError, NodeCancelled, NodeTimeout
+from skyvm.node import RELAY_MARK
 from skyvm.outcome import LogTail, Outcome, read_outcome
 from skyvm.plan import TaskSpec
 from skyvm.pool import pool_of, wake_all
@@ -260,9 +261,20 @@ class NodeHandle:
     def _log(self, line: str) -> None:
         # A node that prints a credential it was given must not put it in the engine's log.
         line = redact.redact(line)
+        before, mark, record = line.partition(RELAY_MARK)
+        if mark:
+            # A record for the launcher (its own line, unless a print without a newline came just before).
+            if before:
+                self._log(before)
+            self._sink(mark + record)
+            return
         self._tail.append(line)
+        if self.settings.stream_logs:
+            self._sink(line)
+
+    def _sink(self, line: str) -> None:
         sink = self._on_log
-        if sink is not None and self.settings.stream_logs:
+        if sink is not None:
             try:
                 sink(line)
             except BaseException:  # noqa: BLE001 - the engine's log sink failing (or exiting) must not lose the node

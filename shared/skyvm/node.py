@@ -40,6 +40,12 @@ EXIT_USER_FAILURE = 1
 EXIT_INFRA = 3
 EXIT_CANCELLED = 143
 
+# A line on a node's output that starts with this is a record its code sends the launcher (an engine's
+# events, say), not a line of its log: the launcher hands it to the node's log sink whatever
+# ``stream_logs`` says, and keeps it out of the log's tail. Written below the node's log file. Plain ASCII:
+# a control character would be a line break to str.splitlines() or stripped with colour codes.
+RELAY_MARK = "::skyvm-relay:: "
+
 
 class _Cancelled(BaseException):
     """Raised in the node's main thread on SIGTERM."""

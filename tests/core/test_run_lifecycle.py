@@ -322,3 +322,16 @@ def test_a_backend_name_from_a_node_reference_maps_to_its_backend():
     assert backend_for(settings, "local") is local_backend()
     with pytest.raises(SettingsError, match="unknown backend name 'nope': accepted are local, local-process, skypilot"):
         backend_for(settings, "nope")
+
+
+def test_a_relayed_record_goes_to_the_sink_even_unstreamed_and_never_into_the_log_tail():
+    from skyvm.handle import NodeHandle
+    from skyvm.node import RELAY_MARK
+
+    got = []
+    handle = NodeHandle("n", NodeSettings(stream_logs=False), ctx=Context(), on_log=got.append)
+    handle._log("an ordinary line")
+    handle._log(f'{RELAY_MARK}{{"event": 1}}')
+    handle._log(f'printed without a newline{RELAY_MARK}{{"log": 2}}')
+    assert got == [f'{RELAY_MARK}{{"event": 1}}', f'{RELAY_MARK}{{"log": 2}}']  # stream_logs: false holds back only the log
+    assert handle.logs() == "an ordinary line\nprinted without a newline"
