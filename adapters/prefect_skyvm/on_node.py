@@ -21,6 +21,7 @@ import functools
 import hashlib
 import inspect
 import json
+import logging
 import os
 import pickle
 import ssl as _ssl
@@ -159,7 +160,7 @@ def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[st
     through the node's own, so the UI shows the run while it runs."""
     os.environ.update(env)
     _quiet_console()
-    relay.install()  # events and API logs through the launcher, when it reads them live
+    relayed = relay.install()  # events and API logs through the launcher, when it reads them live
     _settings_model(context, secret_paths)
     _version_checked()
     task = engine_kwargs["task"] = _scrubbing(engine_kwargs["task"])
@@ -173,7 +174,7 @@ def run_task(*, env: dict[str, str], secret_paths: SecretPaths, context: dict[st
         finally:
             # The node's process ends with the call: what the task logged and emitted must reach the API first
             # (a crash included: the engine has just proposed the Crashed state).
-            _flush()
+            _flush(relayed)
 
 
 def _version_checked() -> None:
@@ -343,10 +344,16 @@ def _replace(model, path: tuple[str, ...], value: Any):
     return model.model_copy(update={name: value})
 
 
-def _flush() -> None:
+def _flush(relayed: bool) -> None:
     # Prefect's services (the events worker, the API log worker) share one table of instances: draining
     # through one drains them all. None running: nothing to send, and no client made for nothing.
     with EventsWorker._instance_lock:
         running = bool(EventsWorker._instances)
-    if running:
-        EventsWorker.drain_all(timeout=60)
+    if not running:
+        return
+    quiet = logging.getLogger(EventsWorker.__name__)  # a service's own logger, named for its class
+    if relayed:
+        # Relayed, its last events are lines still to write, not sends: a drain that finds them warns "Still
+        # processing items" on the node's output, once a node, into the task's log. Not a user's concern.
+        quiet.setLevel(logging.ERROR)
+    EventsWorker.drain_all(timeout=60)

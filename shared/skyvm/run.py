@@ -214,7 +214,8 @@ class Run:
         return late
 
     def _log_costs(self) -> None:
-        summary = self.summary() if self.log_summary else None
+        # Rendering the table is tens of milliseconds of a run's end: not for a line nobody logs.
+        summary = self.summary() if self.log_summary and log.isEnabledFor(logging.INFO) else None
         if summary is not None and summary.rows:
             log.info("skyvm summary of run %s:\n%s", self.run_id, summary.table(width=None))
 
