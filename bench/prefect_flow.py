@@ -107,7 +107,9 @@ def prefect_bench(b) -> None:
         1.3,
         "x",
         "each task runs Prefect's own engine in a child forked by a warm cluster's agent (no exec, no import), on one "
-        "of 4 warm clusters; what a thread shares across tasks each node makes anew: Prefect's settings validated "
-        "from the flow's (~0.18 s), two API clients with their TLS contexts (~0.16 s), the events and log workers "
-        "and their drain at the end (~0.2 s), CPU-bound on 2 cores (ProcessPoolTaskRunner pays the same)",
+        "of 4 warm clusters; its events and API logs go through the flow's process (relayed over the agent's channel, "
+        "as ProcessPoolTaskRunner relays its subprocesses'), its settings are validated once per cluster and its TLS "
+        "contexts and model schemas made by the agent's parent; what is left is a fresh process per task: the "
+        "payload (the task, the flow's context) pickled and unpickled, the fork, the engine's own work in a new "
+        "interpreter state, and nodes one at a time per cluster, CPU-bound on 2 cores shared with the API server",
     )
