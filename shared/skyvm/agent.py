@@ -135,24 +135,31 @@ class Agent:
         """
         last_check = time.monotonic()
         while not self.stopping:
-            for key, _events in self.sel.select(timeout=self._timeout()):
-                kind, obj = key.data
-                if kind == "accept":
-                    self._accept()
-                elif kind == "conn":
-                    job = self._message(obj)
-                    if job is not None:
-                        return job
-                elif kind == "pipe":
-                    self._pipe(obj)
-                elif kind == "pidfd":
-                    self._reap(obj)
-            self._reap_all()
-            self._kill_late()
+            job = self.step(self._timeout())
+            if job is not None:
+                return job
             if time.monotonic() - last_check >= self.poll_s:
                 last_check = time.monotonic()
                 if self._idle_long_enough():
                     return None
+        return None
+
+    def step(self, timeout: float) -> Optional[Job]:
+        """One round: what is ready within ``timeout`` seconds, the children that ended, the kills due."""
+        for key, _events in self.sel.select(timeout=timeout):
+            kind, obj = key.data
+            if kind == "accept":
+                self._accept()
+            elif kind == "conn":
+                job = self._message(obj)
+                if job is not None:
+                    return job
+            elif kind == "pipe":
+                self._pipe(obj)
+            elif kind == "pidfd":
+                self._reap(obj)
+        self._reap_all()
+        self._kill_late()
         return None
 
     def _timeout(self) -> float:
@@ -235,11 +242,16 @@ class Agent:
         read, write = os.pipe()
         sys.stdout.flush()  # nothing buffered here may be written twice, once by the child
         sys.stderr.flush()
+        # A cancel may follow the run at once (a node cancelled while it launched): until the child has
+        # let go of the parent's SIGTERM handler, a SIGTERM it got would only set the child's copy of
+        # `stopping`. Held back across the fork, it reaches the child once the default action is back.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
         if pid == 0:
             os.close(read)
-            self._become_child(write)
+            self._become_child(write, held)
             return Job(attempt, req.get("payload"), req["payload_url"], req["result_url"], req.get("env") or {})
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
         os.close(write)
         os.set_blocking(read, False)
         child = Child(attempt, pid, read, [conn])
@@ -253,7 +265,7 @@ class Agent:
         self._send(conn, ("started", attempt, pid))
         return None
 
-    def _become_child(self, write: int) -> None:
+    def _become_child(self, write: int, held) -> None:
         """In the forked child: its own session and process group, the parent's fds closed, output to the pipe."""
         os.setsid()
         self.sel.close()
@@ -268,6 +280,7 @@ class Agent:
         os.dup2(write, 2)
         os.close(write)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
     def _pipe(self, child: Child) -> None:
         if child.pipe < 0:
@@ -304,6 +317,7 @@ class Agent:
             os.close(child.pidfd)
             child.pidfd = None
         # The node is over: what it left running in its group goes with it (a node is one process group).
+        # Its group alone: the pid itself is free now, and may be another process's soon.
         try:
             os.killpg(child.pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
@@ -350,32 +364,41 @@ class Agent:
         child = self.children.get(attempt)
         if child is None or child.code is not None:
             return
-        try:
-            os.killpg(child.pid, signal.SIGTERM)
-        except (ProcessLookupError, PermissionError):
-            return
+        # The SIGKILL after the grace is due whatever the SIGTERM did: a node may ignore or outlive it.
         child.kill_at = time.monotonic() + grace_s
+        _signal_group(child.pid, signal.SIGTERM)
 
     def _kill_late(self) -> None:
         now = time.monotonic()
         for child in self.children.values():
             if child.kill_at is not None and child.code is None and now >= child.kill_at:
                 child.kill_at = None
-                try:
-                    os.killpg(child.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                _signal_group(child.pid, signal.SIGKILL)
 
     def close(self) -> None:
         for child in list(self.children.values()):
-            try:
-                os.killpg(child.pid, signal.SIGTERM)
-            except (ProcessLookupError, PermissionError):
-                pass
+            if child.code is None:  # not reaped: its pid is still its own
+                _signal_group(child.pid, signal.SIGTERM)
         try:
             os.unlink(self.sock_path)
         except FileNotFoundError:
             pass
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal a child's process group, or the child alone while it has none yet: a child just forked
+    leads its own group only once it has called setsid(), and a cancel may come before that."""
+    try:
+        os.killpg(pid, sig)
+        return
+    except PermissionError:
+        return
+    except ProcessLookupError:
+        pass
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def run_child(job: Job) -> int:

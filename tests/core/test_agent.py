@@ -110,6 +110,52 @@ def test_limits_inside_a_forked_node_are_the_clusters():
     assert (host["NanoCpus"] / 1e9, host["Memory"] / 2**30) == (1.0, 0.5)
 
 
+def test_a_cancel_read_before_the_forked_node_has_its_own_group_still_stops_it(tmp_path, monkeypatch):
+    """A node cancelled while it launched has its cancel right behind its run on the channel: the agent
+    may read it before the child it forked has called setsid() (no process group of its own yet) or
+    dropped the parent's SIGTERM handler. The cancel must still stop it, at once, as a SIGTERM."""
+    import selectors
+    import signal
+    from multiprocessing import Pipe
+
+    from skyvm import agent as agent_module
+    from skyvm import node as runtime
+
+    monkeypatch.setattr(runtime, "STATE_DIR", tmp_path)
+    monkeypatch.setattr(runtime, "ACTIVITY", tmp_path / "activity")
+    agent = agent_module.Agent(str(tmp_path / "agent.sock"), b"key", None)
+    # The agent's own SIGTERM handler, which a child inherits until it resets it.
+    previous = signal.signal(signal.SIGTERM, lambda *_: setattr(agent, "stopping", True))
+    real_setsid = os.setsid
+    # A child slow to leave the parent's group: the window a loaded machine opens, held open here.
+    monkeypatch.setattr(os, "setsid", lambda: (time.sleep(1.5), real_setsid())[1])
+    launcher, conn = Pipe()
+    child = None
+    try:
+        job = agent._fork(conn, {"attempt": "early-cancel", "payload_url": "", "result_url": ""})
+        if job is not None:  # the forked child: it stands for a node that runs long
+            time.sleep(600)
+            os._exit(0)
+        signal.signal(signal.SIGTERM, previous)
+        child = agent.children["early-cancel"]
+        assert launcher.recv() == ("started", "early-cancel", child.pid)
+        grace = 20.0
+        cancelled_at = time.monotonic()
+        agent._cancel("early-cancel", grace)
+        # The agent's loop: the child's output, its end, the kill after the grace.
+        while child.code is None and time.monotonic() - cancelled_at < grace + 10:
+            agent.step(0.1)
+        took = time.monotonic() - cancelled_at
+        assert child.code == agent_module.EXIT_SIGNALLED + signal.SIGTERM, f"the node ended with {child.code} after {took:.1f}s"
+        assert took < grace / 2  # stopped by the SIGTERM itself, not by the SIGKILL after the grace
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if child is not None and child.code is None:
+            os.kill(child.pid, signal.SIGKILL)
+            os.waitpid(child.pid, 0)
+        agent.close()
+
+
 def test_cancel_kills_the_nodes_whole_process_group():
     # down: false keeps the cluster after a cancel (a cancelled node's cluster otherwise goes with it, and
     # everything in it): what is left running in it is then the agent's doing.
