@@ -71,32 +71,31 @@ def _crashed_state(exc: BaseException):
     return Crashed(message=f"skyvm node crashed: {error}", data=error if isinstance(error, Exception) else InfrastructureError(str(error)))
 
 
-_echo_lock = threading.Lock()
-
-
-def _echo(line: str) -> None:
-    """An engine-mode node's output: on this process's stdout, as a process pool's workers print (the
-    engine on the node sends the task run's logs to the API itself)."""
-    with _echo_lock:
-        print(redact(line), flush=True)
-
-
 def _task_run_output(task_run_id, node: str) -> Any:
     """An engine-mode node's output (what its code printed; Prefect's own console lines are off on the
-    node, its engine sends those to the API) into the task run's logs, as in body mode, and on this
-    process's stdout; the events and API log records it relays, to this process's workers (``relay``)."""
+    node, its engine sends those to the API) into the task run's logs, as in body mode, and so on this
+    process's console; the events and API log records it relays, to this process's workers (``relay``)."""
     from prefect.context import FlowRunContext
 
     ctx = FlowRunContext.get()
-    extra = {"task_run_id": task_run_id, "flow_run_id": ctx.flow_run.id if ctx and ctx.flow_run else None, "send_to_api": True}
+    flow_run = ctx.flow_run if ctx else None
+    # The fields Prefect's own task run logger carries: its console format names the task run. The run's
+    # name is chosen by the engine on the node; until it says, the task's name stands for it.
+    extra = {
+        "task_run_id": task_run_id,
+        "flow_run_id": flow_run.id if flow_run else None,
+        "task_run_name": node,
+        "task_name": node,
+        "flow_run_name": flow_run.name if flow_run else "<unknown>",
+        "flow_name": ctx.flow.name if ctx and ctx.flow else "<unknown>",
+        "send_to_api": True,
+    }
     logger = logging.LoggerAdapter(logging.getLogger("prefect.task_runs"), extra)
     relayed = relay.Deliverer(node)
 
     def on_line(line: str) -> None:
-        if relayed(line):
-            return
-        _echo(line)
-        logger.info(redact(line))
+        if not relayed(line):
+            logger.info(redact(line))
 
     return on_line
 
@@ -202,7 +201,7 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         run, self._run = self._run, None
         try:
             if run is not None:
-                run.close(cancel=True)
+                run.close(cancel=True, timeout=_close_bound(run, exc_value))
                 run_summary.publish(run.summary(), self._flow_run_id)  # the flow run's nodes, where a Prefect user looks
         finally:
             super().__exit__(exc_type, exc_value, traceback)
@@ -339,6 +338,20 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         copy = task.with_options()
         copy.fn = remote
         return copy
+
+
+# Prefect's runner kills a cancelled flow run's process 30 s after its SIGTERM: stopping the nodes must
+# leave time, inside those 30 s, to remove their clusters, or they outlive the process that removes them.
+TERMINATED_CLOSE_S = 15.0
+
+
+def _close_bound(run: Run, exc_value: Any) -> Optional[float]:
+    """How long leaving the flow waits for its nodes to stop (None: the run's own ``cancel_wait_s``)."""
+    from prefect.exceptions import TerminationSignal
+
+    if isinstance(exc_value, TerminationSignal):
+        return min(run.ctx.knobs.cancel_wait_s, TERMINATED_CLOSE_S)
+    return None
 
 
 def _run_logger():

@@ -385,16 +385,17 @@ def chatty():
     return "ok"
 
 
-@pytest.mark.parametrize("engine", [True, False], ids=["engine", "body"])
-def test_node_output_lands_in_the_task_run_logs(engine):
+@pytest.mark.parametrize("engine, log_prints", [(True, True), (True, False), (False, False)], ids=["engine", "engine-stdout", "body"])
+def test_node_output_lands_in_the_task_run_logs(engine, log_prints, capfd):
     """Body mode streams the node's output into the task run's logs; in engine mode the node's own engine
-    sends them, prints included with Prefect's log_prints."""
+    sends them with Prefect's log_prints, and its launcher sends what the node printed otherwise. Each line
+    once, and on this process's console as a task run's line (Prefect's format names the task run)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
 
     @flow(task_runner=SkyVMTaskRunner(SETTINGS, prefect_engine=engine))
     def f():
-        return chatty.with_options(log_prints=engine).submit()
+        return chatty.with_options(log_prints=log_prints).submit()
 
     state = f()
     assert state.result() == "ok"
@@ -411,6 +412,8 @@ def test_node_output_lands_in_the_task_run_logs(engine):
 
     messages = [log.message for log in asyncio.run(read_logs())]
     assert [m for m in messages if "from the node" in m] == ["line 0 from the node", "line 1 from the node", "line 2 from the node"]
+    console = capfd.readouterr()
+    assert "Logging error" not in console.err, console.err[-3000:]
 
 
 def test_cancelling_a_running_flow_leaves_no_container(tmp_path):
