@@ -22,7 +22,7 @@ task runner replaced by a ``ThreadPoolTaskRunner`` (nested submissions run on th
 Prefect's settings as environment variables. The API's URL and Prefect's secret settings (the API
 key) never travel in the payload: they go to the node as skyvm secrets (``on_node`` puts them back).
 
-Holds ``use_engine``, ``flow_travels``, ``engine_settings``, ``engine_call``, ``body_context`` and ``record_state``.
+Holds ``use_engine``, ``flow_travels``, ``engine_settings``, ``engine_call``, ``related_objects``, ``body_context`` and ``record_state``.
 May import: prefect, skyvm.settings, skyvm.errors and skyvm.skypilot.agent_setup (whether agents are on), prefect_skyvm.flow_node (the node's Prefect
 pins, the environment split), prefect_skyvm.on_node and prefect_skyvm.relay (what the node is told).
 """
@@ -32,6 +32,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import threading
 import uuid
 from typing import Any, Iterable, Optional
 from urllib.parse import urlsplit
@@ -101,16 +102,34 @@ def use_engine(node: str, settings: NodeSettings, logger=None) -> bool:
     return False
 
 
-def _per_settings(cache: dict) -> tuple[list[tuple[tuple[str, ...], str]], dict[str, str]]:
+def _per_settings() -> tuple[list[tuple[tuple[str, ...], str]], dict[str, str]]:
     """(where the secret settings sit, Prefect's settings as environment variables) of the current
     settings, made once per settings object (as ProcessPoolTaskRunner keeps its environment)."""
     from prefect.settings.context import get_current_settings
 
     current = get_current_settings()
-    key = ("settings", id(current))
-    if key not in cache:  # the object is kept with its answers: its id is not reused while they are
-        cache[key] = (current, _secret_paths(), current.to_environment_variables(exclude_unset=True))
-    return cache[key][1], cache[key][2]
+    return _kept("settings", current, lambda: (_secret_paths(), current.to_environment_variables(exclude_unset=True)))
+
+
+# What is made from Prefect's settings, kept across the flow runs of this process: its settings objects
+# are the same from one flow run to the next (a new one only under ``temporary_settings``), and making
+# these is tens of milliseconds of CPU each on an idle machine, ahead of a flow run's first node.
+_SETTINGS_MADE: dict = {}
+_SETTINGS_KEPT = 8
+_SETTINGS_LOCK = threading.Lock()  # the flow's tasks are launched from many threads: each made once
+
+
+def _kept(kind: str, obj: Any, make):
+    """``make()``, once per (kind, object) in this process; the object is kept with its answer, so its id
+    is not reused while the answer is. At most ``_SETTINGS_KEPT`` objects (the oldest dropped first)."""
+    key = (kind, id(obj))
+    with _SETTINGS_LOCK:
+        found = _SETTINGS_MADE.get(key)
+        if found is None:
+            found = _SETTINGS_MADE[key] = (obj, make())
+            while len(_SETTINGS_MADE) > _SETTINGS_KEPT:
+                del _SETTINGS_MADE[next(iter(_SETTINGS_MADE))]
+        return found[1]
 
 
 def _secret_paths() -> list[tuple[tuple[str, ...], str]]:
@@ -190,22 +209,34 @@ def _serialize_context(cache: dict, asset_ctx_kwargs: Optional[dict[str, Any]]) 
     if not all(hasattr(pc, name) for name in ("_deployment_id", "_deployment_parameters", "EngineContext", "AssetContext")):
         return pc.serialize_context(asset_ctx_kwargs=asset_ctx_kwargs)  # another Prefect: its own function, whole
     settings_context = pc.SettingsContext.get()
-    key = ("settings_context", id(settings_context))
-    if key not in cache:  # the object is kept with its answer: its id is not reused while it is
-        cache[key] = (settings_context, settings_context.serialize() if settings_context else {})
+    settings = _kept("settings_context", settings_context, lambda: settings_context.serialize() if settings_context else {})
     flow_run_context = pc.EngineContext.get()
     task_run_context = pc.TaskRunContext.get()
     tags_context = pc.TagsContext.get()
     deployment_id = pc._deployment_id.get()
     return {
-        "flow_run_context": flow_run_context.serialize() if flow_run_context else {},
+        "flow_run_context": _engine_context(cache, flow_run_context) if flow_run_context else {},
         "task_run_context": task_run_context.serialize() if task_run_context else {},
         "tags_context": tags_context.serialize() if tags_context else {},
-        "settings_context": copy.deepcopy(cache[key][1]),
+        "settings_context": copy.deepcopy(settings),
         "asset_context": pc.AssetContext.from_task_and_inputs(**asset_ctx_kwargs).serialize() if asset_ctx_kwargs else {},
         "deployment_id": str(deployment_id) if deployment_id else None,
         "deployment_parameters": pc._deployment_parameters.get(),
     }
+
+
+def _engine_context(cache: dict, ctx) -> dict[str, Any]:
+    """``EngineContext.serialize()`` (3.x), its result store's part made once per flow run: dumping the
+    store's block renders its JSON schema, about a millisecond a task, for the same answer each time."""
+    fields = {"flow_run", "flow", "parameters", "log_prints", "start_time", "input_keyset", "persist_result"}
+    serialized = ctx.model_dump(include=fields, exclude_unset=True, context={"include_secrets": True})
+    store = ctx.result_store
+    if store:
+        key = ("result_store", id(store))
+        if key not in cache:  # the store is kept with its answer: its id is not reused while it is
+            cache[key] = (store, store.model_dump(serialize_as_any=True, exclude_unset=True, context={"include_secrets": True}))
+        serialized["result_store"] = cache[key][1]
+    return serialized
 
 
 def _node_context(cache: dict, secrets: Optional[dict[str, str]] = None, asset_ctx_kwargs: Optional[dict[str, Any]] = None) -> tuple[dict[str, Any], list]:
@@ -218,7 +249,7 @@ def _node_context(cache: dict, secrets: Optional[dict[str, str]] = None, asset_c
     if flow_ctx.get("flow") is not None:
         flow_ctx["flow"] = _node_flow(cache, flow_ctx["flow"])
     settings = (context.get("settings_context") or {}).get("settings")
-    paths = _per_settings(cache)[0] if settings is not None else []
+    paths = _per_settings()[0] if settings is not None else []
     for path, name in paths:
         value = _pop(settings, path)
         if secrets is not None and value:
@@ -273,7 +304,7 @@ def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_f
         task_inputs.setdefault(name, set()).update(inputs)
     assets = {"task": task, "task_run_id": task_run_id, "task_inputs": task_inputs, "copy_to_child_ctx": True}
     context, secret_paths = _node_context(cache, secrets, asset_ctx_kwargs=assets)
-    env = _per_settings(cache)[1] | {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")}
+    env = _per_settings()[1] | {k: v for k, v in os.environ.items() if k.startswith("PREFECT_")}
     plain_env, secret_env = split_env(env)
     if relay.available():
         plain_env[relay.ENV] = "1"  # this process reads the node's output live for its relayed records
@@ -282,8 +313,56 @@ def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_f
     kwargs = dict(
         task=task, task_run_id=task_run_id, parameters=states, wait_for=wait_for_states, return_type="state",
         dependencies=dependencies, context=context, env=plain_env, secret_paths=secret_paths,
+        related=related_objects(cache),
     )
     return kwargs, secrets
+
+
+# The objects Prefect's events worker names as related to every event of a flow run's tasks (besides the
+# runs themselves, which are in the context): (kind, the flow run's field naming it, the client's reader).
+_RELATED = (
+    ("flow", "flow_id", "read_flow"),
+    ("deployment", "deployment_id", "read_deployment"),
+    ("work-queue", "work_queue_id", "read_work_queue"),
+    ("work-pool", "work_pool_name", "read_work_pool"),
+)
+
+
+def related_objects(cache: dict) -> dict[str, Any]:
+    """The flow run's related objects, as Prefect's events worker caches them (``RESOURCE_CACHE`` keys:
+    ``flow.<id>``...), read once per flow run. A node seeds its own cache with them (``on_node``): its
+    events worker would otherwise read the flow from the API in every node, a round trip in each and,
+    as its last events wait on it, at each node's end. One that cannot be read here is left for the node
+    to read itself, as before."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    flow_run = getattr(ctx, "flow_run", None)
+    if flow_run is None:
+        return {}
+    key = ("related", flow_run.id)
+    if key not in cache:
+        from prefect.events.related import RESOURCE_CACHE
+
+        found: dict[str, Any] = {}
+        for kind, field, reader in _RELATED:
+            obj_id = getattr(flow_run, field, None)
+            if not obj_id:
+                continue
+            name = f"{kind}.{obj_id}"
+            entry = RESOURCE_CACHE.get(name)
+            if entry is not None:
+                found[name] = entry[0].get("object")
+                continue
+            try:
+                from prefect.client.orchestration import get_client
+
+                with get_client(sync_client=True) as client:
+                    found[name] = getattr(client, reader)(obj_id)
+            except Exception as exc:  # noqa: BLE001 - the node reads it, as Prefect's worker does
+                log.debug("skyvm: %s %s not read for the nodes (%s): each node reads it", kind, obj_id, exc)
+        cache[key] = {name: obj for name, obj in found.items() if obj is not None}
+    return cache[key]
 
 
 def body_context(cache: dict, task) -> Optional[bytes]:

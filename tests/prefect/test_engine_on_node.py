@@ -123,6 +123,34 @@ def test_prefect_inside_a_task_on_the_node():
     assert [e.event for e in page.events] == ["skyvm.test.on-node"]
     related = {r.id for e in page.events for r in e.related}
     assert f"prefect.task-run.{task_run_id}" in related  # emitted inside the task run on the node
+    # The flow, which the launcher read once for all its nodes (each node would read it from the API).
+    flow_run = read_from_api(lambda client: client.read_flow_run(flow_run_id), lambda run: run is not None)
+    assert f"prefect.flow.{flow_run.flow_id}" in related
+
+
+def test_the_flows_related_objects_given_to_a_node_are_what_its_events_worker_names_without_reading_the_api():
+    from prefect.client.schemas.objects import Flow, FlowRun
+    from prefect.context import FlowRunContext
+    from prefect.events.related import RESOURCE_CACHE, related_resources_from_run_context
+
+    from prefect_skyvm import on_node
+
+    class NoAPI:  # the node's client: any read is a round trip the launcher's reading saved
+        async def read_flow(self, flow_id):
+            raise AssertionError(f"read the flow {flow_id} from the API")
+
+    made = Flow(id=uuid.uuid4(), name="seeded-flow", tags=["from-the-launcher"])
+    flow_run = FlowRun(id=uuid.uuid4(), name="seeded-run", flow_id=made.id)
+    key = f"flow.{made.id}"
+    try:
+        on_node._related_known({key: made})
+        with FlowRunContext.model_construct(flow_run=flow_run):
+            related = asyncio.run(related_resources_from_run_context(NoAPI()))
+    finally:
+        RESOURCE_CACHE.pop(key, None)
+    by_id = {r.id: r for r in related}
+    assert by_id[f"prefect.flow.{made.id}"].role == "flow" and by_id[f"prefect.flow.{made.id}"]["prefect.resource.name"] == "seeded-flow"
+    assert "prefect.tag.from-the-launcher" in by_id
 
 
 @task

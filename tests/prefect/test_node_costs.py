@@ -1,7 +1,7 @@
 """What an engine-mode node no longer makes anew, each checked against what it replaces:
 
-- the flow's serialized context: the settings part made once per flow run (``engine_mode._serialize_context``),
-  equal to Prefect's own ``serialize_context()``;
+- the flow's serialized context: the settings part made once per process, the result store's once per flow
+  run (``engine_mode._serialize_context``), equal to Prefect's own ``serialize_context()``;
 - the flow's settings on the node: validated once per cluster, the nodes after it load them, secrets never
   in the file (``on_node._settings_model``);
 - TLS contexts: made by the agent's parent, each handed out once (``on_node._SslWithReadyContexts``);
@@ -37,6 +37,24 @@ def test_the_serialized_context_is_prefects_own():
     prefects, ours = f()
     assert ours == prefects
     assert ours["settings_context"]["settings"]  # the part made once: there, and whole
+
+
+def test_the_settings_part_is_made_once_per_process_not_once_per_flow_run(monkeypatch):
+    from prefect.context import SettingsContext
+
+    calls = []
+    real = SettingsContext.serialize
+    monkeypatch.setattr(SettingsContext, "serialize", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+
+    @flow
+    def f():
+        return engine_mode._serialize_context({}, None)  # a runner's cache of its own, as each flow run has
+
+    first = f()
+    made = len(calls)
+    second = f()
+    assert len(calls) == made  # the second flow run's nodes got what the first one made
+    assert second["settings_context"] == first["settings_context"] and second["settings_context"]["settings"]
 
 
 def test_a_copy_per_call_so_one_node_editing_its_context_leaves_the_next_ones_alone():
