@@ -22,7 +22,7 @@ task runner replaced by a ``ThreadPoolTaskRunner`` (nested submissions run on th
 Prefect's settings as environment variables. The API's URL and Prefect's secret settings (the API
 key) never travel in the payload: they go to the node as skyvm secrets (``on_node`` puts them back).
 
-Holds ``use_engine``, ``flow_travels``, ``engine_settings``, ``engine_call``, ``related_objects``, ``body_context`` and ``record_state``.
+Holds ``use_engine``, ``flow_travels``, ``engine_settings``, ``engine_call``, ``body_context`` and ``record_state``.
 May import: prefect, skyvm.settings, skyvm.errors and skyvm.skypilot.agent_setup (whether agents are on), prefect_skyvm.flow_node (the node's Prefect
 pins, the environment split), prefect_skyvm.on_node and prefect_skyvm.relay (what the node is told).
 """
@@ -313,56 +313,9 @@ def engine_call(task, task_run_id: uuid.UUID, parameters: dict[str, Any], wait_f
     kwargs = dict(
         task=task, task_run_id=task_run_id, parameters=states, wait_for=wait_for_states, return_type="state",
         dependencies=dependencies, context=context, env=plain_env, secret_paths=secret_paths,
-        related=related_objects(cache),
+        related=relay.related_objects(cache),
     )
     return kwargs, secrets
-
-
-# The objects Prefect's events worker names as related to every event of a flow run's tasks (besides the
-# runs themselves, which are in the context): (kind, the flow run's field naming it, the client's reader).
-_RELATED = (
-    ("flow", "flow_id", "read_flow"),
-    ("deployment", "deployment_id", "read_deployment"),
-    ("work-queue", "work_queue_id", "read_work_queue"),
-    ("work-pool", "work_pool_name", "read_work_pool"),
-)
-
-
-def related_objects(cache: dict) -> dict[str, Any]:
-    """The flow run's related objects, as Prefect's events worker caches them (``RESOURCE_CACHE`` keys:
-    ``flow.<id>``...), read once per flow run. A node seeds its own cache with them (``on_node``): its
-    events worker would otherwise read the flow from the API in every node, a round trip in each and,
-    as its last events wait on it, at each node's end. One that cannot be read here is left for the node
-    to read itself, as before."""
-    from prefect.context import FlowRunContext
-
-    ctx = FlowRunContext.get()
-    flow_run = getattr(ctx, "flow_run", None)
-    if flow_run is None:
-        return {}
-    key = ("related", flow_run.id)
-    if key not in cache:
-        from prefect.events.related import RESOURCE_CACHE
-
-        found: dict[str, Any] = {}
-        for kind, field, reader in _RELATED:
-            obj_id = getattr(flow_run, field, None)
-            if not obj_id:
-                continue
-            name = f"{kind}.{obj_id}"
-            entry = RESOURCE_CACHE.get(name)
-            if entry is not None:
-                found[name] = entry[0].get("object")
-                continue
-            try:
-                from prefect.client.orchestration import get_client
-
-                with get_client(sync_client=True) as client:
-                    found[name] = getattr(client, reader)(obj_id)
-            except Exception as exc:  # noqa: BLE001 - the node reads it, as Prefect's worker does
-                log.debug("skyvm: %s %s not read for the nodes (%s): each node reads it", kind, obj_id, exc)
-        cache[key] = {name: obj for name, obj in found.items() if obj is not None}
-    return cache[key]
 
 
 def body_context(cache: dict, task) -> Optional[bytes]:

@@ -165,7 +165,7 @@ def run_task(
     relayed = relay.install()  # events and API logs through the launcher, when it reads them live
     _settings_model(context, secret_paths)
     _version_checked()
-    _related_known(related or {})
+    relay.seed_related(related or {})
     task = engine_kwargs["task"] = _scrubbing(engine_kwargs["task"])
     with hydrated_context(context):
         try:
@@ -192,21 +192,6 @@ def _version_checked() -> None:
     if url:
         for form in (url.rstrip("/"), url.rstrip("/") + "/"):  # as given, and as an HTTP client's base URL
             _cache_api_version_check(_api_version_check_key(form, prefect.__version__))
-
-
-def _related_known(related: dict[str, Any]) -> None:
-    """The flow run's related objects (its flow, deployment, work queue and pool), read once by the launcher,
-    put where Prefect's events worker looks first: it names them in every event, and would read them from
-    the API in each node (``engine_mode.related_objects``)."""
-    if not related:
-        return
-    import prefect.types._datetime as datetimes
-    from prefect.events.related import RESOURCE_CACHE
-
-    now = datetimes.now("UTC")
-    for name, obj in related.items():
-        kind = name.split(".", 1)[0]
-        RESOURCE_CACHE.setdefault(name, ({"kind": kind, "object": obj}, now))
 
 
 def _scrubbing(task):

@@ -10,7 +10,9 @@ launcher live, over the agent's channel) writes each event and log record as one
 (``deliver``) as it reads them. The task run's states reach the API while the node runs (they are
 events), and a node killed mid-run has sent what it emitted until then.
 
-Node side: ``install()``. Launcher side: ``available()``, ``deliver(line)``.
+Node side: ``install()``, ``seed_related()``. Launcher side: ``available()``, ``Deliverer``, ``related_objects()``:
+the flow run's related objects (its flow, deployment, work queue and pool), which the node's events worker
+names in every event, read once by the launcher instead of from the API by every node.
 May import: prefect, the standard library and skyvm.node (this module is imported on the node).
 """
 
@@ -85,7 +87,77 @@ def _put_log(out: _Output, payload: dict[str, Any]) -> None:
     out.put((_LOG, payload))
 
 
+def seed_related(related: dict[str, Any]) -> None:
+    """The flow run's related objects (its flow, deployment, work queue and pool), read once by the launcher,
+    put where Prefect's events worker looks first: it names them in every event, and would read them from
+    the API in each node (``related_objects``)."""
+    if not related:
+        return
+    import prefect.types._datetime as datetimes
+    from prefect.events.related import RESOURCE_CACHE
+
+    now = datetimes.now("UTC")
+    for name, obj in related.items():
+        kind = name.split(".", 1)[0]
+        RESOURCE_CACHE.setdefault(name, ({"kind": kind, "object": obj}, now))
+
+
 # -- in the launcher ------------------------------------------------------------------------
+
+
+# The objects Prefect's events worker names as related to every event of a flow run's tasks (besides the
+# runs themselves, which are in the context): (kind, the flow run's field naming it, the client's reader).
+_RELATED = (
+    ("flow", "flow_id", "read_flow"),
+    ("deployment", "deployment_id", "read_deployment"),
+    ("work-queue", "work_queue_id", "read_work_queue"),
+    ("work-pool", "work_pool_name", "read_work_pool"),
+)
+
+
+def related_objects(cache: dict) -> dict[str, Any]:
+    """The flow run's related objects, as Prefect's events worker caches them (``RESOURCE_CACHE`` keys:
+    ``flow.<id>``...), read once per flow run. A node seeds its own cache with them (``seed_related``): its
+    events worker would otherwise read the flow from the API in every node, a round trip in each and,
+    as its last events wait on it, at each node's end. One that cannot be read here is left for the node
+    to read itself, as before."""
+    from prefect.context import FlowRunContext
+
+    ctx = FlowRunContext.get()
+    flow_run = getattr(ctx, "flow_run", None)
+    if flow_run is None:
+        return {}
+    key = ("related", flow_run.id)
+    with _RELATED_LOCK:  # a map's tasks reach here at once: one of them reads, the others wait for it
+        if key not in cache:
+            cache[key] = _read_related(flow_run)
+    return cache[key]
+
+
+_RELATED_LOCK = threading.Lock()
+
+
+def _read_related(flow_run) -> dict[str, Any]:
+    from prefect.events.related import RESOURCE_CACHE
+
+    found: dict[str, Any] = {}
+    for kind, field, reader in _RELATED:
+        obj_id = getattr(flow_run, field, None)
+        if not obj_id:
+            continue
+        name = f"{kind}.{obj_id}"
+        entry = RESOURCE_CACHE.get(name)
+        if entry is not None:
+            found[name] = entry[0].get("object")
+            continue
+        try:
+            from prefect.client.orchestration import get_client
+
+            with get_client(sync_client=True) as client:
+                found[name] = getattr(client, reader)(obj_id)
+        except Exception as exc:  # noqa: BLE001 - the node reads it, as Prefect's worker does
+            log.debug("skyvm: %s %s not read for the nodes (%s): each node reads it", kind, obj_id, exc)
+    return {name: obj for name, obj in found.items() if obj is not None}
 
 
 class Deliverer:

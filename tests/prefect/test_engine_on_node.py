@@ -133,7 +133,7 @@ def test_the_flows_related_objects_given_to_a_node_are_what_its_events_worker_na
     from prefect.context import FlowRunContext
     from prefect.events.related import RESOURCE_CACHE, related_resources_from_run_context
 
-    from prefect_skyvm import on_node
+    from prefect_skyvm import relay
 
     class NoAPI:  # the node's client: any read is a round trip the launcher's reading saved
         async def read_flow(self, flow_id):
@@ -143,7 +143,7 @@ def test_the_flows_related_objects_given_to_a_node_are_what_its_events_worker_na
     flow_run = FlowRun(id=uuid.uuid4(), name="seeded-run", flow_id=made.id)
     key = f"flow.{made.id}"
     try:
-        on_node._related_known({key: made})
+        relay.seed_related({key: made})
         with FlowRunContext.model_construct(flow_run=flow_run):
             related = asyncio.run(related_resources_from_run_context(NoAPI()))
     finally:
