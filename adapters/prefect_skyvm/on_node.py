@@ -55,6 +55,11 @@ def agent_preload() -> None:
     from prefect.logging.configuration import ensure_logging_setup
     from prefect.tasks import Task
 
+    # Prefect's top-level API (``from prefect import get_run_logger``, in most tasks) imports prefect.main, which
+    # sets Prefect's logging up again at its import: in a node that would be ~90 ms of CPU, and the console
+    # handler put back after the node took it off (each line twice in the task run's logs). Imported here, once.
+    import prefect.main  # noqa: F401
+
     ensure_logging_setup()
     types = dict(Flow=Flow, Task=Task, ResultRecordMetadata=ResultRecordMetadata)
     FlowRunContext.model_rebuild(_types_namespace=types)
@@ -71,6 +76,50 @@ def agent_preload() -> None:
 
     load_prefect_collections()
     _ready_tls_contexts()
+    global _AGENT_LOGGING
+    from prefect.settings import get_current_settings
+
+    _AGENT_LOGGING = _logging_inputs(get_current_settings())
+
+
+# What Prefect's logging was configured from in the agent's parent (``_logging_inputs``): a node whose flow
+# has other logging settings gets its own (``_logging_as_flows``).
+_AGENT_LOGGING: Optional[tuple] = None
+
+# The loggers Prefect's logging configuration (logging.yml) sets to the PREFECT_LOGGING_LEVEL setting.
+_LEVEL_LOGGERS = ("prefect", "prefect.extra", "prefect.client", "prefect.infrastructure")
+# The environment variables Prefect's setup reads over logging.yml's entries (its top-level sections).
+_OVERRIDES = tuple(
+    f"PREFECT_LOGGING_{section}"
+    for section in ("VERSION", "INCREMENTAL", "DISABLE_EXISTING_LOGGERS", "FORMATTERS_", "FILTERS_", "HANDLERS_", "LOGGERS_", "ROOT_")
+)
+
+
+def _logging_inputs(settings) -> tuple:
+    """(the level, everything else Prefect's logging setup reads: the configuration file that exists,
+    the internal level, the PREFECT_LOGGING_* overrides of logging.yml in the environment)."""
+    path = settings.logging.config_path
+    overrides = sorted((k, v) for k, v in os.environ.items() if k.startswith(_OVERRIDES))
+    return settings.logging.level, (str(path) if path and path.exists() else None, settings.internal.logging_level, tuple(overrides))
+
+
+def _logging_as_flows(settings) -> None:
+    """Prefect's logging in a node as the flow's settings configure it (``PREFECT_LOGGING_LEVEL=WARNING``
+    in the flow's process keeps a task's INFO lines out of the API, as with Prefect's own runners), not as
+    the agent's parent configured it from its own environment. A level is set on its loggers (what
+    logging.yml sets from it); other differences mean Prefect's whole setup again (about 90 ms)."""
+    if settings is None or _AGENT_LOGGING is None or not hasattr(settings, "logging"):
+        return
+    level, rest = _logging_inputs(settings)
+    if rest != _AGENT_LOGGING[1]:
+        from prefect.context import SettingsContext
+        from prefect.logging.configuration import setup_logging
+
+        with SettingsContext(profile=SettingsContext.get().profile, settings=settings):  # what the setup reads
+            setup_logging(incremental=False)
+    elif level != _AGENT_LOGGING[0]:
+        for name in _LEVEL_LOGGERS:
+            logging.getLogger(name).setLevel(level)
 
 
 def _deferred_models() -> list:
@@ -161,9 +210,10 @@ def run_task(
     happen, through the launcher's events worker where the launcher reads them live (``relay``), else
     through the node's own, so the UI shows the run while it runs."""
     os.environ.update(env)
-    _quiet_console()
     relayed = relay.install()  # events and API logs through the launcher, when it reads them live
     _settings_model(context, secret_paths)
+    _logging_as_flows((context.get("settings_context") or {}).get("settings"))
+    _quiet_console()  # after any setup above, which puts the console handler back
     _version_checked()
     relay.seed_related(related or {})
     task = engine_kwargs["task"] = _scrubbing(engine_kwargs["task"])

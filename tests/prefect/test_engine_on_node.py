@@ -154,6 +154,49 @@ def test_the_flows_related_objects_given_to_a_node_are_what_its_events_worker_na
 
 
 @task
+def logs_at_two_levels(token):
+    from prefect import get_run_logger  # Prefect's top-level API: it imports prefect.main
+
+    get_run_logger().info("quiet %s", token)
+    get_run_logger().warning("loud %s", token)
+    return token
+
+
+def test_a_nodes_logs_follow_the_flows_logging_level_and_reach_the_task_run_once(monkeypatch):
+    # PREFECT_LOGGING_LEVEL=WARNING where the flow runs keeps its tasks' INFO lines out of the API, as with
+    # Prefect's own runners, on a warm cluster whose agent configured its logging from its own environment.
+    from prefect.settings import PREFECT_LOGGING_LEVEL, temporary_settings
+
+    from skyvm.backends.local import gc
+
+    settings = {"defaults": {**SETTINGS["defaults"], "down": False, "labels": {"test": uuid.uuid4().hex[:12]}}}
+
+    @flow(task_runner=SkyVMTaskRunner(settings))
+    def f(token):
+        return logs_at_two_levels.submit(token)
+
+    def logged(token):
+        task_state = f(token)
+        assert task_state.result() == token
+        return task_run_logs(task_state.state_details.task_run_id, f"loud {token}")
+
+    try:
+        first = uuid.uuid4().hex[:12]
+        messages = logged(first)
+        assert f"quiet {first}" in messages  # INFO: the agent's own level
+        # Once each: not also as a console line in the node's output (which goes to the task run's logs).
+        assert [m for m in messages if first in m] == [f"quiet {first}", f"loud {first}"], messages
+        token = uuid.uuid4().hex[:12]
+        monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "WARNING")  # as a user sets it, for the flow's process
+        with temporary_settings(updates={PREFECT_LOGGING_LEVEL: "WARNING"}):
+            messages = logged(token)  # the same warm cluster: its agent forks this node too
+    finally:
+        gc()  # the warm cluster: no run owns it now
+    assert [m for m in messages if token in m] == [f"loud {token}"], messages
+    assert not any("Finished in state" in m for m in messages), messages
+
+
+@task
 def logs_in_body_mode(x):
     from prefect import get_run_logger
 
