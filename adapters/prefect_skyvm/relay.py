@@ -11,8 +11,8 @@ launcher live, over the agent's channel) writes each event and log record as one
 events), and a node killed mid-run has sent what it emitted until then.
 
 Node side: ``install()``, ``seed_related()``. Launcher side: ``available()``, ``Deliverer``, ``related_objects()``:
-the flow run's related objects (its flow, deployment, work queue and pool), which the node's events worker
-names in every event, read once by the launcher instead of from the API by every node.
+the flow run's flow, which the node's events worker names in every event, read once by the launcher instead
+of from the API by every node.
 May import: prefect, the standard library and skyvm.node (this module is imported on the node).
 """
 
@@ -88,7 +88,7 @@ def _put_log(out: _Output, payload: dict[str, Any]) -> None:
 
 
 def seed_related(related: dict[str, Any]) -> None:
-    """The flow run's related objects (its flow, deployment, work queue and pool), read once by the launcher,
+    """The flow run's related objects (its flow), read once by the launcher,
     put where Prefect's events worker looks first: it names them in every event, and would read them from
     the API in each node (``related_objects``)."""
     if not related:
@@ -107,12 +107,9 @@ def seed_related(related: dict[str, Any]) -> None:
 
 # The objects Prefect's events worker names as related to every event of a flow run's tasks (besides the
 # runs themselves, which are in the context): (kind, the flow run's field naming it, the client's reader).
-_RELATED = (
-    ("flow", "flow_id", "read_flow"),
-    ("deployment", "deployment_id", "read_deployment"),
-    ("work-queue", "work_queue_id", "read_work_queue"),
-    ("work-pool", "work_pool_name", "read_work_pool"),
-)
+# Only the flow: a deployment, its work queue and pool (a deployed run's) may hold job variables, which
+# must not travel in a payload; a node reads those itself, as before.
+_RELATED = (("flow", "flow_id", "read_flow"),)
 
 
 def related_objects(cache: dict) -> dict[str, Any]:
@@ -140,21 +137,19 @@ _RELATED_LOCK = threading.Lock()
 def _read_related(flow_run) -> dict[str, Any]:
     from prefect.events.related import RESOURCE_CACHE
 
+    from prefect.client.orchestration import get_client
+
     found: dict[str, Any] = {}
     for kind, field, reader in _RELATED:
         obj_id = getattr(flow_run, field, None)
-        if not obj_id:
-            continue
         name = f"{kind}.{obj_id}"
         entry = RESOURCE_CACHE.get(name)
-        if entry is not None:
-            found[name] = entry[0].get("object")
-            continue
         try:
-            from prefect.client.orchestration import get_client
-
-            with get_client(sync_client=True) as client:
-                found[name] = getattr(client, reader)(obj_id)
+            if obj_id and entry is not None:
+                found[name] = entry[0].get("object")
+            elif obj_id:
+                with get_client(sync_client=True) as client:
+                    found[name] = getattr(client, reader)(obj_id)
         except Exception as exc:  # noqa: BLE001 - the node reads it, as Prefect's worker does
             log.debug("skyvm: %s %s not read for the nodes (%s): each node reads it", kind, obj_id, exc)
     return {name: obj for name, obj in found.items() if obj is not None}
