@@ -88,9 +88,9 @@ def _put_log(out: _Output, payload: dict[str, Any]) -> None:
 
 
 def seed_related(related: dict[str, Any]) -> None:
-    """The flow run's related objects (its flow), read once by the launcher,
-    put where Prefect's events worker looks first: it names them in every event, and would read them from
-    the API in each node (``related_objects``)."""
+    """The flow run's related objects (its flow), read once by the launcher, put where Prefect's events
+    worker looks first: it names them in every event, and would read them from the API in each node
+    (``related_objects``)."""
     if not related:
         return
     import prefect.types._datetime as datetimes
@@ -142,12 +142,14 @@ def _read_related(flow_run) -> dict[str, Any]:
     found: dict[str, Any] = {}
     for kind, field, reader in _RELATED:
         obj_id = getattr(flow_run, field, None)
+        if not obj_id:
+            continue
         name = f"{kind}.{obj_id}"
         entry = RESOURCE_CACHE.get(name)
         try:
-            if obj_id and entry is not None:
+            if entry is not None:
                 found[name] = entry[0].get("object")
-            elif obj_id:
+            else:
                 with get_client(sync_client=True) as client:
                     found[name] = getattr(client, reader)(obj_id)
         except Exception as exc:  # noqa: BLE001 - the node reads it, as Prefect's worker does
