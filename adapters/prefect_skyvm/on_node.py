@@ -17,6 +17,7 @@ docker, no skyvm.api/run/pool). May import: the standard library, cloudpickle, P
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -34,6 +35,8 @@ try:  # an image without Prefect still runs bodies (body mode)
     from prefect.context import hydrated_context
     from prefect.events.worker import EventsWorker
     from prefect.task_engine import run_task_async, run_task_sync
+
+    from prefect_skyvm.deferred_client import client_context, deferred_client
 except ImportError:  # pragma: no cover - exercised by images without Prefect
     hydrated_context = None
 
@@ -217,7 +220,8 @@ def run_task(
     _version_checked()
     relay.seed_related(related or {})
     task = engine_kwargs["task"] = _scrubbing(engine_kwargs["task"])
-    with hydrated_context(context):
+    client = deferred_client(context.get("settings_context"))
+    with hydrated_context(context, client=client), client_context(client) if client else contextlib.nullcontext():
         try:
             if task.isasync:
                 import asyncio

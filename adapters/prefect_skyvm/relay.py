@@ -79,8 +79,67 @@ def install() -> bool:
 
     out = _Output()
     EventsWorker.set_client_override(ProcessPoolForwardingEventsClient, event_queue=out, item_type=_EVENT)
+    _emit_inline(EventsWorker, _InlineEvents(out))
     set_api_log_sink(partial(_put_log, out))
     return True
+
+
+class _InlineEvents:
+    """Prefect's events worker as a relaying node's synchronous code meets it: each event gets the related
+    resources Prefect's worker would attach (its own method, in the emitting thread's context) and is
+    written out at once. Why: the worker proper starts a loop thread and an API client in every fresh
+    process and is drained at its end, about a third of a trivial node's CPU, to put lines on a pipe."""
+
+    def __init__(self, out: _Output) -> None:
+        from prefect.events.worker import ProcessPoolForwardingEventsClient
+
+        self.client_type = ProcessPoolForwardingEventsClient  # what emit_event checks: a client that sends
+        self._out = out
+        self._orchestration_client = _ClientOnMiss()  # read only when a related object is not cached
+        self._loops = threading.local()  # a loop per emitting thread (a nested task's pool thread has its own)
+
+    def send(self, event) -> None:
+        import asyncio
+
+        from prefect.events.worker import EventsWorker
+
+        loop = getattr(self._loops, "loop", None)
+        if loop is None:
+            loop = self._loops.loop = asyncio.new_event_loop()
+        try:
+            loop.run_until_complete(EventsWorker.attach_related_resources_from_context(self, event))
+        except Exception:  # noqa: BLE001 - the event still goes (the run it names is in it), without the rest
+            log.debug("skyvm: related resources not attached to event %s", event.event, exc_info=True)
+        self._out.put((_EVENT, event))
+
+
+class _ClientOnMiss:
+    """Stands for the events worker's API client: Prefect names its readers up front, and awaits one only
+    for an object its cache lacks (a deployed run's deployment, work queue, pool): a client made then."""
+
+    def __getattr__(self, reader: str):
+        async def read(*args: Any, **kwargs: Any) -> Any:
+            from prefect.client.orchestration import get_client
+
+            async with get_client() as client:
+                return await getattr(client, reader)(*args, **kwargs)
+
+        return read
+
+
+def _emit_inline(worker_class, inline: _InlineEvents) -> None:
+    """``EventsWorker.instance()`` answers ``inline`` in a thread that runs no event loop; in one that does
+    (an async task's) it answers Prefect's worker, as before: the inline sink would have to block that loop."""
+    import asyncio
+
+    prefect_instance = worker_class.instance.__func__
+
+    def instance(cls, client_type=None):
+        if client_type is None and asyncio._get_running_loop() is None:
+            return inline
+        return prefect_instance(cls, client_type)
+
+    worker_class.instance = classmethod(instance)
 
 
 def _put_log(out: _Output, payload: dict[str, Any]) -> None:

@@ -302,3 +302,24 @@ def test_a_flow_that_cannot_travel_runs_its_tasks_in_body_mode_and_says_so():
     lines = [log.message for log in logs if "body mode" in log.message]
     assert len(lines) == 1 and "the tasks of flow 'f' run in body mode" in lines[0] and "cannot travel" in lines[0], lines
     assert not any("with Prefect's engine" in log.message for log in logs)
+
+
+def test_a_nodes_api_client_is_made_at_its_first_use_and_closed_with_its_context():
+    """A node's run contexts hold a client the engine only makes when the task reaches the API."""
+    from prefect.client.orchestration import get_client
+    from prefect.context import SettingsContext
+
+    from prefect_skyvm.deferred_client import client_context, deferred_client
+
+    settings_context = SettingsContext.get().serialize()
+    unused = deferred_client(settings_context)
+    with client_context(unused):
+        assert get_client(sync_client=True) is unused  # what the engine and the task's code are handed
+    assert unused._deferred is not None  # never used: never made, nothing to close
+
+    used = deferred_client(settings_context)
+    with client_context(used):
+        assert used._deferred is not None
+        assert used.hello().status_code == 200  # made here, against the real API, entered as its context was
+        assert used._deferred is None and used._started and not used._closed
+    assert used._closed  # closed with its context, as a client Prefect made would be
