@@ -129,13 +129,18 @@ class _ClientOnMiss:
 
 def _emit_inline(worker_class, inline: _InlineEvents) -> None:
     """``EventsWorker.instance()`` answers ``inline`` in a thread that runs no event loop; in one that does
-    (an async task's) it answers Prefect's worker, as before: the inline sink would have to block that loop."""
+    (an async task's) it answers Prefect's worker, as before: the inline sink would have to block that loop.
+    Only while the relay's client override is in place: whoever resets it (``set_client_override(None)``, a
+    test in the launcher's process) gets Prefect's own workers back."""
     import asyncio
 
-    prefect_instance = worker_class.instance.__func__
+    prefect_instance = worker_class.__dict__.get("_skyvm_prefect_instance") or worker_class.instance.__func__
+    worker_class._skyvm_prefect_instance = prefect_instance  # a second install wraps Prefect's, not ours
 
     def instance(cls, client_type=None):
-        if client_type is None and asyncio._get_running_loop() is None:
+        override = cls._client_override
+        ours = override is not None and dict(override[1]).get("event_queue") is inline._out
+        if ours and client_type is None and asyncio._get_running_loop() is None:
             return inline
         return prefect_instance(cls, client_type)
 
