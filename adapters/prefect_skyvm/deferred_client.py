@@ -13,11 +13,11 @@ May import: prefect and the standard library (this module is imported on the nod
 from __future__ import annotations
 
 import threading
-from contextlib import nullcontext
 from typing import Any, Optional
 
 from prefect.client.orchestration import SyncPrefectClient
-from prefect.context import SettingsContext, SyncClientContext
+from prefect.context import SyncClientContext
+from prefect.settings import get_current_settings
 
 
 class DeferredSyncClient(SyncPrefectClient):
@@ -70,14 +70,19 @@ class DeferredSyncClient(SyncPrefectClient):
 
 def deferred_client(settings_context: Optional[dict[str, Any]]) -> Optional[DeferredSyncClient]:
     """A deferred client for the run's settings, or None where Prefect would not make a plain one (no API
-    URL: it starts a temporary server instead)."""
-    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL
+    URL: it starts a temporary server instead). Read from the settings model itself: entering a settings
+    context for three values validates the whole context, a few milliseconds a node."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY, PREFECT_API_URL, Settings
 
-    with SettingsContext(**settings_context) if settings_context else nullcontext():
-        api = PREFECT_API_URL.value()
-        if not api:
-            return None
-        return DeferredSyncClient(dict(api=api, auth_string=PREFECT_API_AUTH_STRING.value(), api_key=PREFECT_API_KEY.value()))
+    settings = (settings_context or {}).get("settings")
+    if not isinstance(settings, Settings):
+        settings = get_current_settings()
+    api = PREFECT_API_URL.value_from(settings)
+    if not api:
+        return None
+    return DeferredSyncClient(
+        dict(api=api, auth_string=PREFECT_API_AUTH_STRING.value_from(settings), api_key=PREFECT_API_KEY.value_from(settings))
+    )
 
 
 def client_context(client: DeferredSyncClient) -> SyncClientContext:

@@ -43,6 +43,8 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from typing import Optional
 
 from skyvm import node as runtime
+from skyvm import spares
+from skyvm.limits import memory_limit
 
 # Modules a warm node should not pay for, imported by the pristine parent when the image has them.
 PRELOAD_WHEN = {"prefect": ("prefect_skyvm.on_node",)}
@@ -50,6 +52,8 @@ PRELOAD_WHEN = {"prefect": ("prefect_skyvm.on_node",)}
 # launcher on a loaded machine may not read for seconds, and a dropped channel ends its running nodes.
 SEND_TIMEOUT_S = 120
 EXIT_SIGNALLED = 128  # + the signal's number, as a shell reports a child killed by a signal
+# Nodes that record the pages they wrote, for the spares to fault in (``spares``): the first ones, then now and then.
+LEARN_FIRST, LEARN_EVERY = 2, 100
 
 
 @dataclass
@@ -72,6 +76,15 @@ class Job:
     payload_url: str
     result_url: str
     env: dict
+    learn: bool = False  # record the pages it wrote at its end (spares.record_written_pages)
+
+
+def _job(req: dict, learn: bool) -> Job:
+    return Job(req["attempt"], req.get("payload"), req["payload_url"], req["result_url"], req.get("env") or {}, learn)
+
+
+def pages_file():
+    return runtime.STATE_DIR / "agent-written-pages"
 
 
 # The modules preload() imported: each child tells them its environment (``agent_child_env()``), since
@@ -104,6 +117,12 @@ class Agent:
         self.poll_s = float(os.environ.get("SKYVM_IDLE_POLL_S", "5"))
         self.sel = selectors.DefaultSelector()
         self.children: dict[str, Child] = {}
+        self.spares: list[spares.Spare] = []
+        self.spares_max = spares.count()
+        self._pages_seen: Optional[int] = -1  # the learnt pages' mtime spares_max was counted for
+        self._memory_limit = memory_limit()
+        self.last_busy = time.monotonic()
+        self.nodes = 0
         self.conns: set = set()
         self.stopping = False
         try:
@@ -136,6 +155,8 @@ class Agent:
         last_check = time.monotonic()
         while not self.stopping:
             job = self.step(self._timeout())
+            if job is None and self._spare_due():
+                job = self._fork_spare()
             if job is not None:
                 return job
             if time.monotonic() - last_check >= self.poll_s:
@@ -158,6 +179,10 @@ class Agent:
                 self._pipe(obj)
             elif kind == "pidfd":
                 self._reap(obj)
+            elif kind == "spare":  # a spare ended before it had a node (killed from outside)
+                self.spares.remove(obj)
+                self._retire(obj)
+                self.last_busy = time.monotonic()  # made again once idle again, never in a tight loop
         self._reap_all()
         self._kill_late()
         return None
@@ -169,6 +194,8 @@ class Agent:
                 timeout = min(timeout, max(0.0, child.kill_at - time.monotonic()))
             if child.pidfd is None:
                 timeout = min(timeout, 0.05)  # no pidfd on this kernel: poll for the child's end
+        if len(self.spares) < self.spares_max and not self.children:
+            timeout = min(timeout, max(0.0, self.last_busy + spares.IDLE_S - time.monotonic()))
         return timeout
 
     def _idle_long_enough(self) -> bool:
@@ -237,9 +264,30 @@ class Agent:
     # -- children ------------------------------------------------------------------
 
     def _fork(self, conn, req: dict) -> Optional[Job]:
+        """Start the node ``req`` asks for: in a spare when one is ready, else in a child forked for it."""
         attempt = req["attempt"]
         runtime._touch_activity()
+        self.last_busy = time.monotonic()
+        self.nodes += 1
+        learn = self.spares_max > 0 and (self.nodes <= LEARN_FIRST or self.nodes % LEARN_EVERY == 0)
+        blob = spares.job_blob(req, learn)
+        while self.spares and blob is not None:
+            spare = self.spares.pop()
+            if spare.pidfd is not None:
+                self.sel.unregister(spare.pidfd)  # registered again below, as the node's
+            if spares.hand_over(spare, blob):
+                return self._started(conn, attempt, spare.pid, spare.pipe, spare.pidfd)
+            self._retire(spare)  # gone: the next one, or a fork
         read, write = os.pipe()
+        pid, held = self._fork_held()
+        if pid == 0:
+            os.close(read)
+            self._become_child(write, held)
+            return _job(req, learn)
+        os.close(write)
+        return self._started(conn, attempt, pid, read, _pidfd(pid))
+
+    def _fork_held(self) -> tuple[int, object]:
         sys.stdout.flush()  # nothing buffered here may be written twice, once by the child
         sys.stderr.flush()
         # A cancel may follow the run at once (a node cancelled while it launched): until the child has
@@ -247,23 +295,67 @@ class Agent:
         # `stopping`. Held back across the fork, it reaches the child once the default action is back.
         held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
         pid = os.fork()
-        if pid == 0:
-            os.close(read)
-            self._become_child(write, held)
-            return Job(attempt, req.get("payload"), req["payload_url"], req["result_url"], req.get("env") or {})
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-        os.close(write)
-        os.set_blocking(read, False)
-        child = Child(attempt, pid, read, [conn])
-        try:
-            child.pidfd = os.pidfd_open(pid)
-            self.sel.register(child.pidfd, selectors.EVENT_READ, ("pidfd", child))
-        except (AttributeError, OSError):
-            child.pidfd = None  # an old kernel: _reap_all polls
+        if pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        return pid, held
+
+    def _started(self, conn, attempt: str, pid: int, pipe: int, pidfd: Optional[int]) -> None:
+        os.set_blocking(pipe, False)
+        child = Child(attempt, pid, pipe, [conn], pidfd)
+        if pidfd is not None:
+            self.sel.register(pidfd, selectors.EVENT_READ, ("pidfd", child))
         self.children[attempt] = child
-        self.sel.register(read, selectors.EVENT_READ, ("pipe", child))
+        self.sel.register(pipe, selectors.EVENT_READ, ("pipe", child))
         self._send(conn, ("started", attempt, pid))
         return None
+
+    # -- spares (skyvm.spares) ---------------------------------------------------------
+
+    def _spare_due(self) -> bool:
+        self._count_spares()
+        return (
+            len(self.spares) < self.spares_max
+            and not self.children
+            and not self.stopping
+            and time.monotonic() - self.last_busy >= spares.IDLE_S
+        )
+
+    def _count_spares(self) -> None:
+        """Spares hold what nodes were seen to write: how many fit the cluster's memory is counted again
+        when a node has recorded more."""
+        try:
+            seen: Optional[int] = pages_file().stat().st_mtime_ns
+        except OSError:
+            seen = None
+        if seen != self._pages_seen:
+            self._pages_seen = seen
+            self.spares_max = spares.wanted(pages_file(), self._memory_limit)
+
+    def _fork_spare(self) -> Optional[Job]:
+        """A child that waits for its node; in the child, its job once it comes."""
+        job_read, job_write = os.pipe()
+        read, write = os.pipe()
+        pid, held = self._fork_held()
+        if pid == 0:
+            os.close(read)
+            os.close(job_write)
+            self._become_child(write, held)
+            got = spares.wait_for_job(job_read, pages_file())
+            if got is None:
+                os._exit(0)  # retired: the agent stopped, or went away
+            return _job(*got)
+        os.close(write)
+        os.close(job_read)
+        spare = spares.Spare(pid, job_write, read, _pidfd(pid))
+        if spare.pidfd is not None:
+            self.sel.register(spare.pidfd, selectors.EVENT_READ, ("spare", spare))
+        self.spares.append(spare)
+        return None
+
+    def _retire(self, spare: "spares.Spare") -> None:
+        if spare.pidfd is not None and spare.pidfd in self.sel.get_map():
+            self.sel.unregister(spare.pidfd)
+        spares.retire(spare)
 
     def _become_child(self, write: int, held) -> None:
         """In the forked child: its own session and process group, the parent's fds closed, output to the pipe."""
@@ -276,6 +368,9 @@ class Agent:
             for fd in (child.pipe, child.pidfd):
                 if fd is not None:
                     os.close(fd)
+        for spare in self.spares:
+            for fd in spare.fds():
+                os.close(fd)
         os.dup2(write, 1)
         os.dup2(write, 2)
         os.close(write)
@@ -357,6 +452,7 @@ class Agent:
         runtime._pidfile(child.attempt).unlink(missing_ok=True)
         self.children.pop(child.attempt, None)
         runtime._touch_activity()
+        self.last_busy = time.monotonic()
         for conn in list(child.followers):
             self._send(conn, ("exit", child.attempt, child.code))
 
@@ -376,6 +472,8 @@ class Agent:
                 _signal_group(child.pid, signal.SIGKILL)
 
     def close(self) -> None:
+        while self.spares:
+            self._retire(self.spares.pop())
         for child in list(self.children.values()):
             if child.code is None:  # not reaped: its pid is still its own
                 _signal_group(child.pid, signal.SIGTERM)
@@ -438,12 +536,19 @@ def main(argv: Optional[list[str]] = None) -> int:
             traceback.print_exc(file=fh)
         raise
     if job is not None:
-        return _exit_child(run_child(job))  # the forked child: its exit code is the node's
+        return _exit_child(run_child(job), job.learn)  # the forked child: its exit code is the node's
     agent.close()
     return 0
 
 
-def _exit_child(code: int) -> int:
+def _pidfd(pid: int) -> Optional[int]:
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None  # an old kernel: _reap_all polls
+
+
+def _exit_child(code: int, learn: bool = False) -> int:
     """End a forked child as an interpreter's exit would (exit handlers: Prefect drains its log and event
     workers in them), without tearing down every module the parent imported, which costs more than the node."""
     try:
@@ -454,6 +559,11 @@ def _exit_child(code: int) -> int:
             try:
                 stream.flush()
             except (OSError, ValueError):
+                pass
+        if learn:
+            try:
+                spares.record_written_pages(pages_file())
+            except Exception:  # noqa: BLE001 - spares fault in less; the node's exit code stands
                 pass
         os._exit(code)
 

@@ -15,7 +15,7 @@ import time
 import docker
 import pytest
 
-from skyvm import InfrastructureError, NodeCancelled, Run
+from skyvm import InfrastructureError, NodeCancelled, Run, spares
 from skyvm.backends.agent_channel import SOCKET, agent_dir
 from skyvm.backends.local import list_managed
 from skyvm.limits import container_limits
@@ -49,6 +49,18 @@ def sleep_long():
 
 def limits():
     return container_limits()
+
+
+def process_start():
+    """The node's process: its pid, its parent's, and when it started (seconds since boot)."""
+    with open("/proc/self/stat") as fh:
+        ticks = int(fh.read().rsplit(")", 1)[1].split()[19])
+    return {"pid": os.getpid(), "ppid": os.getppid(), "started": ticks / os.sysconf("SC_CLK_TCK")}
+
+
+def seconds_since_boot() -> float:
+    with open("/proc/uptime") as fh:  # the kernel's clock: a container's processes count from the same boot
+        return float(fh.read().split()[0])
 
 
 LIST_PROCESSES = """
@@ -214,3 +226,84 @@ def test_an_agent_out_of_reach_falls_back_to_an_exec(caplog):
                 assert second.result(300)["cpus"] == 1.0
         assert second.cluster == first.cluster
         assert "running it with an exec instead" in caplog.text
+
+
+def test_an_idle_cluster_keeps_spare_children_and_its_next_node_starts_in_one():
+    """A warm cluster with nothing to run forks its spares (skyvm.spares): a node then runs in a process
+    that was ready before it was submitted, forked by the same agent, and the pages nodes write are learnt
+    from its first nodes for the spares to fault in."""
+    # 2 GiB: room for every spare (they hold at most a tenth of the cluster's memory, see the test below).
+    with Run({"defaults": {"cpus": 1, "memory": 2, "max_clusters": 1}}) as run:
+        first = run.submit(process_start, node="spare")
+        agent_pid = first.result(300)["ppid"]
+        container = cluster_container(first)
+
+        def spare_pids() -> set:
+            lines = processes_in(container).splitlines()
+            return {int(line.split()[0]) for line in lines if line.split()[2:5] == ["python3", "-m", "skyvm.agent"]} - {agent_pid}
+
+        assert wait_for(lambda: len(spare_pids()) == spares.DEFAULT_COUNT), processes_in(container)
+        ready = spare_pids()
+        submitted = seconds_since_boot()
+        second = run.submit(process_start, node="spare").result(300)
+        assert second["pid"] in ready and second["ppid"] == agent_pid
+        assert second["started"] < submitted  # its process existed before the node did
+        learnt = container.exec_run(["python3", "-c", "import os; print(os.path.getsize('/tmp/skyvm-node/agent-written-pages'))"])
+        assert learnt.exit_code == 0 and int(learnt.output) > 0 and int(learnt.output) % 16 == 0, learnt.output
+        # Spent spares are made again once the cluster is idle, not between the nodes of a burst.
+        assert wait_for(lambda: len(spare_pids()) == spares.DEFAULT_COUNT and second["pid"] not in spare_pids())
+
+
+def test_spares_end_with_their_agent_and_one_killed_is_made_again(tmp_path, monkeypatch):
+    import signal
+
+    from skyvm import agent as agent_module
+    from skyvm import node as runtime
+
+    monkeypatch.setattr(runtime, "STATE_DIR", tmp_path)
+    monkeypatch.setattr(runtime, "ACTIVITY", tmp_path / "activity")
+    monkeypatch.setenv(spares.COUNT_ENV, "2")
+    agent = agent_module.Agent(str(tmp_path / "agent.sock"), b"key", None)
+    pids = []
+    try:
+        agent.last_busy -= spares.IDLE_S  # idle long enough
+        while agent._spare_due():
+            if agent._fork_spare() is not None:  # in a spare that got a job: none is handed over here
+                os._exit(99)
+        pids = [spare.pid for spare in agent.spares]
+        assert len(pids) == 2
+        # The second holds none of the first's pipes: the first sees its end when the agent goes, whoever is left.
+        first_pipes = {os.readlink(f"/proc/self/fd/{fd}") for fd in (agent.spares[0].job, agent.spares[0].pipe)}
+
+        def held() -> set:  # once the second has closed what it inherited (it does so as it starts)
+            return {os.readlink(f"/proc/{pids[1]}/fd/{fd}") for fd in os.listdir(f"/proc/{pids[1]}/fd")}
+
+        assert wait_for(lambda: not first_pipes & held(), timeout=30), (first_pipes, held())
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while pids[0] in [spare.pid for spare in agent.spares] and time.monotonic() < deadline:
+            agent.step(0.1)
+        assert [spare.pid for spare in agent.spares] == pids[1:]  # noticed and reaped
+        assert not agent._spare_due()  # made again once the cluster has been idle again, not at once
+        agent.last_busy -= spares.IDLE_S
+        assert agent._spare_due()
+    finally:
+        agent.close()
+    assert agent.spares == []
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):  # reaped, not a zombie: nothing of the agent's left running
+            os.kill(pid, 0)
+
+
+def test_spares_hold_at_most_a_tenth_of_the_clusters_memory(tmp_path, monkeypatch):
+    from array import array
+
+    monkeypatch.delenv(spares.COUNT_ENV, raising=False)
+    pages = tmp_path / "pages"
+    assert spares.wanted(pages, None) == spares.DEFAULT_COUNT  # no limit, nothing learnt: the default
+    pages.write_bytes(array("Q", [0x10000, 12 << 20, 0x2000000, 4 << 20]).tobytes())  # 16 MiB learnt
+    each = (16 << 20) + spares.FORK_BYTES
+    assert spares.wanted(pages, 1 << 30) == (1 << 30) // 10 // each == 5
+    assert spares.wanted(pages, 128 << 20) == 0  # a small cluster keeps its memory for its nodes
+    monkeypatch.setenv(spares.COUNT_ENV, "0")
+    assert spares.wanted(pages, 64 << 30) == 0  # turned off
