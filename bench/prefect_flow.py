@@ -113,10 +113,11 @@ def prefect_bench(b) -> None:
         "<=",
         1.3,
         "x",
-        "each task runs Prefect's own engine in a child forked by a warm cluster's agent (no exec, no import), on one "
-        "of 4 warm clusters; its events and API logs go through the flow's process (relayed over the agent's channel, "
-        "as ProcessPoolTaskRunner relays its subprocesses'), its settings are validated once per cluster and its TLS "
-        "contexts and model schemas made by the agent's parent; what is left is a fresh process per task: the "
-        "payload (the task, the flow's context) pickled and unpickled, the fork, the engine's own work in a new "
-        "interpreter state, and nodes one at a time per cluster, CPU-bound on 2 cores shared with the API server",
+        "each task runs Prefect's own engine in a child of a warm cluster's agent (no exec, no import), on one of 4 "
+        "warm clusters: one of the agent's spares, forked while the cluster was idle with the pages nodes write "
+        "already faulted in (skyvm.spares), for the first 6 tasks a cluster takes after idle, a child forked then "
+        "for the rest; its events and API logs go through the flow's process (relayed over the agent's channel, "
+        "as ProcessPoolTaskRunner relays its subprocesses'), its settings are validated once per cluster; what is "
+        "left is a process per task: the payload pickled and unpickled, the engine's own work in a new interpreter "
+        "state, and nodes one at a time per cluster, on 2 cores shared with the API server",
     )
