@@ -8,6 +8,9 @@ imports the node runtime (and Prefect's task engine when the image has it) once 
 user code, so each node is a fresh child of a pristine, warm interpreter, started in a
 millisecond or two, with no state left over from the node before.
 
+While the cluster is idle it also keeps spares (``skyvm.spares``): children forked ahead, each with the
+pages nodes write already copied, that wait for a node each.
+
 Each child: its own session and process group (cancel kills the whole group), the node's
 environment, stdout and stderr into a pipe the parent forwards to whoever follows the attempt;
 it runs ``skyvm.node``'s attempt as ``python -m skyvm.node run --detached`` would (the log, exit

@@ -46,6 +46,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _PRESENT, _EXCLUSIVE = 1 << 63, 1 << 56  # /proc/PID/pagemap's flags (Documentation/admin-guide/mm/pagemap.rst)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14 and later; an older kernel answers EINVAL and spares fault nothing in
 _HEADER = struct.Struct("!Q")
+_MAPPING_MAX = 1 << 30
 _NOT_HEAP = ("[stack]", "[vvar]", "[vvar_vclock]", "[vdso]", "[vsyscall]")
 
 
@@ -190,6 +191,8 @@ def written_pages() -> list[int]:
             if len(fields) < 5 or fields[1] != "rw-p" or (len(fields) > 5 and fields[5] in _NOT_HEAP):
                 continue  # not a private writable mapping, or the stack (written by any code, and not shared)
             start, end = (int(x, 16) for x in fields[0].split("-"))
+            if end - start > _MAPPING_MAX:
+                continue  # a large reservation (an allocator's, a library's): its map alone would be megabytes to read
             entries = array("Q", os.pread(pagemap.fileno(), (end - start) // _PAGE * 8, start // _PAGE * 8))
             both = _PRESENT | _EXCLUSIVE
             found.extend(start + i * _PAGE for i, e in enumerate(entries) if e & both == both)
