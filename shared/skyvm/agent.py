@@ -315,13 +315,10 @@ class Agent:
     # -- spares (skyvm.spares) ---------------------------------------------------------
 
     def _spare_due(self) -> bool:
+        if self.children or self.stopping or time.monotonic() - self.last_busy < spares.IDLE_S:
+            return False  # the cheap checks first: this runs after every step of the loop
         self._count_spares()
-        return (
-            len(self.spares) < self.spares_max
-            and not self.children
-            and not self.stopping
-            and time.monotonic() - self.last_busy >= spares.IDLE_S
-        )
+        return len(self.spares) < self.spares_max
 
     def _count_spares(self) -> None:
         """Spares hold what nodes were seen to write: how many fit the cluster's memory is counted again
@@ -356,9 +353,15 @@ class Agent:
         return None
 
     def _retire(self, spare: "spares.Spare") -> None:
+        """End a spare that has no job (the agent stops, or it died): its pipes closed, its group killed, reaped."""
         if spare.pidfd is not None and spare.pidfd in self.sel.get_map():
             self.sel.unregister(spare.pidfd)
-        spares.retire(spare)
+        spares.close(spare)
+        _signal_group(spare.pid, signal.SIGKILL)
+        try:
+            os.waitpid(spare.pid, 0)
+        except ChildProcessError:
+            pass
 
     def _become_child(self, write: int, held) -> None:
         """In the forked child: its own session and process group, the parent's fds closed, output to the pipe."""

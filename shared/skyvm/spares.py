@@ -10,7 +10,7 @@ then, and it faults in the pages that nodes write (learnt from one, ``written_pa
 to a spare starts with that done. Nothing about the interpreter differs: a spare has run no code of a
 node's and changed no byte of the parent's state; it is a fresh child, only earlier.
 
-Parent side (the agent): ``job_blob``, ``hand_over``, ``retire``. Child side: ``wait_for_job``, ``record_written_pages``.
+Parent side (the agent): ``job_blob``, ``hand_over``, ``close``. Child side: ``wait_for_job``, ``record_written_pages``.
 May import: the standard library (the agent's parent imports it: nothing that a node would not).
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 import ctypes
 import os
 import pickle
-import signal
 import struct
 from array import array
 from dataclasses import dataclass
@@ -100,20 +99,12 @@ def hand_over(spare: Spare, blob: bytes) -> bool:
     return True
 
 
-def retire(spare: Spare) -> None:
-    """End a spare that has no job (the agent stops, or it died): its pipe closed, its group killed."""
+def close(spare: Spare) -> None:
+    """Close the agent's ends of a spare that will get no job: without its job pipe it exits on its own."""
     for fd in spare.fds():
         os.close(fd)
     spare.job = spare.pipe = -1
     spare.pidfd = None
-    try:
-        os.killpg(spare.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-    try:
-        os.waitpid(spare.pid, 0)
-    except ChildProcessError:
-        pass
 
 
 # -- in the spare ------------------------------------------------------------------------
