@@ -357,7 +357,7 @@ class Agent:
         if spare.pidfd is not None and spare.pidfd in self.sel.get_map():
             self.sel.unregister(spare.pidfd)
         spares.close(spare)
-        _signal_group(spare.pid, signal.SIGKILL)
+        runtime.signal_group(spare.pid, signal.SIGKILL)
         try:
             os.waitpid(spare.pid, 0)
         except ChildProcessError:
@@ -468,41 +468,25 @@ class Agent:
             return
         # The SIGKILL after the grace is due whatever the SIGTERM did: a node may ignore or outlive it.
         child.kill_at = time.monotonic() + grace_s
-        _signal_group(child.pid, signal.SIGTERM)
+        runtime.signal_group(child.pid, signal.SIGTERM)
 
     def _kill_late(self) -> None:
         now = time.monotonic()
         for child in self.children.values():
             if child.kill_at is not None and child.code is None and now >= child.kill_at:
                 child.kill_at = None
-                _signal_group(child.pid, signal.SIGKILL)
+                runtime.signal_group(child.pid, signal.SIGKILL)
 
     def close(self) -> None:
         while self.spares:
             self._retire(self.spares.pop())
         for child in list(self.children.values()):
             if child.code is None:  # not reaped: its pid is still its own
-                _signal_group(child.pid, signal.SIGTERM)
+                runtime.signal_group(child.pid, signal.SIGTERM)
         try:
             os.unlink(self.sock_path)
         except FileNotFoundError:
             pass
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    """Signal a child's process group, or the child alone while it has none yet: a child just forked
-    leads its own group only once it has called setsid(), and a cancel may come before that."""
-    try:
-        os.killpg(pid, sig)
-        return
-    except PermissionError:
-        return
-    except ProcessLookupError:
-        pass
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def run_child(job: Job) -> int:

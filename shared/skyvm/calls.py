@@ -33,6 +33,18 @@ def ship_by_value(fn: Callable) -> None:
     origin = getattr(module, "__file__", None)
     if module is None or origin is None:
         return
+    # Once per module and file: the answer is the same for every call of a map (realpath is a few stat()s).
+    key = (module_name, id(module), origin)
+    if key in _SHIPPED:
+        return
+    _ship(module, origin)
+    _SHIPPED.add(key)
+
+
+_SHIPPED: set = set()
+
+
+def _ship(module, origin: str) -> None:
     origin = os.path.realpath(origin)
     if any(origin.startswith(os.path.realpath(p) + os.sep) for p in _INSTALLED_PATHS):
         return

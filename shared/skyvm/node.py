@@ -273,15 +273,7 @@ def cmd_cancel(args) -> int:
     except (OSError, ValueError):
         return 0  # not running (never started or already done)
     # A node the agent forked leads its own process group: the whole group is stopped, whatever it started.
-    try:
-        group = os.getpgid(pid) == pid
-    except ProcessLookupError:
-        return 0
-    kill = os.killpg if group else os.kill
-    try:
-        kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return 0
+    signal_group(pid, signal.SIGTERM)
     deadline = time.time() + args.grace
     while time.time() < deadline:
         try:
@@ -289,11 +281,25 @@ def cmd_cancel(args) -> int:
         except ProcessLookupError:
             return 0
         time.sleep(0.1)
+    signal_group(pid, signal.SIGKILL)
+    return 0
+
+
+def signal_group(pid: int, sig: int) -> None:
+    """Signal the process group ``pid`` leads, or the process alone when it leads none: a node run by
+    ``docker exec`` is in the exec's group, and an agent's child just forked leads its own only once it
+    has called setsid(), which a cancel may come before."""
     try:
-        kill(pid, signal.SIGKILL)
+        os.killpg(pid, sig)
+        return
+    except PermissionError:
+        return
     except ProcessLookupError:
         pass
-    return 0
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def cmd_status(args) -> int:

@@ -170,7 +170,9 @@ class BackendPool:
             lock.release()
             return False
         runs = [] if fresh else record["runs"]
-        home.write_cluster_record(name, {"runs": sorted({*runs, spec.run_id}), "attempt": None, "let_go": False})
+        claimed = {"runs": sorted({*runs, spec.run_id}), "attempt": None, "let_go": False}
+        if claimed != record:  # the run's next node on its warm cluster: the record says so already
+            home.write_cluster_record(name, claimed)
         with self._lock:
             self._claims[name] = lock
         return True

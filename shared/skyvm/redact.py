@@ -37,19 +37,22 @@ _lock = threading.Lock()
 _secrets: set[str] = set()
 # One alternation of every secret, longest first (a secret that contains
 # another is masked whole): one pass over a text whatever their number.
-# None while nothing is registered, so that logging costs nothing then.
+# None while nothing is registered, so that logging costs nothing then. Compiled at its first use after
+# a change (``_current``): compiling is about a millisecond, which a short node that logs nothing (a
+# trivial task, its secrets registered at its start) need not pay.
 _pattern: re.Pattern[str] | None = None
+_stale = False
 _listeners: list[Callable[[str], None]] = []
 
 
 def register(*values: Any) -> None:
     """Remember secret values so that ``redact`` (and every log record) hides them from now on."""
-    global _pattern
+    global _stale
     with _lock:
         new = [v for v in dict.fromkeys(values) if isinstance(v, str) and len(v) >= MIN_LENGTH and v not in _secrets]
         if new:
             _secrets.update(new)
-            _pattern = _compiled()
+            _stale = True
         listeners = list(_listeners)
     if new:
         _install()
@@ -65,13 +68,24 @@ def forget(*values: Any) -> None:
     """Stop hiding values that served one use only (an Airflow task's workload, once the task is over),
     so that a long-lived process (a scheduler's executor) does not keep, and match, one per task.
     Listeners are not told: an engine's own masker keeps what it was given."""
-    global _pattern
+    global _stale
     with _lock:
         gone = [v for v in values if v in _secrets]
         if not gone:
             return
         _secrets.difference_update(gone)
-        _pattern = _compiled()
+        _stale = True
+
+
+def _current() -> re.Pattern[str] | None:
+    """The alternation of the secrets registered now; None when there is none."""
+    global _pattern, _stale
+    if _stale:
+        with _lock:
+            if _stale:
+                _pattern = _compiled()
+                _stale = False
+    return _pattern
 
 
 def _compiled() -> re.Pattern[str] | None:
@@ -86,7 +100,7 @@ def known() -> frozenset[str]:
 
 def redact(text: Any) -> Any:
     """``text`` with every registered secret replaced by ``***`` (non-strings pass through)."""
-    pattern = _pattern
+    pattern = _current()
     if pattern is None or not isinstance(text, str):
         return text
     return pattern.sub(MASK, text)
@@ -128,7 +142,7 @@ _STANDARD = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) 
 
 def scrub_record(record: logging.LogRecord) -> None:
     """Hide every registered secret in what a handler could print of ``record``, in place."""
-    pattern = _pattern
+    pattern = _current()
     if pattern is None:
         return
     try:
@@ -225,7 +239,7 @@ class RedactingFilter(logging.Filter):
     after the factory ran), and the whole record when the factory in place is not ours (replaced later)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        pattern = _pattern
+        pattern = _current()
         if pattern is not None:
             if not getattr(logging.getLogRecordFactory(), "skyvm_redacts", False):
                 scrub_record(record)
@@ -239,7 +253,7 @@ _filter = RedactingFilter()
 def _scrubbing_factory(previous: Callable[..., logging.LogRecord]) -> Callable[..., logging.LogRecord]:
     def factory(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = previous(*args, **kwargs)
-        if _pattern is not None:
+        if _current() is not None:
             scrub_record(record)
             if record.name not in _filtered:
                 # A logger that had not logged since secrets were known: it gets the filter now, before
