@@ -172,6 +172,8 @@ def fmt(value: Optional[float], unit: str) -> str:
         return f"{value:+.0f} ms" if abs(value) < 1000 else f"{value / 1000:+.2f} s"
     if unit == "count":
         return f"{value:g}"
+    if unit == "ms/task":
+        return f"{value:.1f} ms"
     return f"{value:g} {unit}"
 
 
@@ -435,6 +437,76 @@ class Sampler:
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class CpuMeter:
+    """CPU seconds spent by this process, by its child processes alive at both readings (an API server the
+    bench started) and by this run's containers (skyvm's clusters): where a runner's work goes on cores
+    that all of them share. A wall time alone hides it: Prefect's flow-run heartbeat rounds a short flow's
+    up to a whole second, and a server's work on the events a flow sent may come after the flow's end.
+    Containers are read from their cgroup's CPU accounting (cgroup v1 or v2): None where neither is found."""
+
+    FLOW, CHILDREN, NODES = "flow process", "API server", "nodes"
+
+    def __init__(self, bench: "Bench") -> None:
+        self.bench = bench
+
+    def read(self) -> dict[str, Any]:
+        t = os.times()
+        return {self.FLOW: t.user + t.system, self.CHILDREN: _descendants_cpu(), self.NODES: self._containers()}
+
+    def spent(self, before: dict[str, Any], after: dict[str, Any]) -> dict[str, Optional[float]]:
+        """CPU seconds between two readings, per part (a container or child new since ``before`` from its start)."""
+        out: dict[str, Optional[float]] = {self.FLOW: after[self.FLOW] - before[self.FLOW]}
+        for part in (self.CHILDREN, self.NODES):
+            then, now = before[part], after[part]
+            out[part] = None if then is None or now is None else sum(v - then.get(k, 0.0) for k, v in now.items())
+        return out
+
+    def _containers(self) -> Optional[dict[str, float]]:
+        ids = sh("docker", "ps", "-q", "--no-trunc", "--filter", f"label=dev.skyvm.user.{SESSION_KEY}={self.bench.session}", check=False).stdout.split()
+        found: dict[str, float] = {}
+        for cid in ids:
+            usage = _cgroup_cpu(cid)
+            if usage is None:
+                return None
+            found[cid] = usage
+        return found
+
+
+def _cgroup_cpu(cid: str) -> Optional[float]:
+    v1 = [Path(f"/sys/fs/cgroup/{d}/docker/{cid}/cpuacct.usage") for d in ("cpuacct", "cpu,cpuacct")]
+    for path in v1:
+        with contextlib.suppress(OSError, ValueError):
+            return int(path.read_text()) / 1e9
+    for path in (Path(f"/sys/fs/cgroup/system.slice/docker-{cid}.scope/cpu.stat"), Path(f"/sys/fs/cgroup/docker/{cid}/cpu.stat")):
+        with contextlib.suppress(OSError, ValueError):
+            for line in path.read_text().splitlines():
+                key, _, value = line.partition(" ")
+                if key == "usage_usec":
+                    return int(value) / 1e6
+    return None
+
+
+def _descendants_cpu() -> dict[int, float]:
+    """CPU seconds of each live descendant of this process, by pid (from /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            parent[int(entry)] = int(fields[1])
+            cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    found, todo = {}, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        for child, ppid in parent.items():
+            if ppid == pid and child not in found:
+                found[child] = cpu[child]
+                todo.append(child)
+    return found
 
 
 # -- skyvm's side ------------------------------------------------------------------------------

@@ -23,10 +23,12 @@ from __future__ import annotations
 import time
 
 from bench import scenario
-from bench.common import Skip, build_node_image, need_docker, package_version
+from bench.common import CpuMeter, Skip, build_node_image, need_docker, package_version
 
 # Seconds of quiet before each measured flow (see run_flow).
 SETTLE_S = 3.0
+# The arms whose CPU per task the bench reports (a cold arm's containers are gone before it is read).
+CPU_ARMS = ("SkyVMTaskRunner warm", "ThreadPoolTaskRunner")
 
 
 @scenario(
@@ -78,15 +80,23 @@ def prefect_bench(b) -> None:
         # A cluster per task is for small maps: 200 clusters on one machine measure the machine, not skyvm.
         runners.pop("SkyVMTaskRunner warm, N clusters")
 
-    def run_flow(name: str) -> float:
+    meter = CpuMeter(b)
+
+    def run_flow(name: str, counted: bool = False) -> float:
         # Every flow starts against a server done with the one before: the temporary server's SQLite answers a
         # flow run's creation with "database is locked" (a 503, which Prefect's client retries after 2 s) while it
         # still writes the previous flow's last task runs, whichever runner ran that flow.
         time.sleep(SETTLE_S if not b.smoke else 0)
+        before = meter.read()
         t0 = time.perf_counter()
         result = fan_out.with_options(task_runner=runners[name]())(b.n)
         elapsed = time.perf_counter() - t0
         b.check(result == [i * i for i in range(b.n)], f"{name}: the flow returned {result!r}")
+        if counted and name in CPU_ARMS:
+            # Where the flow's time went, per task: the three parts share the machine's cores.
+            for part, seconds in meter.spent(before, meter.read()).items():
+                if seconds is not None:
+                    b.add(f"CPU per task, {name}: {part}", 1000 * seconds / b.n, unit="ms/task")
         return elapsed
 
     with prefect_test_harness(server_startup_timeout=180):
@@ -97,7 +107,7 @@ def prefect_bench(b) -> None:
             print(f"  warm-up {name}: {run_flow(name):.2f} s (not counted)", flush=True)
 
         def arm(name: str):
-            return lambda rep: b.add(name, run_flow(name))
+            return lambda rep: b.add(name, run_flow(name, counted=True))
 
         b.alternate({name: arm(name) for name in runners})
 
@@ -119,5 +129,8 @@ def prefect_bench(b) -> None:
         "for the rest; its events and API logs go through the flow's process (relayed over the agent's channel, "
         "as ProcessPoolTaskRunner relays its subprocesses'), its settings are validated once per cluster; what is "
         "left is a process per task: the payload pickled and unpickled, the engine's own work in a new interpreter "
-        "state, and nodes one at a time per cluster, on 2 cores shared with the API server",
+        "state, and nodes one at a time per cluster, on 2 cores shared with the API server. The CPU per task rows "
+        "say where it goes: ThreadPoolTaskRunner's flow process runs each task's engine in a few ms and leaves most "
+        "of the server's work on its events for after the flow's end; skyvm's flow process, nodes and server each "
+        "spend more than that, and the server takes one of the 2 cores meanwhile",
     )
