@@ -118,7 +118,7 @@ def test_cancel_stops_the_pool_job_and_frees_its_worker(pool_vm, cloud_settings)
         assert pool_vm.calls("pool_job_start"), "the job never started on the pool"
         assert long.cancel()
         with pytest.raises(NodeCancelled):
-            long.result(30)
+            long.result(120)  # the cancel goes through the SkyPilot API server's queue, slow on a loaded machine
         assert [c["job_id"] for c in pool_vm.calls("jobs_cancel")] == [long.ref.job_id]
         # The one worker is free again: the next node runs on it.
         assert run.submit(add, 1, 2, node="pooled").result(120) == 3
