@@ -126,6 +126,7 @@ def test_prefect_inside_a_task_on_the_node():
     # The flow, which the launcher read once for all its nodes (each node would read it from the API).
     flow_run = read_from_api(lambda client: client.read_flow_run(flow_run_id), lambda run: run is not None)
     assert f"prefect.flow.{flow_run.flow_id}" in related
+    assert f"prefect.flow-run.{flow_run_id}" in related  # attached on the node: the launcher forwards events as they come
 
 
 def test_the_flows_related_objects_given_to_a_node_are_what_its_events_worker_names_without_reading_the_api():
