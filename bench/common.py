@@ -491,21 +491,22 @@ def _cgroup_cpu(cid: str) -> Optional[float]:
 def _descendants_cpu() -> dict[int, float]:
     """CPU seconds of each live descendant of this process, by pid (from /proc)."""
     tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
+    children: dict[int, list[int]] = {}
+    cpu: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         with contextlib.suppress(OSError, IndexError, ValueError):
+            # After the command's closing parenthesis: state, ppid, ... utime (12th), stime (13th).
             fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            parent[int(entry)] = int(fields[1])
+            children.setdefault(int(fields[1]), []).append(int(entry))
             cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    found, todo = {}, [os.getpid()]
+    found: dict[int, float] = {}
+    todo = [os.getpid()]
     while todo:
-        pid = todo.pop()
-        for child, ppid in parent.items():
-            if ppid == pid and child not in found:
-                found[child] = cpu[child]
-                todo.append(child)
+        for child in children.get(todo.pop(), []):
+            found[child] = cpu[child]
+            todo.append(child)
     return found
 
 

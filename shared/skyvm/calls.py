@@ -33,15 +33,16 @@ def ship_by_value(fn: Callable) -> None:
     origin = getattr(module, "__file__", None)
     if module is None or origin is None:
         return
-    # Once per module and file: the answer is the same for every call of a map (realpath is a few stat()s).
-    key = (module_name, id(module), origin)
+    # Once per module and file: the answer is the same for every call of a map (realpath is a few stat()s),
+    # and cloudpickle keeps what it registered by the module's name.
+    key = (module_name, origin)
     if key in _SHIPPED:
         return
     _ship(module, origin)
     _SHIPPED.add(key)
 
 
-_SHIPPED: set = set()
+_SHIPPED: set[tuple[str, str]] = set()
 
 
 def _ship(module, origin: str) -> None:
