@@ -10,7 +10,7 @@ launcher live, over the agent's channel) writes each event and log record as one
 (``deliver``) as it reads them. The task run's states reach the API while the node runs (they are
 events), and a node killed mid-run has sent what it emitted until then.
 
-Node side: ``install()``, ``seed_related()``. Launcher side: ``available()``, ``Deliverer``, ``related_objects()``:
+Node side: ``install()``, ``seed_related()``. Launcher side: ``available()``, ``Deliverer``, ``outside_runs()``, ``related_objects()``:
 the flow run's flow, which the node's events worker names in every event, read once by the launcher instead
 of from the API by every node.
 May import: prefect, the standard library and skyvm.node (this module is imported on the node).
@@ -222,6 +222,22 @@ def _read_related(flow_run) -> dict[str, Any]:
     return {name: obj for name, obj in found.items() if obj is not None}
 
 
+def outside_runs(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` with the run contexts explicitly unset, not merely absent, for the events it emits.
+    Prefect's events worker lays the emitter's context over its own thread's, and that thread keeps the
+    context of the flow run that first started it: an event emitted where no run context is set would
+    name that (an earlier, other) flow run as related."""
+
+    def unset() -> Any:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        FlowRunContext.__var__.set(None)
+        TaskRunContext.__var__.set(None)
+        return fn(*args)
+
+    return contextvars.Context().run(unset)
+
+
 class Deliverer:
     """Hands a node's relayed lines to this process's events and log workers (the flow's, connected)."""
 
@@ -245,11 +261,10 @@ class Deliverer:
                 from prefect.events import Event
                 from prefect.events.worker import EventsWorker
 
-                # Sent from an empty context, as Prefect's process pool forwards its subprocesses' events (from a
-                # thread of its own): the node attached the run's related resources already, in the task run's
-                # context; the flow's context here would have the worker work them out again for each event,
+                # Sent with no run context: the node attached the run's related resources already, in the task
+                # run's context; the flow's context here would have the worker work them out again for each event,
                 # only to find them there (a quarter of this process's CPU in a map of trivial tasks).
-                contextvars.Context().run(EventsWorker.instance().send, Event.model_validate(payload))
+                outside_runs(EventsWorker.instance().send, Event.model_validate(payload))
             elif kind == _LOG:
                 from prefect.logging.handlers import APILogWorker
 

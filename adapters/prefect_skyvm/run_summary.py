@@ -4,7 +4,7 @@ One row per node (skyvm.costs: its placement, limits, duration, $/h and cost) an
 the artifact's description, published when SkyVMTaskRunner's run ends. Never fails the flow: a summary
 that cannot be published is a warning.
 
-Holds ``publish``. May import: prefect, skyvm.costs.
+Holds ``publish``. May import: prefect, prefect_skyvm.relay, skyvm.costs.
 """
 
 from __future__ import annotations
@@ -41,9 +41,11 @@ def publish(summary: Summary, flow_run_id) -> None:
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import ArtifactCreate
 
+        from prefect_skyvm.relay import outside_runs
+
+        artifact = ArtifactCreate(key=ARTIFACT_KEY, type="table", data=artifact_rows(summary), description=description(summary), flow_run_id=flow_run_id)
         with get_client(sync_client=True) as client:
-            client.create_artifact(
-                ArtifactCreate(key=ARTIFACT_KEY, type="table", data=artifact_rows(summary), description=description(summary), flow_run_id=flow_run_id)
-            )
+            # Its "created" event must not name the flow run this process's events worker started in.
+            outside_runs(client.create_artifact, artifact)
     except Exception as exc:  # noqa: BLE001 - the flow's outcome is not the summary's
         log.warning("skyvm: could not publish the run's node summary as an artifact: %s", exc)

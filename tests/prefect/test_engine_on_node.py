@@ -76,6 +76,13 @@ def uses_prefect(x, variable_name, event_resource):
     }
 
 
+@flow
+def earlier_flow():
+    from prefect.events import emit_event
+
+    emit_event(event="skyvm.test.earlier", resource={"prefect.resource.id": "skyvm.test.earlier"})
+
+
 def test_prefect_inside_a_task_on_the_node():
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, TaskRunFilter, TaskRunFilterFlowRunId
     from prefect.events.filters import EventFilter, EventResourceFilter
@@ -84,6 +91,7 @@ def test_prefect_inside_a_task_on_the_node():
     token = uuid.uuid4().hex[:12]
     variable_name, event_resource = f"skyvm_var_{token}", f"skyvm.test.{token}"
     Variable.set(variable_name, f"value {token}")
+    earlier_flow()  # this process's events worker is started (and keeps its context) no later than here
 
     @flow(task_runner=SkyVMTaskRunner(SETTINGS))
     def f():
@@ -126,7 +134,10 @@ def test_prefect_inside_a_task_on_the_node():
     # The flow, which the launcher read once for all its nodes (each node would read it from the API).
     flow_run = read_from_api(lambda client: client.read_flow_run(flow_run_id), lambda run: run is not None)
     assert f"prefect.flow.{flow_run.flow_id}" in related
-    assert f"prefect.flow-run.{flow_run_id}" in related  # attached on the node: the launcher forwards events as they come
+    # Attached on the node: the launcher forwards events as they come. Only this flow run: the launcher's
+    # events worker keeps the context of the flow run that started it (the one before, here), which a relayed
+    # event must not pick up.
+    assert {r for r in related if r.startswith("prefect.flow-run.")} == {f"prefect.flow-run.{flow_run_id}"}
 
 
 def test_the_flows_related_objects_given_to_a_node_are_what_its_events_worker_names_without_reading_the_api():

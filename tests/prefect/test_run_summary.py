@@ -26,11 +26,19 @@ def flow_run_artifacts(flow_run_id):
     return asyncio.run(read())
 
 
+@flow
+def earlier():
+    from prefect.events import emit_event
+
+    emit_event(event="skyvm.test.earlier", resource={"prefect.resource.id": "skyvm.test.earlier"})
+
+
 def test_a_flow_run_gets_a_table_artifact_of_its_nodes():
     @flow(task_runner=SkyVMTaskRunner({"defaults": {"cpus": 0.5, "memory": 0.75}}))
     def pipeline():
         return [f.result() for f in double.map([1, 2])]
 
+    earlier()  # this process's events worker is started (and keeps its context) no later than here
     state = pipeline(return_state=True)
     assert state.result() == [2, 4]
     (artifact,) = [a for a in flow_run_artifacts(state.state_details.flow_run_id) if a.key == "skyvm-nodes"]
@@ -42,6 +50,24 @@ def test_a_flow_run_gets_a_table_artifact_of_its_nodes():
         assert "cpus=0.5" in row["limits"] and "memory=0.75" in row["limits"]
         assert row["duration_s"] >= 0 and row["cost"] == 0.0
     assert "2 node(s)" in artifact.description and "total $0.000000" in artifact.description
+
+    # Its "created" event names no other flow run: this process's events worker started in an earlier one.
+    from prefect.events.filters import EventFilter, EventResourceFilter
+
+    async def created_events():
+        from prefect.client.orchestration import get_client
+
+        async with get_client() as client:
+            for _ in range(100):
+                page = await client.read_events(EventFilter(resource=EventResourceFilter(id=[f"prefect.artifact.{artifact.id}"])), limit=10)
+                if page.total:
+                    return page.events
+                await asyncio.sleep(0.3)
+        return []
+
+    (event,) = asyncio.run(created_events())
+    assert event.event == "prefect.artifact.created"
+    assert {r.id for r in event.related if r.id.startswith("prefect.flow-run.")} <= {f"prefect.flow-run.{state.state_details.flow_run_id}"}
 
 
 @task
