@@ -53,7 +53,10 @@ def wake_all() -> None:
 
 class ClusterPool:
     def __init__(self):
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
+        # Nodes wait per signature, and a freed cluster or slot wakes one of them, the longest waiting: a map
+        # of hundreds of nodes queued on a few clusters woke them all at every release, to find one winner.
+        self._queues: dict[str, threading.Condition] = {}
         self._clusters: dict[str, Cluster] = {}
         self._warmed: set[tuple[str, str]] = set()  # (run, signature) whose pool was started ahead
         self._reserved: dict[str, int] = {}  # signature -> slots whose cluster is being found outside the lock
@@ -83,7 +86,7 @@ class ClusterPool:
         name_for = name_for or spec.cluster_name_for
         sig = spec.signature
         while True:
-            with self._cond:
+            with self._lock:
                 free, known = self._reserve(spec, limit, cancelled, wake_s)
                 if free is not None:
                     return free, False
@@ -91,10 +94,10 @@ class ClusterPool:
                 name = claim_warm(spec, known) if claim_warm else None
                 exists = taken() if taken and name is None else set()
             except BaseException:
-                with self._cond:
+                with self._lock:
                     self._unreserve(sig)
                 raise
-            with self._cond:
+            with self._lock:
                 self._unreserve(sig)
                 if name is not None:
                     cluster = self._clusters.get(name)
@@ -122,6 +125,7 @@ class ClusterPool:
         sig = spec.signature
         while True:
             if cancelled is not None and cancelled():
+                self._wake_one(sig)  # a wake it may have taken is passed on to the next node
                 raise NodeCancelled(f"node {spec.node!r} was cancelled while queued for a cluster (max_clusters={limit})")
             mine = [c for c in self._clusters.values() if c.signature == sig]
             for cluster in mine:
@@ -132,13 +136,26 @@ class ClusterPool:
             if sum(1 for c in mine if c.busy) + self._reserved.get(sig, 0) < limit:
                 self._reserved[sig] = self._reserved.get(sig, 0) + 1
                 return None, set(self._clusters)
-            self._cond.wait(timeout=wake_s)
+            self._queue(sig).wait(timeout=wake_s)
+
+    def _queue(self, sig: str) -> threading.Condition:
+        """Under the lock: where the signature's nodes wait (on the book's lock)."""
+        queue = self._queues.get(sig)
+        if queue is None:
+            queue = self._queues[sig] = threading.Condition(self._lock)
+        return queue
+
+    def _wake_one(self, sig: str) -> None:
+        """Under the lock: a cluster or slot of ``sig`` is free; the longest-waiting node of it looks."""
+        queue = self._queues.get(sig)
+        if queue is not None:
+            queue.notify()
 
     def _unreserve(self, sig: str) -> None:
         self._reserved[sig] -= 1
         if not self._reserved[sig]:
             del self._reserved[sig]
-        self._cond.notify_all()
+        self._wake_one(sig)
 
     @staticmethod
     def _take(cluster: Cluster, spec: TaskSpec) -> Cluster:
@@ -162,12 +179,12 @@ class ClusterPool:
         if pool is None:
             return []
         key = (spec.run_id, spec.signature)
-        with self._cond:
+        with self._lock:
             if key in self._warmed:
                 return []
         name_for = name_for or spec.cluster_name_for
         exists = taken() if taken else set()  # the engine is asked outside the lock
-        with self._cond:
+        with self._lock:
             if key in self._warmed:
                 return []
             self._warmed.add(key)
@@ -205,30 +222,32 @@ class ClusterPool:
         return cluster
 
     def get(self, name: str) -> Optional[Cluster]:
-        with self._cond:
+        with self._lock:
             return self._clusters.get(name)
 
     def free(self, name: str) -> None:
-        with self._cond:
+        with self._lock:
             cluster = self._clusters.get(name)
             if cluster is not None:
                 cluster.busy = False
-            self._cond.notify_all()
+                self._wake_one(cluster.signature)
 
     def forget(self, name: str) -> None:
         """The cluster is gone (removed, or its start failed): never reuse it."""
-        with self._cond:
-            self._clusters.pop(name, None)
-            self._cond.notify_all()
+        with self._lock:
+            cluster = self._clusters.pop(name, None)
+            if cluster is not None:
+                self._wake_one(cluster.signature)  # its slot is free
 
     def wake(self) -> None:
         """Let waiting nodes look at their cancel flags now."""
-        with self._cond:
-            self._cond.notify_all()
+        with self._lock:
+            for queue in self._queues.values():
+                queue.notify_all()
 
     def end_run(self, run_id: str) -> list[Cluster]:
         """The run is over: the ``down`` clusters no run holds any more, forgotten and returned for removal."""
-        with self._cond:
+        with self._lock:
             gone = []
             for cluster in list(self._clusters.values()):
                 if run_id not in cluster.runs:
@@ -237,10 +256,10 @@ class ClusterPool:
                 if cluster.down and not cluster.runs and not cluster.busy:
                     self._clusters.pop(cluster.name)
                     gone.append(cluster)
-            self._cond.notify_all()
+                    self._wake_one(cluster.signature)  # its slot is free
             return gone
 
     def names(self) -> set:
-        with self._cond:
+        with self._lock:
             return set(self._clusters)
 

@@ -83,6 +83,42 @@ def test_the_limit_counts_nodes_whose_cluster_is_still_being_looked_for():
     assert [pool.get(n).busy for n in pool.names()] == [True]  # one cluster: the limit held
 
 
+def test_a_freed_cluster_goes_to_a_queued_node_past_one_cancelled_meanwhile():
+    """A freed cluster wakes one queued node, not all of them (a map of hundreds queued on a few clusters
+    woke every one at each release); one that finds itself cancelled passes the wake on, so the next
+    node takes the cluster now, not at its next periodic look (wake_s, 10 minutes here)."""
+    pool = ClusterPool()
+    one = NodeSettings(max_clusters=1)
+    held, _ = pool.acquire(spec(one, node="holder"))
+    looked = {"b": threading.Semaphore(0), "c": threading.Semaphore(0)}
+    cancel_b = threading.Event()
+    got = {}
+
+    def queue(name, cancel=None):
+        def cancelled():  # asked under the pool's lock, just before the node waits
+            looked[name].release()
+            return cancel is not None and cancel.is_set()
+
+        try:
+            got[name] = pool.acquire(spec(one, node=name), cancelled=cancelled, wake_s=600)
+        except NodeCancelled as exc:
+            got[name] = exc
+
+    b = threading.Thread(target=queue, args=("b", cancel_b), daemon=True)
+    b.start()
+    assert looked["b"].acquire(timeout=BOUND_S)
+    c = threading.Thread(target=queue, args=("c",), daemon=True)  # daemon: a lost wake fails the test, not hangs it
+    c.start()
+    assert looked["c"].acquire(timeout=BOUND_S)
+    cancel_b.set()  # no wake: b finds out when the freed cluster wakes it, the longest waiting
+    pool.free(held.name)
+    b.join(BOUND_S)
+    c.join(BOUND_S)
+    assert isinstance(got["b"], NodeCancelled)
+    assert "c" in got, "the queued node was not woken when the node ahead of it gave up"
+    assert (got["c"][0].name, got["c"][1]) == (held.name, False)
+
+
 def test_a_local_cluster_name_carries_its_install_and_stays_valid(tmp_path, monkeypatch):
     s = spec(NodeSettings(), run_id="x" * 80)
     mine = local.local_cluster_name(s, 0)
