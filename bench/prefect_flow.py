@@ -25,6 +25,31 @@ import time
 from bench import scenario
 from bench.common import CpuMeter, Skip, build_node_image, need_docker, package_version
 
+# What a process per task costs before it does anything: an interpreter that imported Prefect's engine (as a
+# cluster's agent has) forks a child that exits at once, parent's and child's CPU together, per fork.
+FORK_FLOOR = """
+import gc, os, sys
+import prefect, prefect.task_engine, prefect.flow_engine
+gc.collect(); gc.freeze()
+n = int(sys.argv[1]); t0 = os.times()
+for _ in range(n):
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+t1 = os.times()
+print((t1.user + t1.system + t1.children_user + t1.children_system - t0.user - t0.system - t0.children_user - t0.children_system) / n)
+"""
+
+
+def fork_floor_ms(n: int) -> float:
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", FORK_FLOOR, str(n)], check=True, capture_output=True, text=True).stdout
+    return 1000 * float(out.split()[-1])
+
+
 # Seconds of quiet before each measured flow (see run_flow).
 SETTLE_S = 3.0
 # The arms whose CPU per task the bench reports (a cold arm's containers are gone before it is read).
@@ -81,6 +106,7 @@ def prefect_bench(b) -> None:
         runners.pop("SkyVMTaskRunner warm, N clusters")
 
     meter = CpuMeter(b)
+    b.add("CPU per fork and exit, an interpreter with Prefect imported", fork_floor_ms(20 if b.smoke else 200), unit="ms/task")
 
     def run_flow(name: str, counted: bool = False) -> float:
         # Every flow starts against a server done with the one before: the temporary server's SQLite answers a
@@ -132,5 +158,7 @@ def prefect_bench(b) -> None:
         "state, and nodes one at a time per cluster, on 2 cores shared with the API server. The CPU per task rows "
         "say where it goes: ThreadPoolTaskRunner's flow process runs each task's engine in a few ms and leaves most "
         "of the server's work on its events for after the flow's end; skyvm's flow process, nodes and server each "
-        "spend more than that, and the server takes one of the 2 cores meanwhile",
+        "spend more than that, and the server takes one of the 2 cores meanwhile; 1.3x of threads then leaves the "
+        "other core about 7 ms a task for the flow's process and the node together, less than a fork and exit "
+        "(its row) plus the engine's own work (what threads spend)",
     )
