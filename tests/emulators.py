@@ -8,6 +8,7 @@ whose ``stop()`` kills the whole group. The fixtures in conftest.py use them.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -52,8 +53,11 @@ def start_moto(log: Path, env=None) -> tuple[subprocess.Popen, str]:
 
 def start_gcs(workdir: Path) -> Server:
     """gcp-storage-emulator (in memory) with bucket skyvm-test; sets STORAGE_EMULATOR_HOST."""
+    # Run through tests/gcs_emulator.py (its multipart uploads keep an object's last byte), by the Python
+    # that has the emulator: this one, else the one of the command on PATH.
     exe = shutil.which("gcp-storage-emulator", path=str(Path(sys.executable).parent)) or shutil.which("gcp-storage-emulator")
-    cmd = [exe] if exe else [sys.executable, "-m", "gcp_storage_emulator"]
+    python = sys.executable if importlib.util.find_spec("gcp_storage_emulator") or not exe else str(Path(exe).parent / "python")
+    cmd = [python, str(Path(__file__).with_name("gcs_emulator.py"))]
     cmd += ["start", "--host", "127.0.0.1", "--in-memory", "--default-bucket", BUCKET]
     proc, endpoint = _start(lambda port: [*cmd, "--port", str(port)], workdir / "gcs.log", lambda e: f"{e}/storage/v1/b/{BUCKET}")
     os.environ["STORAGE_EMULATOR_HOST"] = endpoint
