@@ -27,7 +27,7 @@ def split_related(raw: bytes, content_type: str) -> dict:
         head, _, body = part[len(newline) :].partition(newline + newline)
         headers = dict(line.split(b":", 1) for line in head.split(newline) if b":" in line)
         parts.append(({k.strip().lower().decode(): v.strip().decode() for k, v in headers.items()}, body))
-    (meta_headers, meta), (headers, content) = parts[:2]
+    (_, meta), (headers, content) = parts[:2]
     return {"meta": json.loads(meta), "content": content, "content-type": headers.get("content-type", "application/octet-stream").split(";")[0]}
 
 
