@@ -116,7 +116,7 @@ def _per_settings() -> tuple[list[tuple[tuple[str, ...], str]], dict[str, str]]:
 # these is tens of milliseconds of CPU each on an idle machine, ahead of a flow run's first node.
 _SETTINGS_MADE: dict = {}
 _SETTINGS_KEPT = 8
-_SETTINGS_LOCK = threading.Lock()  # the flow's tasks are launched from many threads: each made once
+_SETTINGS_LOCK = threading.RLock()  # the flow's tasks are launched from many threads: each made once (a making may use another)
 
 
 def _kept(kind: str, obj: Any, make):
@@ -170,6 +170,35 @@ def _node_flow(cache: dict, flow):
     return cache[key][1]
 
 
+class _Pickled:
+    """An object pickled once, that unpickles as the object itself (``pickle.loads`` of its bytes).
+
+    The flow in every node's context: pickling it by value (its function, its module's code) is most of the
+    cost of a node's payload in the flow's process, about half a millisecond a task, for the same bytes each
+    time. Made once per flow (``_node_flow``): globals of the flow's own module travel as they were then."""
+
+    __slots__ = ("blob",)
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __reduce__(self):
+        import pickle
+
+        return pickle.loads, (self.blob,)
+
+
+def _node_flow_pickled(cache: dict, flow) -> _Pickled:
+    from skyvm.calls import dumps
+
+    key = ("flow-pickled", id(flow))
+    node_flow = _node_flow(cache, flow)
+    if key not in cache:
+        # The modules of the tasks it names go by value too (``dumps``): it is pickled before any of them is submitted.
+        cache[key] = (flow, _Pickled(dumps(node_flow)))
+    return cache[key][1]
+
+
 def flow_travels(cache: dict, logger=None) -> bool:
     """Whether the flow can travel in a node's context (engine mode needs it there); checked once per flow.
 
@@ -182,10 +211,8 @@ def flow_travels(cache: dict, logger=None) -> bool:
         return True
     key = ("travels", id(flow))
     if key not in cache:
-        import cloudpickle
-
         try:
-            cloudpickle.dumps(_node_flow(cache, flow))
+            _node_flow_pickled(cache, flow)
             cache[key] = (flow, True)
         except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the answer is the same
             cache[key] = (flow, False)
@@ -197,19 +224,20 @@ def flow_travels(cache: dict, logger=None) -> bool:
     return cache[key][1]
 
 
-def _serialize_context(cache: dict, asset_ctx_kwargs: Optional[dict[str, Any]]) -> dict[str, Any]:
+def _serialize_context(cache: dict, asset_ctx_kwargs: Optional[dict[str, Any]], settings_part: Optional[dict] = None) -> dict[str, Any]:
     """Prefect's ``serialize_context()``, with the settings' part made once per settings context:
     serializing Prefect's settings (every secret rendered) is most of its cost, tens of milliseconds a task
     on an idle machine, and they do not change within a flow run. Each call gets its own copy (callers
-    edit it). The rest is Prefect's function as it stands (3.x)."""
+    edit it), unless ``settings_part`` stands for it (``_node_settings``: shared, never edited). The rest
+    is Prefect's function as it stands (3.x)."""
     import copy
 
     from prefect import context as pc
 
     if not all(hasattr(pc, name) for name in ("_deployment_id", "_deployment_parameters", "EngineContext", "AssetContext")):
         return pc.serialize_context(asset_ctx_kwargs=asset_ctx_kwargs)  # another Prefect: its own function, whole
-    settings_context = pc.SettingsContext.get()
-    settings = _kept("settings_context", settings_context, lambda: settings_context.serialize() if settings_context else {})
+    if settings_part is None:
+        settings_part = copy.deepcopy(_serialized_settings(pc.SettingsContext.get()))
     flow_run_context = pc.EngineContext.get()
     task_run_context = pc.TaskRunContext.get()
     tags_context = pc.TagsContext.get()
@@ -218,11 +246,37 @@ def _serialize_context(cache: dict, asset_ctx_kwargs: Optional[dict[str, Any]]) 
         "flow_run_context": _engine_context(cache, flow_run_context) if flow_run_context else {},
         "task_run_context": task_run_context.serialize() if task_run_context else {},
         "tags_context": tags_context.serialize() if tags_context else {},
-        "settings_context": copy.deepcopy(settings),
+        "settings_context": settings_part,
         "asset_context": pc.AssetContext.from_task_and_inputs(**asset_ctx_kwargs).serialize() if asset_ctx_kwargs else {},
         "deployment_id": str(deployment_id) if deployment_id else None,
         "deployment_parameters": pc._deployment_parameters.get(),
     }
+
+
+def _serialized_settings(settings_context) -> dict[str, Any]:
+    """``SettingsContext.serialize()``, made once per settings context (callers copy before they edit)."""
+    return _kept("settings_context", settings_context, lambda: settings_context.serialize() if settings_context else {})
+
+
+def _node_settings() -> tuple[dict[str, Any], list, dict[str, str]]:
+    """(the serialized settings context a node's context holds, where its secret settings were, their values
+    by environment variable), made once per settings context. The secrets taken out once, not in a copy per
+    node: a deep copy of Prefect's settings is about a millisecond and a half of the flow's CPU a task, more
+    than the rest of the context together. Shared by every node's payload: pickled as it is, never edited."""
+    import copy
+
+    from prefect.context import SettingsContext
+
+    settings_context = SettingsContext.get()
+
+    def make() -> tuple[dict[str, Any], list, dict[str, str]]:
+        part = copy.deepcopy(_serialized_settings(settings_context))
+        settings = part.get("settings")
+        paths = _per_settings()[0] if settings is not None else []
+        taken = {name: str(value) for path, name in paths if (value := _pop(settings, path))}
+        return part, paths, taken
+
+    return _kept("node_settings", settings_context, make)
 
 
 def _engine_context(cache: dict, ctx) -> dict[str, Any]:
@@ -244,16 +298,14 @@ def _node_context(cache: dict, secrets: Optional[dict[str, str]] = None, asset_c
     runner a thread pool, the secret settings taken out (into ``secrets`` when given)."""
     # The asset context (as prefect-dask makes it): the task's upstream assets from the flow's record, and,
     # made here in the flow's process, its own assets recorded there for the tasks downstream of it.
-    context = _serialize_context(cache, asset_ctx_kwargs)
+    settings_part, paths, taken = _node_settings()
+    context = _serialize_context(cache, asset_ctx_kwargs, settings_part)
+    context["settings_context"] = settings_part  # another Prefect's own serialize_context() put the secrets in its copy
     flow_ctx = context.get("flow_run_context") or {}
     if flow_ctx.get("flow") is not None:
-        flow_ctx["flow"] = _node_flow(cache, flow_ctx["flow"])
-    settings = (context.get("settings_context") or {}).get("settings")
-    paths = _per_settings()[0] if settings is not None else []
-    for path, name in paths:
-        value = _pop(settings, path)
-        if secrets is not None and value:
-            secrets[name] = str(value)
+        flow_ctx["flow"] = _node_flow_pickled(cache, flow_ctx["flow"])
+    if secrets is not None:
+        secrets.update(taken)
     if secrets is not None and "PREFECT_API_URL" not in secrets and api_url():
         secrets["PREFECT_API_URL"] = api_url()  # the ephemeral server's: the setting is unset
     return context, paths
@@ -324,19 +376,26 @@ def body_context(cache: dict, task) -> Optional[bytes]:
     it is the user's ``task``, not the copy that launches the node (that one holds the live run)."""
     import cloudpickle
 
-    context, _ = _node_context(cache)
-    if context.get("task_run_context"):
-        context["task_run_context"]["task"] = task
-    settings = (context.get("settings_context") or {}).get("settings")
-    if settings is not None:
-        settings.setdefault("logging", {}).setdefault("to_api", {})["enabled"] = False
-        settings.setdefault("server", {}).setdefault("ephemeral", {})["enabled"] = False
     try:
+        context, _ = _node_context(cache)  # the flow in it is pickled here, once
+        if context.get("task_run_context"):
+            context["task_run_context"]["task"] = task
+        settings_context = context.get("settings_context") or {}
+        if settings_context.get("settings") is not None:  # shared with other nodes' contexts: edited in a copy
+            settings = _with(settings_context["settings"], ("logging", "to_api", "enabled"), False)
+            context["settings_context"] = {**settings_context, "settings": _with(settings, ("server", "ephemeral", "enabled"), False)}
         return cloudpickle.dumps(context)
     except Exception as exc:  # noqa: BLE001 - a flow holding what cannot travel (a lock in its closure)
         # The body still runs, without the run's context (get_run_logger() then fails on the node, as before).
         log.debug("the task run's context cannot travel to the node (%s): the body runs without it", exc)
         return None
+
+
+def _with(settings: dict[str, Any], path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """A copy of ``settings`` with the value at ``path`` set, the dicts along the path copied, the rest shared."""
+    child = settings.get(path[0])
+    rest = _with(child if isinstance(child, dict) else {}, path[1:], value) if len(path) > 1 else value
+    return {**settings, path[0]: rest}
 
 
 def record_state(task, task_run_id: uuid.UUID, state, logger=None) -> None:

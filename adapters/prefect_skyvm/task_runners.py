@@ -267,7 +267,9 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
                 logger.info("skyvm: running %s with Prefect's engine on a %s node (%s)", task.name, settings.backend, describe(settings))
                 with progress.reporting_to(logger.info):  # a first build's progress, in the task run's log
                     handle = run.start_call(task.name, node_settings, on_node.run_task, (), kwargs, on_log=_task_run_output(task_run_id, task.name))
-                waiting.wait(handle, logger=logger)
+                # Nothing here raises into this thread (the task's timeout is the engine's, on the node; a cancel
+                # stops the node, which ends the wait): a look a second, not ten (a map's waiting threads add up).
+                waiting.wait(handle, logger=logger, poll_s=ENGINE_WAIT_POLL_S)
                 return handle.result()  # the engine's final State: the task's own errors are in it
             except NodeAborted as exc:
                 # Its code ended it (KeyboardInterrupt, SystemExit): the engine on the node said Crashed already.
@@ -339,6 +341,9 @@ class SkyVMTaskRunner(ThreadPoolTaskRunner):
         copy.fn = remote
         return copy
 
+
+# How often an engine-mode task's waiting thread looks up from its node (``waiting.wait``).
+ENGINE_WAIT_POLL_S = 1.0
 
 # Prefect's runner kills a cancelled flow run's process 30 s after its SIGTERM: stopping the nodes must
 # leave time, inside those 30 s, to remove their clusters, or they outlive the process that removes them.

@@ -6,10 +6,12 @@ runtime (``skyvm.node``). May import: cloudpickle, skyvm.errors.
 
 from __future__ import annotations
 
+import io
 import os
 import sys
 import sysconfig
-from typing import Callable
+import types
+from typing import Any, Callable
 
 import cloudpickle
 
@@ -55,11 +57,29 @@ def _ship(module, origin: str) -> None:
         pass
 
 
+class _ShippingPickler(cloudpickle.Pickler):
+    """cloudpickle's pickler, shipping by value (``ship_by_value``) the module of every function it meets, not
+    only the called one's: a flow that names a task of another of the user's modules, a callback in an
+    argument. Each is registered before it is pickled, so it travels by value in this very payload."""
+
+    def reducer_override(self, obj: Any) -> Any:
+        if type(obj) is types.FunctionType:
+            ship_by_value(obj)
+        return super().reducer_override(obj)
+
+
+def dumps(obj: Any) -> bytes:
+    """``cloudpickle.dumps``, every user module a function in ``obj`` comes from shipped by value."""
+    with io.BytesIO() as file:
+        _ShippingPickler(file, protocol=cloudpickle.DEFAULT_PROTOCOL).dump(obj)
+        return file.getvalue()
+
+
 def make_call_payload(fn, args=(), kwargs=None, *, node: str = "") -> bytes:
     ship_by_value(fn)
     call = {"kind": "call", "fn": fn, "args": tuple(args), "kwargs": dict(kwargs or {})}
     try:
-        return cloudpickle.dumps(call)
+        return dumps(call)
     except Exception as exc:
         raise PayloadError(_unpicklable(node, fn, call, exc)) from exc
 

@@ -37,11 +37,14 @@ def stop(handle: Any, logger: Optional[logging.Logger] = None) -> None:
         (logger or _log).warning("skyvm: stopping node %s after its wait was interrupted failed: %s", handle.node, exc)
 
 
-def wait(handle: Any, timeout: Optional[float] = None, *, logger: Optional[logging.Logger] = None) -> bool:
-    """Block until the node ends (True) or ``timeout`` seconds pass (False); stop it if interrupted."""
+def wait(handle: Any, timeout: Optional[float] = None, *, logger: Optional[logging.Logger] = None, poll_s: float = POLL_S) -> bool:
+    """Block until the node ends (True) or ``timeout`` seconds pass (False); stop it if interrupted.
+
+    ``poll_s``: how soon an exception raised into the waiting thread arrives. Longer where nothing raises
+    into it (a thread the orchestrator never times out): each look is a wake-up of the waiting thread."""
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        while not handle.wait(POLL_S if deadline is None else max(0.0, min(POLL_S, deadline - time.monotonic()))):
+        while not handle.wait(poll_s if deadline is None else max(0.0, min(poll_s, deadline - time.monotonic()))):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
         return True

@@ -8,6 +8,8 @@ import sys
 import textwrap
 import time
 
+import uuid
+
 import pytest
 
 from skyvm import InfrastructureError, NodeCancelled, NodeFailed, NodeTimeout, Run, UnsatisfiableRequest
@@ -212,16 +214,22 @@ def test_unsatisfiable_requests_fail_fast(options, fragment):
         assert containers_of(run.run_id) == []
 
 
-def test_s3_payload_store_end_to_end(s3_server):
+@pytest.mark.parametrize("agent", [True, False], ids=["agent", "exec"])
+def test_s3_payload_store_end_to_end(s3_server, monkeypatch, agent):
+    """The result comes back through the store either way; the payload goes through it only for an exec:
+    a cluster's agent is handed a small one over its channel (no store round trip)."""
     import boto3
 
-    config = {"defaults": {"payload_store": "s3://skyvm-test/e2e", "payload_store_endpoint": s3_server}}
+    monkeypatch.setenv("SKYVM_AGENT", "1" if agent else "0")
+    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
+    config = {"defaults": {"payload_store": f"s3://skyvm-test/{prefix}", "payload_store_endpoint": s3_server}}
     with Run(config) as run:
         handle = run.submit(sum, [1, 2, 3], node="s3-node")
         assert handle.result(120) == 6
-    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="skyvm-test", Prefix="e2e/")["Contents"]]
-    assert f"e2e/results/{handle.attempt_id}" in keys
-    assert any(k.startswith("e2e/payloads/") for k in keys)
+    listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="skyvm-test", Prefix=f"{prefix}/")
+    keys = [o["Key"] for o in listed.get("Contents", [])]
+    assert f"{prefix}/results/{handle.attempt_id}" in keys
+    assert any(k.startswith(f"{prefix}/payloads/") for k in keys) is not agent, keys
 
 
 def test_private_registry_login_and_pull(registry):

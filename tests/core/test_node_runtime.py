@@ -57,6 +57,28 @@ def test_call_success(store):
     assert res["ok"] and res["value"] == 5
 
 
+def apply(fn, x):
+    return fn(x)
+
+
+def test_a_function_from_another_user_module_travels_by_value(store, tmp_path, monkeypatch):
+    """Not only the called function's module: a function the call reaches (an argument, a global of a flow)
+    from a module the node cannot import goes by value too."""
+    import importlib
+    import uuid
+
+    name = f"skyvm_helpers_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{name}.py").write_text("def plus_one(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))  # importable here only: the node's Python has no such path
+    try:
+        helper = importlib.import_module(name).plus_one
+        out = run_node(store, make_call_payload(apply, (helper, 3)))
+    finally:
+        sys.modules.pop(name, None)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert result_of(store)["value"] == 4
+
+
 def test_async_call(store):
     out = run_node(store, make_call_payload(async_double, (21,)))
     assert out.returncode == 0 and result_of(store)["value"] == 42

@@ -335,3 +335,31 @@ def test_a_nodes_api_client_is_made_at_its_first_use_and_closed_with_its_context
         assert used.hello().status_code == 200  # made here, against the real API, entered as its context was
         assert used._deferred is None and used._started and not used._closed
     assert used._closed  # closed with its context, as a client Prefect made would be
+
+
+def test_a_flow_whose_module_imports_functions_of_other_user_modules_runs_its_tasks_on_the_node(tmp_path, monkeypatch):
+    """The flow travels in every node's context, and with it what its function names: a plain function
+    imported from another of the user's modules must travel by value too (the image has none of them), or
+    the node cannot even load its payload (it was Crashed: "No module named ...")."""
+    import importlib
+    import sys
+
+    tag = uuid.uuid4().hex[:8]
+    (tmp_path / f"skyvm_util_{tag}.py").write_text("def plus_one(x):\n    return x + 1\n")
+    (tmp_path / f"skyvm_tasks_{tag}.py").write_text("from prefect import task\n\n@task\ndef tenfold(x):\n    return x * 10\n")
+    (tmp_path / f"skyvm_flow_{tag}.py").write_text(
+        "from prefect import flow\n"
+        "from prefect_skyvm import SkyVMTaskRunner\n"
+        f"from skyvm_util_{tag} import plus_one\n"
+        f"from skyvm_tasks_{tag} import tenfold\n\n"
+        f"SETTINGS = {SETTINGS!r}\n\n"
+        "@flow(task_runner=SkyVMTaskRunner(SETTINGS))\n"
+        "def pipeline(x):\n"
+        "    return tenfold.submit(plus_one(x)).result()\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    try:
+        assert importlib.import_module(f"skyvm_flow_{tag}").pipeline(4) == 50
+    finally:
+        for name in [m for m in sys.modules if m.endswith(tag)]:
+            del sys.modules[name]

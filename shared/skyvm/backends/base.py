@@ -89,6 +89,13 @@ def state_of_exit(code: Optional[int]) -> JobState:
     return JobState.SUCCEEDED if code == 0 else JobState.FAILED
 
 
+def store_pending_payload(spec) -> None:
+    """The payload where the node reads it (``payload_url``), when prepare left it out of the store for an
+    inline hand-over (``TaskSpec.pending_store``) and the node is started some other way."""
+    if spec.pending_store is not None and spec.payload is not None:
+        spec.pending_store.put_payload(spec.payload)
+
+
 class ClusterGone(Exception):
     """The cluster an attempt was to run on is gone (a warm one hit its autostop): the pool takes another."""
 

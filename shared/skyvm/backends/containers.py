@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 from skyvm import redact
-from skyvm.backends.agent_channel import KEY, SOCKET, AgentChannel, AgentGone, agent_dir, new_key
-from skyvm.backends.base import Backend, ClusterGone, JobState, JobStatus, LogSink, NodeRef, state_of_exit
+from skyvm.backends.agent_channel import INLINE_PAYLOAD_MAX, KEY, SOCKET, AgentChannel, AgentGone, agent_dir, new_key
+from skyvm.backends.base import Backend, ClusterGone, JobState, JobStatus, LogSink, NodeRef, state_of_exit, store_pending_payload
 from skyvm.backends.run_args import run_options, start_with_cli
 from skyvm.capacity import check_satisfiable, quantity
 from skyvm.engine import EngineAPI, exec_bytes, exec_output
@@ -103,6 +103,8 @@ class DockerBackend(Backend):
     name = "local"
     poll_s = 1.0
     lists_warm = True
+    # A warm cluster's agent gets the payload over its channel: written to the store only for an exec (no agent).
+    inline_payload_max = INLINE_PAYLOAD_MAX
 
     def __init__(self):
         from skyvm.images import docker_client
@@ -342,6 +344,7 @@ class DockerBackend(Backend):
                 raise NodeCancelled(f"node {spec.node!r} was cancelled before it started")
             if self._run_on_agent(spec, name, fresh):
                 return NodeRef(backend=self.name, cluster=name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id, fresh=fresh)
+            store_pending_payload(spec)  # an exec's node reads it from the store
             try:
                 eid = self.api.exec_create(name, ["sh", "-c", spec.run + " --detached"], environment={**spec.envs, **spec.secrets})["Id"]
             except docker.errors.NotFound:

@@ -31,7 +31,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Callable, NoReturn, Optional
 
 from skyvm.backends.agent_channel import INLINE_PAYLOAD_MAX, agent_dir
-from skyvm.backends.base import NONE, OWN, SHARED, Backend, JobState, JobStatus, LogSink, NodeRef
+from skyvm.backends.base import NONE, OWN, SHARED, Backend, JobState, JobStatus, LogSink, NodeRef, store_pending_payload
 from skyvm.clouds import BUCKET_PREFIXES
 from skyvm.errors import InfrastructureError, NodeCancelled
 from skyvm.plan import TaskSpec, pool_name
@@ -133,7 +133,7 @@ class SkyPilotBackend(Backend):
     def run_attempt(self, spec: TaskSpec, cluster: Optional[str], *, fresh: bool = False, on_log: Optional[LogSink] = None, cancelled=None) -> NodeRef:
         base = dict(backend=self.name, attempt_id=spec.attempt_id, node=spec.node, run_id=spec.run_id)
         if spec.settings.pool is not None or cluster is None:
-            _store_payload(spec)  # a managed job's node reads it from the store
+            store_pending_payload(spec)  # a managed job's node reads it from the store
         if spec.settings.pool is not None:
             return self._run_on_pool(spec, cluster, base, on_log)
         task = self._task(spec)
@@ -147,7 +147,7 @@ class SkyPilotBackend(Backend):
             through_agent = not fresh or (needs_forward(spec) and agent_applies(task))
             if fresh:
                 if not through_agent:
-                    _store_payload(spec)  # the launch's own job reads it from the store
+                    store_pending_payload(spec)  # the launch's own job reads it from the store
                 launched = {**task, "run": None} if through_agent else task
                 answer, placement = self._provision(spec, cluster, cancelled, lambda: self._launch_fresh(spec, launched, cluster, on_log))
                 with self._lock:
@@ -155,7 +155,7 @@ class SkyPilotBackend(Backend):
             if through_agent:
                 ref = self._agents.dispatch(spec, cluster, on_log)
                 if ref is None:
-                    _store_payload(spec)  # sky exec's job reads it from the store
+                    store_pending_payload(spec)  # sky exec's job reads it from the store
                 answer = None if ref is not None else self.bridge.exec(task, cluster, on_log=on_log)
         except BaseException as exc:
             _raise_infra(spec, cluster, exc)
@@ -361,12 +361,6 @@ def missing_for_vms(settings: NodeSettings) -> list[tuple[str, str]]:
 
 def _via_agent(ref: NodeRef) -> bool:
     return ref.extra.get("via") == VIA_AGENT
-
-
-def _store_payload(spec: TaskSpec) -> None:
-    """The payload where the node reads it (payload_url) when prepare left it for an inline hand-over."""
-    if spec.pending_store is not None and spec.payload is not None:
-        spec.pending_store.put_payload(spec.payload)
 
 
 def _raise_infra(spec: TaskSpec, cluster: str, exc: BaseException) -> NoReturn:
