@@ -89,7 +89,7 @@ class TaskSpec:
     # read from payload_url.
     payload: Optional[bytes] = field(default=None, repr=False, compare=False)
     # The store payload_url names, while the payload is not in it yet: prepare left a small one for a backend
-    # that hands it over inline (Backend.inline_payload_max), which puts it there before a node must read it.
+    # that hands it over inline (Backend.inline_limit), which puts it there before a node must read it.
     pending_store: Optional[Any] = field(default=None, repr=False, compare=False)
 
     def cluster_name_for(self, slot: int) -> str:

@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 import time
-
 import uuid
 
 import pytest
@@ -214,22 +213,29 @@ def test_unsatisfiable_requests_fail_fast(options, fragment):
         assert containers_of(run.run_id) == []
 
 
-@pytest.mark.parametrize("agent", [True, False], ids=["agent", "exec"])
-def test_s3_payload_store_end_to_end(s3_server, monkeypatch, agent):
-    """The result comes back through the store either way; the payload goes through it only for an exec:
-    a cluster's agent is handed a small one over its channel (no store round trip)."""
+def test_s3_payload_store_end_to_end(s3_server):
     import boto3
 
-    monkeypatch.setenv("SKYVM_AGENT", "1" if agent else "0")
-    prefix = f"e2e-{uuid.uuid4().hex[:8]}"
-    config = {"defaults": {"payload_store": f"s3://skyvm-test/{prefix}", "payload_store_endpoint": s3_server}}
+    config = {"defaults": {"payload_store": "s3://skyvm-test/e2e", "payload_store_endpoint": s3_server}}
     with Run(config) as run:
         handle = run.submit(sum, [1, 2, 3], node="s3-node")
         assert handle.result(120) == 6
-    listed = boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="skyvm-test", Prefix=f"{prefix}/")
-    keys = [o["Key"] for o in listed.get("Contents", [])]
-    assert f"{prefix}/results/{handle.attempt_id}" in keys
-    assert any(k.startswith(f"{prefix}/payloads/") for k in keys) is not agent, keys
+    keys = [o["Key"] for o in boto3.client("s3", endpoint_url=s3_server).list_objects_v2(Bucket="skyvm-test", Prefix="e2e/")["Contents"]]
+    assert f"e2e/results/{handle.attempt_id}" in keys
+    assert any(k.startswith("e2e/payloads/") for k in keys)
+
+
+@pytest.mark.parametrize("agent", [True, False], ids=["agent", "exec"])
+def test_a_small_payload_reaches_an_agent_over_its_channel_not_through_the_local_store(monkeypatch, tmp_path, agent):
+    """The store on this machine: an agent is handed the payload over its channel, no object written;
+    an exec's node reads it from the store. The result comes back through the store either way."""
+    monkeypatch.setenv("SKYVM_AGENT", "1" if agent else "0")
+    store = tmp_path / "store"
+    with Run({"defaults": {"payload_store": str(store), "labels": {"test": uuid.uuid4().hex[:12]}}}) as run:
+        handle = run.submit(sum, [1, 2, 3], node="inline")
+        assert handle.result(120) == 6
+    assert [p.name for p in (store / "results").iterdir()] == [handle.attempt_id]
+    assert (len(list((store / "payloads").glob("*"))) if (store / "payloads").is_dir() else 0) == (0 if agent else 1)
 
 
 def test_private_registry_login_and_pull(registry):

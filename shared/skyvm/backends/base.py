@@ -120,6 +120,10 @@ class Backend(abc.ABC):
     # out of the store (``TaskSpec.pending_store``) and the backend puts one there only when its node must read it.
     inline_payload_max: int = 0
 
+    def inline_limit(self, store) -> int:
+        """How large a payload bound for ``store`` may stay out of it until its node must read it (0: stored first)."""
+        return self.inline_payload_max
+
     # -- clusters ----------------------------------------------------------------
 
     def check(self, spec: TaskSpec) -> None:

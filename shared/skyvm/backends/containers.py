@@ -106,6 +106,13 @@ class DockerBackend(Backend):
     # A warm cluster's agent gets the payload over its channel: written to the store only for an exec (no agent).
     inline_payload_max = INLINE_PAYLOAD_MAX
 
+    def inline_limit(self, store) -> int:
+        # Only a store on this machine (the default): a bucket gets the payload first, as before, so a missing
+        # bucket or a refused key fails the node before its code runs, not when it writes its result.
+        from skyvm.payloads import LocalStore
+
+        return self.inline_payload_max if isinstance(store, LocalStore) else 0
+
     def __init__(self):
         from skyvm.images import docker_client
 
