@@ -157,19 +157,6 @@ def _pop(settings: dict[str, Any], path: tuple[str, ...]) -> Any:
     return settings.pop(path[-1], None) if isinstance(settings, dict) else None
 
 
-def _node_flow(cache: dict, flow):
-    """The flow as a node's context holds it: a copy whose task runner is a thread pool (made once per flow)."""
-    from prefect.task_runners import ThreadPoolTaskRunner
-
-    from skyvm.calls import ship_by_value
-
-    key = ("flow", id(flow))
-    if key not in cache:
-        cache[key] = (flow, flow.with_options(task_runner=ThreadPoolTaskRunner()))
-    ship_by_value(flow.fn)
-    return cache[key][1]
-
-
 class _Pickled:
     """An object pickled once, that unpickles as the object itself (``pickle.loads`` of its bytes).
 
@@ -188,14 +175,18 @@ class _Pickled:
         return pickle.loads, (self.blob,)
 
 
-def _node_flow_pickled(cache: dict, flow) -> _Pickled:
-    from skyvm.calls import dumps
+def _node_flow(cache: dict, flow) -> _Pickled:
+    """The flow as a node's context holds it, pickled once per flow: a copy whose task runner is a thread pool."""
+    from prefect.task_runners import ThreadPoolTaskRunner
 
-    key = ("flow-pickled", id(flow))
-    node_flow = _node_flow(cache, flow)
+    from skyvm.calls import dumps, ship_by_value
+
+    key = ("flow", id(flow))
     if key not in cache:
-        # The modules of the tasks it names go by value too (``dumps``): it is pickled before any of them is submitted.
-        cache[key] = (flow, _Pickled(dumps(node_flow)))
+        ship_by_value(flow.fn)
+        # The user modules of the functions it names go by value too (``dumps``): it is pickled before any of its
+        # tasks is submitted.
+        cache[key] = (flow, _Pickled(dumps(flow.with_options(task_runner=ThreadPoolTaskRunner()))))
     return cache[key][1]
 
 
@@ -212,7 +203,7 @@ def flow_travels(cache: dict, logger=None) -> bool:
     key = ("travels", id(flow))
     if key not in cache:
         try:
-            _node_flow_pickled(cache, flow)
+            _node_flow(cache, flow)
             cache[key] = (flow, True)
         except Exception as exc:  # noqa: BLE001 - whatever pickling raises, the answer is the same
             cache[key] = (flow, False)
@@ -303,7 +294,7 @@ def _node_context(cache: dict, secrets: Optional[dict[str, str]] = None, asset_c
     context["settings_context"] = settings_part  # another Prefect's own serialize_context() put the secrets in its copy
     flow_ctx = context.get("flow_run_context") or {}
     if flow_ctx.get("flow") is not None:
-        flow_ctx["flow"] = _node_flow_pickled(cache, flow_ctx["flow"])
+        flow_ctx["flow"] = _node_flow(cache, flow_ctx["flow"])
     if secrets is not None:
         secrets.update(taken)
     if secrets is not None and "PREFECT_API_URL" not in secrets and api_url():

@@ -113,8 +113,7 @@ def prepare(run_id: str, node: str, attempt_id: str, s: NodeSettings, payload: b
     from skyvm import connectors
 
     store, conn = node_store(s, node)
-    limit = backend.inline_limit(store) if hasattr(backend, "inline_limit") else getattr(backend, "inline_payload_max", 0)
-    pending = store if len(payload) <= limit else None
+    pending = store if len(payload) <= backend.inline_limit(store) else None
     # A small payload goes inline where it can (a warm cluster's agent): no store round trip; stored only if the backend must.
     payload_url = store.url_for(content_key(payload)) if pending is not None else store.put_payload(payload)
     result_url = store.url_for(f"results/{attempt_id}")
