@@ -463,6 +463,20 @@ class CpuMeter:
             out[part] = None if then is None or now is None else sum(v - then.get(k, 0.0) for k, v in now.items())
         return out
 
+    def after_quiet(self, step_s: float = 0.5, quiet_share: float = 0.05, limit_s: float = 60.0) -> dict[str, Any]:
+        """A reading once the child processes (the API server) have gone quiet: less than ``quiet_share`` of a
+        core over ``step_s``, twice in a row, or ``limit_s`` at most. Why: a server records a flow's task runs
+        from its events at its own pace; a flow that ends first leaves that work for after its end, on the same
+        cores, and the CPU it took then belongs to the flow as much as what it took during it."""
+        last, calm = _descendants_cpu(), 0
+        deadline = time.monotonic() + limit_s
+        while calm < 2 and time.monotonic() < deadline:
+            time.sleep(step_s)
+            now = _descendants_cpu()
+            calm = calm + 1 if sum(v - last.get(k, 0.0) for k, v in now.items()) < quiet_share * step_s else 0
+            last = now
+        return self.read()
+
     def _containers(self) -> Optional[dict[str, float]]:
         ids = sh("docker", "ps", "-q", "--no-trunc", "--filter", f"label=dev.skyvm.user.{SESSION_KEY}={self.bench.session}", check=False).stdout.split()
         found: dict[str, float] = {}
