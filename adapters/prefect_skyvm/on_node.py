@@ -12,7 +12,7 @@ taken out of the serialized settings by the launcher and reaches the node's envi
 
 Imported on every node whose image has Prefect (the resident agent imports it ahead of the nodes, so a
 warm node pays no import): Prefect's task engine at module level, nothing of the launcher's side (no
-docker, no skyvm.api/run/pool). May import: the standard library, cloudpickle, Prefect (when installed) and skyvm.redact.
+docker, no skyvm.api/run/pool). May import: the standard library, cloudpickle, Prefect (when installed), skyvm.redact and skyvm.node.
 """
 
 from __future__ import annotations
@@ -366,11 +366,13 @@ def _prefect_version() -> str:
 
 
 def _settings_cache_dir():
-    from pathlib import Path
-    import tempfile
+    """Beside the node runtime's own state on this machine (its attempts' logs and exit codes), private. Not
+    under ``tempfile.gettempdir()``: its first call in a process (every node is a fresh one) probes the
+    directory with a file written and removed, about half a millisecond of a node's CPU."""
+    from skyvm.node import STATE_DIR
 
-    place = Path(tempfile.gettempdir()) / f"skyvm-prefect-settings-{os.getuid()}"
-    place.mkdir(mode=0o700, exist_ok=True)
+    place = STATE_DIR / "prefect-settings"
+    place.mkdir(mode=0o700, parents=True, exist_ok=True)
     return place
 
 

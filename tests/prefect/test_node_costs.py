@@ -73,10 +73,9 @@ def test_the_settings_are_validated_once_and_loaded_after_without_their_secrets(
     from prefect.context import SettingsContext
     from prefect.settings import Settings
 
-    monkeypatch.setenv("TMPDIR", str(tmp_path))
-    import tempfile
+    import skyvm.node
 
-    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    monkeypatch.setattr(skyvm.node, "STATE_DIR", tmp_path)  # the node runtime's state: the cache sits beside it
     key = f"pnu_{uuid.uuid4().hex}"
     secret_paths = [(("api", "url"), "PREFECT_API_URL"), (("api", "key"), "PREFECT_API_KEY")]
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:4999/api")
@@ -91,13 +90,14 @@ def test_the_settings_are_validated_once_and_loaded_after_without_their_secrets(
         return context["settings_context"]["settings"]
 
     first = node()
-    (cached,) = list(tmp_path.glob("skyvm-prefect-settings-*/*.pkl"))
+    (cached,) = list(tmp_path.glob("prefect-settings/*.pkl"))
     assert oct(cached.stat().st_mode & 0o777) == "0o600"
+    assert oct(cached.parent.stat().st_mode & 0o777) == "0o700"
     assert key.encode() not in cached.read_bytes()
     second = node()
     assert second.api.key.get_secret_value() == key and str(second.api.url) == "http://127.0.0.1:4999/api"
     assert second == first == Settings(**raw)  # as hydrated_context would have made them
-    assert len(list(tmp_path.glob("skyvm-prefect-settings-*/*.pkl"))) == 1  # loaded, not made again
+    assert len(list(tmp_path.glob("prefect-settings/*.pkl"))) == 1  # loaded, not made again
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:5000/api")  # another API: another answer
     assert str(node().api.url) == "http://127.0.0.1:5000/api"
