@@ -13,10 +13,13 @@ May import: the standard library and ``filelock`` only (every other skyvm module
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
 import json
 import os
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Optional
@@ -43,6 +46,61 @@ class RunLease:
         if self._lock.is_locked:
             self._lock.release()
         self.path.unlink(missing_ok=True)
+
+
+class ClusterLock:
+    """A cluster's claim lock: ``flock(2)`` on a file of the home's ``locks/``, held on an open file of its
+    own (two holders in one process exclude each other, as two processes do), released from any thread.
+    A process that dies lets go of it. Its file is never removed, so a holder's file is always the one
+    the path names. Acquire and release as ``filelock.FileLock``'s (``Timeout`` when not had in time).
+
+    Why not ``filelock`` here: every node takes its cluster's lock twice (its claim, its release), in
+    the launcher's busiest path. Measured on the host, a ``FileLock`` made, acquired and released costs
+    about 100 us of CPU (filelock 4: its registry, fork tracking, the lock file removed and made again);
+    these calls cost 3 us. Leases and other locks keep ``filelock``."""
+
+    POLL_S = 0.05
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: Optional[int] = None
+
+    @property
+    def is_locked(self) -> bool:
+        return self._fd is not None
+
+    def acquire(self, timeout: float = -1) -> "ClusterLock":
+        """Hold the lock; ``timeout`` seconds at most (0: only if free now, negative: as long as it takes)."""
+        deadline = None if timeout < 0 else time.monotonic() + timeout
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Timeout(str(self.path)) from None
+                time.sleep(self.POLL_S if deadline is None else max(0.0, min(self.POLL_S, deadline - time.monotonic())))
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+            return self
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_UN)  # unlocked, not only closed: a child forked meanwhile holds a copy
+            finally:
+                os.close(fd)
+
+    def __enter__(self) -> "ClusterLock":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
 
 
 class Home:
@@ -150,9 +208,9 @@ class Home:
 
     # -- clusters --------------------------------------------------------------
 
-    def cluster_lock(self, name: str) -> FileLock:
+    def cluster_lock(self, name: str) -> ClusterLock:
         """Held while a process claims the cluster or removes it (any thread may release it)."""
-        return FileLock(self.state_dir("locks") / f"{name}.lock", thread_local=False)
+        return ClusterLock(self.state_dir("locks") / f"{name}.lock")
 
     def _record_path(self, name: str) -> Path:
         return self.state_dir("clusters") / f"{name}.json"
@@ -169,8 +227,15 @@ class Home:
 
     def write_cluster_record(self, name: str, record: dict) -> None:
         path = self._record_path(name)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record))
+        # Written with the os module's calls, not Path.write_text (half the CPU: every node writes twice).
+        tmp = f"{path.parent}/.{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        try:
+            view = memoryview(json.dumps(record).encode())
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
         os.replace(tmp, path)  # a reader never sees half a record
 
     def cluster_users(self, name: str) -> set[str]:

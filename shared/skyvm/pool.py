@@ -55,7 +55,8 @@ class BackendPool:
         self.slots = ClusterPool()
         self._home = home
         self._lock = threading.Lock()
-        self._claims: dict[str, object] = {}  # cluster -> its claim lock, held until the attempt is recorded
+        # cluster -> (its claim lock, held until the attempt is recorded; the record as the claim left it)
+        self._claims: dict[str, tuple[object, dict]] = {}
         # Shared clusters (SkyPilot pools) this process made or found: the runs using them, and whether
         # the last run's end takes them down (a per-run pool with down: true; never a team's shared one).
         self._shared: dict[str, dict] = {}
@@ -174,20 +175,23 @@ class BackendPool:
         if claimed != record:  # the run's next node on its warm cluster: the record says so already
             home.write_cluster_record(name, claimed)
         with self._lock:
-            self._claims[name] = lock
+            self._claims[name] = (lock, claimed)
         return True
 
     def _unclaim(self, name: str, gone: bool = False) -> None:
         with self._lock:
-            lock = self._claims.pop(name, None)
+            held = self._claims.pop(name, None)
         if gone:
             self.home.forget_cluster(name)
-        if lock is not None:
-            lock.release()
+        if held is not None:
+            held[0].release()
 
     def _record_attempt(self, name: str, ref: NodeRef) -> None:
         home = self.home
-        record = home.cluster_record(name)
+        with self._lock:
+            held = self._claims.get(name)
+        # Claimed, the record is as the claim left it (no other process writes it meanwhile): not read again.
+        record = dict(held[1]) if held is not None else home.cluster_record(name)
         record["attempt"] = ref.to_dict()
         home.write_cluster_record(name, record)
         self._unclaim(name)
