@@ -187,13 +187,11 @@ class BackendPool:
             held[0].release()
 
     def _record_attempt(self, name: str, ref: NodeRef) -> None:
-        home = self.home
+        """The attempt on the cluster this process claimed for it (``_claim``), and the claim let go of."""
         with self._lock:
-            held = self._claims.get(name)
-        # Claimed, the record is as the claim left it (no other process writes it meanwhile): not read again.
-        record = dict(held[1]) if held is not None else home.cluster_record(name)
-        record["attempt"] = ref.to_dict()
-        home.write_cluster_record(name, record)
+            _, claimed = self._claims[name]
+        # The record is as the claim left it (no process writes it while the claim is held): not read again.
+        self.home.write_cluster_record(name, {**claimed, "attempt": ref.to_dict()})
         self._unclaim(name)
 
     def _taken_by(self, record: dict) -> bool:
